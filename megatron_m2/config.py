@@ -1,0 +1,213 @@
+"""Typed configuration of the M2-Encoder architecture.
+
+:class:`M2ModelConfig` holds the architecture (what a checkpoint needs to be rebuilt); how it is
+parallelised and trained lives elsewhere (:mod:`megatron_m2.parallel`, :mod:`megatron_m2.training`).
+:func:`to_transformer_config` turns it into the megatron-core ``TransformerConfig`` subclass that
+our layer specs read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core.transformer import TransformerConfig
+
+__all__ = ["M2ModelConfig", "M2TransformerConfig", "to_transformer_config", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class M2ModelConfig:
+    """Architecture of one M2-Encoder flavor (BEiT-3 multiway encoder with Sub-LN).
+
+    Defaults are the official 0.4B flavor.
+    """
+
+    hidden_size: int = 768
+    """Model width d (both towers and the shared VL stack)."""
+    num_attention_heads: int = 12
+    """Attention heads per layer; head_dim = hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 3072
+    """FFN inner width d_ffn."""
+    num_sep_layers: int = 9
+    """L_sep: layers of the `backbone` stack, every module duplicated per modality (A=vision, B=text)."""
+    num_vl_layers: int = 3
+    """L_vl: layers of the `backbone_vl` stack, whose branch A serves both modalities."""
+    embed_dim: int = 768
+    """Width of the four ITC heads' outputs (the retrieval embedding)."""
+    image_size: int = 224
+    """Input image side (square) in pixels."""
+    patch_size: int = 16
+    """Patch side of the Conv2d patch embedding."""
+    in_channels: int = 3
+    """Image channels."""
+    max_text_len: int = 52
+    """Text tokens per caption, [CLS] + pieces + <|endoftext|> padded to this length."""
+    vocab_size: int = 115_244
+    """Tokenizer vocabulary (the official GLM SentencePiece model has 115,244 pieces)."""
+    text_pos_table: int = 1024
+    """Rows of the learned text position table (positions start at index 2, fairseq style)."""
+    layernorm_epsilon: float = 1e-5
+    """LayerNorm epsilon everywhere."""
+    init_method_std: float = 0.02
+    """Std of the normal init of linear weights, position tables, CLS token and ITC heads."""
+    logit_scale_init: float = math.log(1 / 0.07)
+    """Initial value of both learnable log-temperatures."""
+    logit_scale_max: float = math.log(100.0)
+    """Upper clamp of the log-temperatures in the loss (CLIP convention)."""
+    eos_token_id: int = 50000
+    """<|endoftext|>, also the padding id."""
+    cls_token_id: int = 50002
+    """[CLS], the first token of every caption; its output is the text embedding."""
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- derived sizes -------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Total transformer layers (backbone + VL)."""
+        return self.num_sep_layers + self.num_vl_layers
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def vision_seq_len(self) -> int:
+        """s_v: CLS + patches; the split point of the packed multiway sequence."""
+        return self.num_patches + 1
+
+    @property
+    def vision_pos_table(self) -> int:
+        """Rows of the vision position table: num_patches + 1 (CLS) + 2 (fairseq offset)."""
+        return self.num_patches + 3
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first inconsistent field."""
+        positive = ["hidden_size", "num_attention_heads", "ffn_hidden_size", "num_sep_layers",
+                    "embed_dim", "image_size", "patch_size", "max_text_len", "vocab_size"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_vl_layers < 1:
+            raise ConfigError(f"num_vl_layers must be >= 1, got {self.num_vl_layers}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                              f"num_attention_heads ({self.num_attention_heads})")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size ({self.image_size}) must be divisible by "
+                              f"patch_size ({self.patch_size})")
+        if self.max_text_len + 2 > self.text_pos_table:
+            raise ConfigError(f"max_text_len ({self.max_text_len}) + 2 exceeds text_pos_table "
+                              f"({self.text_pos_table})")
+        for name in ("eos_token_id", "cls_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{name} ({getattr(self, name)}) is outside the vocabulary "
+                                  f"(vocab_size={self.vocab_size})")
+
+    def validate_parallel(self, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
+        """Check that the architecture can be split ``tensor_parallel`` × ``pipeline_parallel`` ways."""
+        if tensor_parallel < 1 or pipeline_parallel < 1:
+            raise ConfigError("parallel sizes must be >= 1")
+        if self.num_attention_heads % tensor_parallel:
+            raise ConfigError(f"tensor-model-parallel-size ({tensor_parallel}) must divide "
+                              f"num_attention_heads ({self.num_attention_heads})")
+        if self.ffn_hidden_size % tensor_parallel:
+            raise ConfigError(f"tensor-model-parallel-size ({tensor_parallel}) must divide "
+                              f"ffn_hidden_size ({self.ffn_hidden_size})")
+        if self.num_layers % pipeline_parallel:
+            raise ConfigError(f"pipeline-model-parallel-size ({pipeline_parallel}) must divide "
+                              f"the number of layers ({self.num_sep_layers} + {self.num_vl_layers}"
+                              f" = {self.num_layers})")
+
+    def padded_vocab_size(self, tensor_parallel: int) -> int:
+        """Vocabulary rounded up so that each TP rank holds an equal shard (pad rows are zero)."""
+        return -(-self.vocab_size // tensor_parallel) * tensor_parallel
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "M2ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class M2TransformerConfig(TransformerConfig):
+    """megatron-core ``TransformerConfig`` plus what the multiway layers need to know."""
+
+    vision_seq_len: int = 0
+    """Static split point s_v of the packed [vision; text] sequence used in training."""
+    num_sep_layers: int = 0
+    """Layers whose modules are duplicated per modality; the rest are shared VL layers."""
+    m2: Optional[M2ModelConfig] = field(default=None, repr=False)
+    """The architecture this config was derived from."""
+
+
+def to_transformer_config(
+    cfg: M2ModelConfig,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+    use_cpu_initialization: Optional[bool] = None,
+    **overrides,
+) -> M2TransformerConfig:
+    """Build the megatron-core config for ``cfg`` at the given TP/PP sizes.
+
+    Weights are set by :mod:`megatron_m2.model.init` (deterministic and independent of the
+    parallel layout). megatron's initialisation stays on, with no-op init methods, because it is
+    also what tags tensor-parallel weights with their partition attributes.
+    """
+    cfg.validate_parallel(tensor_parallel, pipeline_parallel)
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=torch.nn.functional.gelu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=False,
+        params_dtype=params_dtype,
+        pipeline_dtype=torch.bfloat16 if bf16 else params_dtype,
+        bf16=bf16,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        init_method_std=cfg.init_method_std,
+        vision_seq_len=cfg.vision_seq_len,
+        num_sep_layers=cfg.num_sep_layers,
+        m2=cfg,
+    )
+    kwargs.update(overrides)
+    return M2TransformerConfig(**kwargs)

@@ -1,0 +1,134 @@
+"""Multiway self-attention of the M2 layer, built from megatron-core tensor-parallel linears.
+
+Per branch m (A = vision, B = text; the VL layers use A for both):
+
+    attn = MHA(Q_m(x), K_m(x), V_m(x))            # heads sharded across the TP group
+    out  = Out_m(LNinner_m(attn))                  # Sub-LN over the concatenated heads
+
+Q/K/V are column-parallel (each TP rank owns num_heads / tp heads), ``LNinner`` normalises over
+the full width d with statistics reduced across the TP group (:class:`TPLayerNorm`), and ``Out``
+is row-parallel. Attention is block-diagonal: vision tokens attend vision tokens, text tokens
+attend text tokens, padded text keys masked. It is computed as two
+``scaled_dot_product_attention`` calls, never as one masked (s_v + s_t)² matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+from .multiway import MultiwayWrapper, SplitAware, TPLayerNorm, _init_device
+
+__all__ = ["M2SelfAttention", "M2SelfAttentionSubmodules", "BlockDiagonalSDPA",
+           "multiway_linear"]
+
+
+def multiway_linear(spec, config, in_size: int, out_size: int, parallel_mode: str, tp_group,
+                    shared: bool, init_method=None) -> MultiwayWrapper:
+    """Two tensor-parallel linears (one per branch) with bias added inside (no bias skipping:
+    the branches' biases differ, so the bias-dropout-add receives ``bias=None``)."""
+    init_method = init_method or (lambda w: None)  # weights are set by model.init
+
+    def factory():
+        kwargs = dict(config=config, init_method=init_method, bias=True, skip_bias_add=False,
+                      tp_group=tp_group)
+        if parallel_mode == "column":
+            return build_module(spec, in_size, out_size, gather_output=False, **kwargs)
+        return build_module(spec, in_size, out_size, input_is_parallel=True, **kwargs)
+
+    return MultiwayWrapper(factory, config, shared=shared)
+
+
+class BlockDiagonalSDPA(nn.Module, SplitAware):
+    """Block-diagonal attention over the packed sequence with torch SDPA (runs on CPU and GPU).
+
+    Inputs are ``[s, b, heads, head_dim]``; ``text_pad_mask`` is ``[b, s_t]`` with ``True`` at
+    padded text positions. Returns ``[s, b, heads * head_dim]``. Scale is head_dim^-0.5.
+    """
+
+    def __init__(self, config, layer_number: int = 1, **kwargs):
+        super().__init__()
+        self._init_split(config)
+        self.dropout = config.attention_dropout
+
+    @staticmethod
+    def _sdpa(q, k, v, mask, dropout):
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return out.permute(2, 0, 1, 3)  # [s, b, h, d]
+
+    def forward(self, q, k, v, text_pad_mask: Optional[torch.Tensor] = None):
+        s = min(max(self.split_position, 0), q.shape[0])
+        p = self.dropout if self.training else 0.0
+        parts = []
+        if s > 0:
+            parts.append(self._sdpa(q[:s], k[:s], v[:s], None, p))
+        if s < q.shape[0]:
+            mask = None
+            if text_pad_mask is not None:
+                # SDPA bool mask: True = may attend. [b, 1, 1, s_t] broadcasts over heads/queries.
+                mask = (~text_pad_mask.bool())[:, None, None, :]
+            parts.append(self._sdpa(q[s:], k[s:], v[s:], mask, p))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return out.flatten(2)
+
+
+@dataclass
+class M2SelfAttentionSubmodules:
+    """Classes for the attention's parts: swapping these gives the local or the TE flavor."""
+
+    linear_q: Union[ModuleSpec, type] = None
+    linear_k: Union[ModuleSpec, type] = None
+    linear_v: Union[ModuleSpec, type] = None
+    core_attention: Union[ModuleSpec, type] = None
+    inner_norm: Union[ModuleSpec, type] = None
+    linear_proj: Union[ModuleSpec, type] = None
+
+
+class M2SelfAttention(MegatronModule):
+    """Multiway Sub-LN self-attention; returns ``(output, None)`` like megatron's attention."""
+
+    def __init__(self, config, submodules: M2SelfAttentionSubmodules, layer_number: int = 1,
+                 shared: bool = False, pg_collection=None, **kwargs):
+        super().__init__(config=config)
+        tp_group = get_tensor_model_parallel_group_if_none(
+            pg_collection.tp if pg_collection is not None else None)
+        self.tp_group = tp_group
+        tp = torch.distributed.get_world_size(tp_group)
+        d = config.hidden_size
+        self.num_heads_local = config.num_attention_heads // tp
+        self.head_dim = config.kv_channels
+        self.layer_number = layer_number
+        for name in ("linear_q", "linear_k", "linear_v"):
+            setattr(self, name, multiway_linear(getattr(submodules, name), config, d, d,
+                                                "column", tp_group, shared))
+        self.core_attention = build_module(submodules.core_attention, config=config,
+                                           layer_number=layer_number)
+        self.inner_norm = MultiwayWrapper(
+            lambda: build_module(submodules.inner_norm, d, config.layernorm_epsilon,
+                                 tp_group=tp_group, sharded=True,
+                                 params_dtype=config.params_dtype, device=_init_device(config)),
+            config, shared=shared)
+        self.linear_proj = multiway_linear(submodules.linear_proj, config, d, d, "row",
+                                           tp_group, shared)
+
+    def forward(self, hidden_states, attention_mask=None, **unused):
+        s, b, _ = hidden_states.shape
+        shape = (s, b, self.num_heads_local, self.head_dim)
+        q = self.linear_q(hidden_states).view(shape)
+        k = self.linear_k(hidden_states).view(shape)
+        v = self.linear_v(hidden_states).view(shape)
+        ctx = self.core_attention(q, k, v, text_pad_mask=attention_mask)
+        return self.linear_proj(self.inner_norm(ctx)), None
+
+
+__all__ += ["TPLayerNorm"]

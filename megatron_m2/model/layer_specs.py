@@ -1,0 +1,129 @@
+"""ModuleSpecs of the M2 layer: a local (pure torch, runs on CPU) flavor and a Transformer
+Engine flavor, named alike.
+
+Every layer is a megatron-core ``TransformerLayer``; the multiway attention and MLP are our
+modules whose linear classes come from the spec. The first shared-VL layer is an
+:class:`M2VLEntryLayer`: it applies the backbone's final LayerNorm before entering the VL stack
+and keeps that normalised sequence, whose [CLS] rows feed the backbone ITC heads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Union
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import (TransformerLayer,
+                                                         TransformerLayerSubmodules)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from .attention import BlockDiagonalSDPA, M2SelfAttention, M2SelfAttentionSubmodules
+from .mlp import M2MLP, M2MLPSubmodules
+from .multiway import MultiwayLayerNorm, TPLayerNorm
+
+__all__ = ["M2VLEntryLayer", "get_m2_layer_local_spec", "get_m2_layer_te_spec",
+           "get_m2_block_spec", "HAVE_TE"]
+
+try:  # Transformer Engine is optional: present on GPU clusters and in the Docker image.
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAVE_TE = False
+
+
+class _SuppressUnknownMLPWarning(logging.Filter):
+    """TransformerLayer logs a warning for every MLP class other than its own; ours is
+    intentional (multiway Sub-LN MLP), so that one message is filtered out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+    _SuppressUnknownMLPWarning())
+
+
+@dataclass
+class M2VLEntrySubmodules(TransformerLayerSubmodules):
+    backbone_final_layernorm: Union[ModuleSpec, type] = None
+
+
+class M2VLEntryLayer(TransformerLayer):
+    """First shared-VL layer: ``backbone`` final LayerNorm, then an ordinary layer.
+
+    ``backbone_output`` holds the normalised input of the VL stack from the last forward; the
+    model reads its [CLS] rows (the official ``cls_feats``) and then clears it.
+    """
+
+    def __init__(self, config, submodules: M2VLEntrySubmodules, *args, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        self.backbone_final_layernorm = build_module(
+            submodules.backbone_final_layernorm, config=config, hidden_size=config.hidden_size,
+            eps=config.layernorm_epsilon)
+        self.backbone_output = None
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden_states, args = args[0], args[1:]
+        else:
+            hidden_states = kwargs.pop("hidden_states")
+        hidden_states = self.backbone_final_layernorm(hidden_states)
+        self.backbone_output = hidden_states
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+def _layer_spec(linear_col, linear_row, norm, core_attention, shared: bool, entry: bool):
+    ln = ModuleSpec(module=MultiwayLayerNorm, params={"shared": shared})
+    fields = dict(
+        input_layernorm=ln,
+        self_attention=ModuleSpec(
+            module=M2SelfAttention, params={"shared": shared},
+            submodules=M2SelfAttentionSubmodules(
+                linear_q=linear_col, linear_k=linear_col, linear_v=linear_col,
+                core_attention=core_attention, inner_norm=norm, linear_proj=linear_row)),
+        self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=ln,
+        mlp=ModuleSpec(module=M2MLP, params={"shared": shared},
+                       submodules=M2MLPSubmodules(linear_fc1=linear_col, ffn_norm=norm,
+                                                  linear_fc2=linear_row)),
+        mlp_bda=get_bias_dropout_add,
+    )
+    if entry:
+        return ModuleSpec(module=M2VLEntryLayer, submodules=M2VLEntrySubmodules(
+            backbone_final_layernorm=ModuleSpec(module=MultiwayLayerNorm,
+                                                params={"shared": False}),
+            **fields))
+    return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(**fields))
+
+
+def get_m2_layer_local_spec(shared: bool = False, entry: bool = False) -> ModuleSpec:
+    """Pure-torch M2 layer: megatron-core column/row-parallel linears, SDPA attention."""
+    return _layer_spec(ColumnParallelLinear, RowParallelLinear, TPLayerNorm, BlockDiagonalSDPA,
+                       shared, entry)
+
+
+def get_m2_layer_te_spec(shared: bool = False, entry: bool = False) -> ModuleSpec:
+    """Transformer Engine M2 layer (FP8-capable linears). Requires Transformer Engine."""
+    if not HAVE_TE:
+        raise RuntimeError(
+            "the Transformer Engine layer spec was requested but transformer_engine is not "
+            "installed; use --transformer-impl local, or run in the Docker image")
+    raise NotImplementedError("the Transformer Engine M2 layer spec is not implemented yet")
+
+
+def get_m2_block_spec(num_sep_layers: int, num_vl_layers: int, layer_offset: int,
+                      num_local_layers: int, impl: str = "local") -> TransformerBlockSubmodules:
+    """Specs of the layers ``[layer_offset, layer_offset + num_local_layers)`` of the global
+    stack (``num_sep_layers`` multiway layers, then ``num_vl_layers`` shared VL layers), plus the
+    final LayerNorm of the VL stack (used only on the stage that holds the last layer)."""
+    get = {"local": get_m2_layer_local_spec, "te": get_m2_layer_te_spec}[impl]
+    specs: List[ModuleSpec] = []
+    for g in range(layer_offset, layer_offset + num_local_layers):
+        shared = g >= num_sep_layers
+        specs.append(get(shared=shared, entry=(g == num_sep_layers)))
+    final_norm = ModuleSpec(module=MultiwayLayerNorm, params={"shared": True})
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)

@@ -1,0 +1,160 @@
+"""Multiway building blocks: per-modality branches on a packed [vision; text] sequence.
+
+A training micro-batch is one tensor ``[s_v + s_t, b, d]``: vision tokens (CLS + patches) followed
+by text tokens. A multiway module owns two copies of its weights, branch ``A`` (vision) and branch
+``B`` (text), and applies ``A`` to rows ``[:split]`` and ``B`` to rows ``[split:]``. In the shared
+VL layers (``shared=True``) branch ``A`` serves both modalities and ``B`` is carried only so that
+official checkpoints round-trip; its parameters are frozen (``requires_grad=False``) so that the
+optimizer neither decays nor updates weights that never see data.
+
+The split point is runtime state (``split_position``): training uses the static s_v from the
+config, while single-modality inference sets it to the sequence length (all vision) or 0 (all
+text). :class:`M2EncoderModel` sets it on every :class:`SplitAware` module before each forward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+__all__ = ["SplitAware", "MultiwayWrapper", "TPLayerNorm", "MultiwayLayerNorm",
+           "all_reduce_with_grad"]
+
+
+class SplitAware:
+    """Mixin for modules that need the vision/text split point of the packed sequence."""
+
+    split_position: int = 0
+
+    def _init_split(self, config) -> None:
+        self.split_position = int(getattr(config, "vision_seq_len", 0))
+
+
+def _first(out):
+    """megatron linears return ``(output, bias)``; plain modules return a tensor."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+class MultiwayWrapper(nn.Module, SplitAware):
+    """Two copies (``A``, ``B``) of a module applied to the two parts of the packed sequence.
+
+    Args:
+        factory: builds one branch; called twice.
+        config: the transformer config (for the default split point).
+        shared: apply ``A`` to the whole sequence and freeze ``B`` (shared VL expert).
+    """
+
+    def __init__(self, factory: Callable[[], nn.Module], config, shared: bool = False):
+        super().__init__()
+        self.A = factory()
+        self.B = factory()
+        self.shared = shared
+        self._init_split(config)
+        if shared:
+            for p in self.B.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.split_position
+        if self.shared or s >= x.shape[0]:
+            return _first(self.A(x))
+        if s <= 0:
+            return _first(self.B(x))
+        return torch.cat([_first(self.A(x[:s])), _first(self.B(x[s:]))], dim=0)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a process group in forward *and* backward.
+
+    Used for statistics that every rank consumes locally (LayerNorm mean/variance over a
+    TP-sharded dimension): rank r's contribution influences every rank's output, so the gradient
+    reaching it is the sum of all ranks' local gradients. megatron's
+    ``reduce_from_tensor_model_parallel_region`` has an identity backward, which is only right
+    when the reduced value is consumed identically on every rank afterwards.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce (sum) whose backward is also an all-reduce; identity for a group of one."""
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
+class TPLayerNorm(nn.Module):
+    """LayerNorm over a dimension that may be sharded across the tensor-parallel group.
+
+    With ``sharded=True`` each rank holds ``normalized_size / tp`` features of every token (the
+    heads a rank owns, or its slice of the FFN hidden). Mean and variance are computed over the
+    full width by all-reducing partial sums across the TP group (two passes: mean, then the
+    centred second moment, which is as accurate as a local LayerNorm). Weight and bias are
+    sharded like the input and carry megatron's TP attributes (partition_dim 0), so checkpoints
+    and gradient-norm computation treat them like any TP-sharded parameter.
+    """
+
+    def __init__(self, normalized_size: int, eps: float, tp_group=None, sharded: bool = False,
+                 params_dtype=torch.float32, device=None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.tp_size = torch.distributed.get_world_size(tp_group) if (
+            sharded and tp_group is not None) else 1
+        if normalized_size % self.tp_size:
+            raise ValueError(f"width {normalized_size} not divisible by TP size {self.tp_size}")
+        self.full_size = normalized_size
+        self.local_size = normalized_size // self.tp_size
+        self.eps = eps
+        self.sharded = sharded
+        self.weight = nn.Parameter(torch.ones(self.local_size, dtype=params_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(self.local_size, dtype=params_dtype, device=device))
+        if sharded:
+            for p in (self.weight, self.bias):
+                set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return nn.functional.layer_norm(x, (self.local_size,), self.weight, self.bias, self.eps)
+        dtype = x.dtype
+        xf = x.float()
+        n = float(self.full_size)
+        mean = all_reduce_with_grad(xf.sum(-1, keepdim=True), self.tp_group) / n
+        xc = xf - mean
+        var = all_reduce_with_grad((xc * xc).sum(-1, keepdim=True), self.tp_group) / n
+        y = xc * torch.rsqrt(var + self.eps)
+        return (y * self.weight.float() + self.bias.float()).to(dtype)
+
+
+class MultiwayLayerNorm(MultiwayWrapper):
+    """Per-modality LayerNorm with megatron's norm constructor signature.
+
+    Built by ``TransformerLayer``/``TransformerBlock`` as ``(config, hidden_size, eps)``;
+    ``shared`` comes from the ModuleSpec params.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, shared: bool = False):
+        super().__init__(
+            lambda: TPLayerNorm(hidden_size, eps, params_dtype=config.params_dtype,
+                                device=_init_device(config)),
+            config, shared=shared)
+
+
+def _init_device(config) -> Optional[torch.device]:
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())

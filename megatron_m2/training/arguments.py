@@ -1,0 +1,119 @@
+"""Command-line arguments of ``m2-pretrain``.
+
+Flag names follow Megatron-LM where the concept exists (``--tensor-model-parallel-size``,
+``--micro-batch-size``, ``--global-batch-size``, ``--lr``, ...). :func:`validate_args` checks
+everything that can be checked from the arguments and the world size alone, so that a wrong
+configuration fails identically on every rank *before* the first collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from ..config import ConfigError
+from ..flavors import FLAVORS, get_flavor
+
+__all__ = ["build_parser", "parse_args", "validate_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="m2-pretrain",
+        description="Pretrain M2-Encoder with TP x PP x DP on megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--flavor", default="tiny", choices=sorted(FLAVORS),
+                   help="architecture preset (DESIGN §2)")
+    g.add_argument("--transformer-impl", default="local", choices=["local", "te"],
+                   help="layer implementation: pure torch or Transformer Engine")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="override the flavor's vocabulary size (must match the tokenizer)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer states over the data-parallel group")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="collective timeout: a dead rank ends the job instead of hanging it")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=8)
+    g.add_argument("--global-batch-size", type=int, default=16)
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="BF16 mixed precision")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", default="cosine",
+                   choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="defaults to --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.98)
+    g.add_argument("--adam-eps", type=float, default=1e-6)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+
+    g = p.add_argument_group("contrastive loss")
+    g.add_argument("--itc-heads", default="both", choices=["both", "vl"],
+                   help="average the backbone and VL head losses, or VL head only")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--synthetic", action="store_true",
+                   help="train on a deterministic synthetic image-text set")
+    g.add_argument("--synthetic-num-samples", type=int, default=None,
+                   help="size of the synthetic set (default: one global batch, i.e. a fixed "
+                        "batch to overfit)")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-json", default=None, help="write one JSON line per step to this file")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Raise :class:`ConfigError` with one clear message if the run cannot work."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size "
+                          "must be >= 1")
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by "
+                          f"--tensor-model-parallel-size ({tp}) x "
+                          f"--pipeline-model-parallel-size ({pp})")
+    dp = world_size // (tp * pp)
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    cfg = get_flavor(args.flavor, **overrides)
+    cfg.validate_parallel(tp, pp)
+    mbs, gbs = args.micro_batch_size, args.global_batch_size
+    if mbs < 1 or gbs < 1:
+        raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
+    if gbs % (mbs * dp):
+        raise ConfigError(f"--global-batch-size ({gbs}) must be divisible by "
+                          f"--micro-batch-size ({mbs}) x data-parallel size ({dp})")
+    if args.train_iters < 1:
+        raise ConfigError("--train-iters must be >= 1")
+    if not args.synthetic:
+        raise ConfigError("no training data: pass --synthetic")
+    if args.transformer_impl == "te":
+        from ..model.layer_specs import HAVE_TE
+        if not HAVE_TE:
+            raise ConfigError("--transformer-impl te needs Transformer Engine, which is not "
+                              "installed; use --transformer-impl local")
+    if pp > 1 and args.itc_heads == "both":
+        per_stage = cfg.num_layers // pp
+        if cfg.num_vl_layers > per_stage:
+            raise ConfigError(
+                f"--itc-heads both needs the backbone/VL boundary on the last pipeline stage, "
+                f"but {pp} stages of {per_stage} layers put VL layers on earlier stages; "
+                f"use fewer stages or --itc-heads vl")

@@ -1,0 +1,54 @@
+"""End-to-end: the real ``m2-pretrain`` entry point under torchrun on CPU (gloo).
+
+A fixed synthetic batch must be overfitted: loss falls by more than half. The runs are short
+(20 steps) to keep the suite fast; the 100-step runs of the README behave the same way.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers.distributed import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(args, nproc=2, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "-m", "megatron_m2.pretrain", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], []],
+                         ids=["tp2", "dp2"])
+def test_overfits_fixed_synthetic_batch(tmp_path, layout):
+    log = tmp_path / "log.jsonl"
+    proc = _torchrun(["--flavor", "tiny", "--train-iters", "20", "--synthetic", "--log-interval",
+                      "5", "--log-json", str(log), *layout])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < 0.5 * first, (first, last)
+    assert "samples/s" in proc.stderr and "ETA" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tensor-model-parallel-size", "3"], "not divisible by --tensor-model-parallel-size"),
+    (["--global-batch-size", "10", "--micro-batch-size", "4"], "--global-batch-size (10)"),
+    (["--flavor", "tiny", "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size",
+      "1", "--global-batch-size", "7"], "--global-batch-size (7)"),
+])
+def test_misconfiguration_fails_fast_on_every_rank(args, message):
+    t0 = time.time()
+    proc = _torchrun(["--synthetic", *args], timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 60
+    # Both ranks print the same one-line error.
+    lines = [ln for ln in proc.stderr.splitlines() if "m2-pretrain: error:" in ln]
+    assert len(lines) == 2 and message in lines[0] and lines[0] == lines[1], proc.stderr[-3000:]
