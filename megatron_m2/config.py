@@ -37,7 +37,7 @@ class M2ModelConfig:
     ffn_hidden_size: int = 3072
     """FFN inner width d_ffn."""
     num_sep_layers: int = 9
-    """L_sep: layers of the `backbone` stack, every module duplicated per modality (A=vision, B=text)."""
+    """L_sep: layers of the `backbone` stack; every module has a vision (A) and a text (B) copy."""
     num_vl_layers: int = 3
     """L_vl: layers of the `backbone_vl` stack, whose branch A serves both modalities."""
     embed_dim: int = 768
@@ -118,7 +118,7 @@ class M2ModelConfig:
                                   f"(vocab_size={self.vocab_size})")
 
     def validate_parallel(self, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
-        """Check that the architecture can be split ``tensor_parallel`` × ``pipeline_parallel`` ways."""
+        """Check that the architecture splits ``tensor_parallel`` × ``pipeline_parallel`` ways."""
         if tensor_parallel < 1 or pipeline_parallel < 1:
             raise ConfigError("parallel sizes must be >= 1")
         if self.num_attention_heads % tensor_parallel:

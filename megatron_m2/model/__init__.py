@@ -1,7 +1,7 @@
 """The M2-Encoder model on megatron-core."""
 
-from .m2_model import M2EncoderModel
 from .init import initialize_model
+from .m2_model import M2EncoderModel
 
 __all__ = ["M2EncoderModel", "initialize_model", "build_model"]
 

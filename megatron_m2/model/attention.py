@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
+from torch import nn
+from torch.nn import functional as F
 
 from .multiway import MultiwayWrapper, SplitAware, TPLayerNorm, _init_device
 

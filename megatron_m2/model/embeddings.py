@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
-
 from megatron.core.tensor_parallel import VocabParallelEmbedding
+from torch import nn
 
 from ..config import M2ModelConfig
 from .multiway import _init_device

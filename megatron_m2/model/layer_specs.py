@@ -13,12 +13,11 @@ import logging
 from dataclasses import dataclass
 from typing import List, Union
 
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import (TransformerLayer,
-                                                         TransformerLayerSubmodules)
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from .attention import BlockDiagonalSDPA, M2SelfAttention, M2SelfAttentionSubmodules
 from .mlp import M2MLP, M2MLPSubmodules

@@ -19,15 +19,13 @@ import contextlib
 from typing import Dict, Optional
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import (TransformerBlock,
-                                                         get_num_layers_to_build)
+from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from torch import nn
+from torch.nn import functional as F
 
 from ..config import M2ModelConfig, M2TransformerConfig
 from .embeddings import M2Embeddings

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-from torch.nn import functional as F
-
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
+from torch.nn import functional as F
 
 from .attention import multiway_linear
 from .multiway import MultiwayWrapper, _init_device

@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import nn
-
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from torch import nn
 
 __all__ = ["SplitAware", "MultiwayWrapper", "TPLayerNorm", "MultiwayLayerNorm",
            "all_reduce_with_grad"]

@@ -16,9 +16,8 @@ Layout differences handled here:
   parallelism; the pad rows are zero and never read): :func:`to_official` drops them,
   :func:`from_official` adds zero rows when given a ``target`` with a larger table;
 * our ``state_dict()`` also holds entries that are not weights: megatron's ``*._extra_state``
-  (``None`` for the local linears, FP8 metadata for Transformer Engine ones) and, currently,
-  ``_entry.*`` aliases of layer ``L_sep`` (see :data:`_ALIASES`). :func:`to_official` skips them;
-  :func:`from_official` recreates them from ``target`` so that a strict
+  (``None`` for the local linears, FP8 metadata for Transformer Engine ones).
+  :func:`to_official` skips them; :func:`from_official` takes them from ``target`` so that a strict
   ``model.load_state_dict(from_official(ckpt, cfg, target=model.state_dict()))`` succeeds.
 
 Official checkpoints are plain ``torch.save`` pickles, possibly wrapped (``state_dict``,
@@ -31,7 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import string
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
 import torch
 
@@ -92,13 +91,6 @@ LAYER_STACKS: Tuple[Tuple[str, str, str], ...] = (
 TEXT_EMBED_KEY = "embeddings.text_embed.weight"
 
 _EXTRA_STATE_SUFFIX = "_extra_state"
-
-# Module-tree aliases that ``state_dict()`` lists in addition to the canonical keys: the model
-# registers its first VL layer a second time as ``_entry`` (a plain attribute that became a child
-# module), so layer L_sep appears under both names. Same tensors, nothing to convert; once the
-# model stops registering it, these entries simply no longer occur.
-_ALIASES: Tuple[Tuple[str, str], ...] = (("_entry.", "encoder.layers.{Lsep}."),)
-
 
 class StateDictKeyError(KeyError):
     """Keys are missing from, or unknown to, a state dict being converted.
@@ -204,14 +196,6 @@ def _is_extra_state(key: str) -> bool:
     return key.rsplit(".", 1)[-1] == _EXTRA_STATE_SUFFIX
 
 
-def _alias_target(key: str, cfg: M2ModelConfig) -> Optional[str]:
-    """The canonical key that ``key`` is an alias of, or ``None``."""
-    for alias, canonical in _ALIASES:
-        if key.startswith(alias):
-            return canonical.format(Lsep=cfg.num_sep_layers) + key[len(alias):]
-    return None
-
-
 def _check_keys(what: str, present: Iterable[str], expected: Iterable[str]) -> None:
     present, expected = set(present), set(expected)
     if present != expected:
@@ -223,8 +207,7 @@ def to_official(state_dict: Mapping[str, Any], cfg: M2ModelConfig) -> Dict[str, 
 
     Args:
         state_dict: ``model.state_dict()`` of a single-device model (or one gathered to that
-            layout). megatron's ``*._extra_state`` entries and module aliases are skipped (an
-            alias must equal the entry it duplicates).
+            layout). megatron's ``*._extra_state`` entries are skipped.
         cfg: the architecture; it fixes the exact key set expected.
 
     Returns:
@@ -234,21 +217,13 @@ def to_official(state_dict: Mapping[str, Any], cfg: M2ModelConfig) -> Dict[str, 
 
     Raises:
         StateDictKeyError: a weight of the model is missing or a key is unknown.
-        ValueError: the text embedding has fewer than ``cfg.vocab_size`` rows, or an alias
-            differs from its canonical entry.
+        ValueError: the text embedding has fewer than ``cfg.vocab_size`` rows.
     """
     mapping = key_mapping(cfg)
     weights: Dict[str, Any] = {}
     skipped = 0
     for key, value in state_dict.items():
         if _is_extra_state(key):
-            skipped += 1
-            continue
-        canonical = _alias_target(key, cfg)
-        if canonical is not None and canonical in state_dict:
-            original = state_dict[canonical]
-            if value is not original and not torch.equal(value, original):
-                raise ValueError(f"{key!r} is an alias of {canonical!r} but holds other values")
             skipped += 1
             continue
         weights[key] = value
@@ -279,12 +254,10 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
         target: optional destination, a model or its ``state_dict()``. When given, the result
             has exactly ``target``'s keys, so that a strict ``load_state_dict`` works: the text
             embedding is zero-padded to ``target``'s (vocabulary-padded) row count, non-weight
-            entries (``*._extra_state``) are taken from ``target``, aliases point at their
-            canonical tensor, and every shape is checked against ``target``.
-            Without it the result holds only the weights, with ``cfg.vocab_size`` text rows;
-            megatron accepts the absent ``_extra_state`` entries, so
-            ``model.load_state_dict(result)`` works unless the model lists aliases (then use
-            ``target`` or ``strict=False``).
+            entries (``*._extra_state``) are taken from ``target``, and every shape is checked
+            against ``target``. Without it the result holds only the weights, with
+            ``cfg.vocab_size`` text rows; megatron accepts the absent ``_extra_state`` entries,
+            so ``model.load_state_dict(result)`` works at TP=1.
 
     Returns:
         A new dict ``{our key: tensor}``, sharing tensors with the input (except a padded text
@@ -310,17 +283,10 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
 
     if isinstance(target, torch.nn.Module):
         target = target.state_dict()
-    # Sort the target's entries into weights (must be exactly ours), aliases and extra state.
+    # Sort the target's entries into weights (must be exactly ours) and extra state.
     ours_keys = set(out)
-    target_weights, aliases, extras = set(), {}, []
-    for key in target:
-        canonical = _alias_target(key, cfg)
-        if _is_extra_state(key):
-            extras.append(key)
-        elif canonical is not None and canonical in ours_keys:
-            aliases[key] = canonical
-        else:
-            target_weights.add(key)
+    extras = [key for key in target if _is_extra_state(key)]
+    target_weights = {key for key in target if not _is_extra_state(key)}
     _check_keys("from_official: the target model's weights do not match the M2 layout",
                 target_weights, ours_keys)
 
@@ -328,8 +294,6 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
     if target_rows > text.shape[0]:  # vocabulary padded for tensor parallelism: zero rows
         pad = text.new_zeros((target_rows - text.shape[0],) + tuple(text.shape[1:]))
         out[TEXT_EMBED_KEY] = torch.cat([text, pad], dim=0)
-    for key, canonical in aliases.items():
-        out[key] = out[canonical]
     for key in extras:  # no official counterpart: keep the destination's own value
         out[key] = target[key]
 

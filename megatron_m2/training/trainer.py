@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -52,6 +51,8 @@ def _setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    # megatron-core logs its full configs and bucket layouts at INFO; keep its warnings only.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def _fail(msg: str) -> None:
@@ -87,8 +88,11 @@ def pretrain(args) -> List[Dict[str, float]]:
     """
     _quiet_imports()
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (DistributedDataParallel,
-                                           DistributedDataParallelConfig, finalize_model_grads)
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -96,8 +100,12 @@ def pretrain(args) -> List[Dict[str, float]]:
 
     from ..flavors import get_flavor
     from ..model import build_model
-    from ..parallel.distributed import (discover_env, init_distributed,
-                                        initialize_model_parallel, set_seed)
+    from ..parallel.distributed import (
+        discover_env,
+        init_distributed,
+        initialize_model_parallel,
+        set_seed,
+    )
     from .arguments import validate_args
     from .synthetic import SyntheticImageText, microbatches
 

@@ -6,8 +6,8 @@ model-parallel groups) TP=1 on each rank. Checked:
 * init: every TP=2 shard equals the matching slice of the TP=1 weight (same seed), bitwise;
 * forward: all four embeddings agree within 1e-5;
 * backward: the gradient of every trainable parameter (TP shards gathered to full shape) agrees
-  within 1e-5 relative to max(the tensor's largest gradient, 1e-2). This includes the Sub-LN LayerNorms,
-  whose statistics are all-reduced across the TP shards.
+  within 1e-5 relative to max(the tensor's largest gradient, 1e-2). This includes the Sub-LN
+  LayerNorms, whose statistics are all-reduced across the TP shards.
 
 Tolerance: the layouts differ only in fp32 summation order (a row-parallel matmul adds two
 partial products; LayerNorm statistics are sums of two partial sums), i.e. ~1e-7 relative. A
