@@ -60,9 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-6)
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
 
-    g = p.add_argument_group("contrastive loss")
+    g = p.add_argument_group("contrastive loss (GBA-ITC)")
     g.add_argument("--itc-heads", default="both", choices=["both", "vl"],
                    help="average the backbone and VL head losses, or VL head only")
+    g.add_argument("--itc-group-size", type=int, default=None,
+                   help="k: DP ranks per ITC group (-1: all, i.e. global ITC). Default: the DP "
+                        "ranks of one node")
+    g.add_argument("--itc-aggregate-nodes", type=int, default=None,
+                   help="k in nodes (-1: all nodes), node-aligned; excludes --itc-group-size")
+    g.add_argument("--itc-accumulate-features", action="store_true",
+                   help="batch (feature) accumulation: one contrastive batch of k*M*b pairs "
+                        "over the step's M micro-batches at one micro-batch's activation memory")
 
     g = p.add_argument_group("data")
     g.add_argument("--synthetic", action="store_true",
@@ -101,6 +109,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if gbs % (mbs * dp):
         raise ConfigError(f"--global-batch-size ({gbs}) must be divisible by "
                           f"--micro-batch-size ({mbs}) x data-parallel size ({dp})")
+    if args.itc_group_size is not None and args.itc_aggregate_nodes is not None:
+        raise ConfigError("--itc-group-size and --itc-aggregate-nodes are mutually exclusive")
+    if args.itc_group_size is not None:
+        k = dp if args.itc_group_size == -1 else args.itc_group_size
+        if k < 1 or dp % k:
+            raise ConfigError(f"--itc-group-size ({args.itc_group_size}) must divide the "
+                              f"data-parallel size ({dp})")
     if args.train_iters < 1:
         raise ConfigError("--train-iters must be >= 1")
     if not args.synthetic:

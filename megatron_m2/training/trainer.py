@@ -4,11 +4,18 @@ Order of start-up (each step fails fast with one message rather than hanging a c
 
 1. parse and validate arguments against the world size from the launcher environment;
 2. ``torch.distributed`` (NCCL on GPUs; gloo + the CPU compatibility layer on CPUs);
-3. megatron-core model-parallel groups, seeds;
+3. megatron-core model-parallel groups, the ITC sub-mesh of GBA-ITC, seeds;
 4. this rank's pipeline stage of M2-Encoder, wrapped in megatron DDP;
 5. megatron optimizer (AdamW; no weight decay on biases, norms, position tables, tokens and
    logit scales) and megatron's LR schedule;
 6. steps through megatron-core's forward/backward schedule.
+
+A step is either one pass of the schedule over the step's M micro-batches (each micro-batch's
+contrastive loss uses the k·b pairs of its ITC group), or, with ``--itc-accumulate-features``, the
+two-phase batch (feature) accumulation of GBA-ITC: embed all M micro-batches without a graph
+(schedule, ``forward_only``), compute the loss over the k·M·b pairs of the ITC group and the
+gradients of the cached embeddings, then re-run the schedule with a surrogate loss that injects
+those gradients.
 """
 
 from __future__ import annotations
@@ -29,14 +36,14 @@ from ..config import ConfigError
 
 logger = logging.getLogger("megatron_m2.train")
 
-__all__ = ["main", "pretrain", "no_weight_decay"]
+__all__ = ["main", "pretrain", "Trainer", "no_weight_decay"]
 
 
 def _quiet_imports() -> None:
     # megatron-core warns at import that TE/apex are missing; on CPU that is the expected state.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*transformer_engine.*not installed.*")
+    warnings.filterwarnings("ignore", message=".*tp_group is None.*")
 
 
 def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
@@ -61,16 +68,23 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def _forward_step(data_iterator, model, heads: str, itc_group):
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _run_model(model, batch):
+    unwrapped = _unwrap(model)
+    if unwrapped.pre_process:
+        return model(batch["images"], batch["text_ids"], batch["text_pad_mask"])
+    return model(text_pad_mask=batch["text_pad_mask"],
+                 split_position=unwrapped.config.vision_seq_len)
+
+
+def _loss_step(data_iterator, model, heads: str, itc_group):
+    """forward_step_func of the plain step: the micro-batch's GBA-ITC loss."""
     from ..loss import itc_loss
 
-    batch = next(data_iterator)
-    unwrapped = model.module if hasattr(model, "module") else model
-    if unwrapped.pre_process:
-        out = model(batch["images"], batch["text_ids"], batch["text_pad_mask"])
-    else:
-        out = model(text_pad_mask=batch["text_pad_mask"],
-                    split_position=unwrapped.config.vision_seq_len)
+    out = _run_model(model, next(data_iterator))
 
     def loss_func(outputs):
         loss, metrics = itc_loss(outputs, group=itc_group, heads=heads)
@@ -81,33 +95,198 @@ def _forward_step(data_iterator, model, heads: str, itc_group):
     return out, loss_func
 
 
-def pretrain(args) -> List[Dict[str, float]]:
-    """Run training as configured by ``args`` (from :func:`arguments.parse_args`).
+def _embed_step(data_iterator, model):
+    """forward_step_func of phase 1 of feature accumulation: keep the embeddings."""
+    out = _run_model(model, next(data_iterator))
 
-    Returns the per-step log records (on every rank; figures are global averages).
+    def keep(outputs):
+        feats = {k: v.detach() for k, v in outputs.items() if k.endswith("feats")}
+        return torch.zeros((), device=next(iter(feats.values())).device), feats
+
+    return out, keep
+
+
+def _inject_step(data_iterator, model, grads: List[Dict[str, torch.Tensor]], counter: List[int]):
+    """forward_step_func of phase 2: a surrogate whose gradient is the cached one.
+
+    The schedule divides every micro-batch loss by M, so the surrogate is multiplied by M.
     """
-    _quiet_imports()
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    out = _run_model(model, next(data_iterator))
+    i = counter[0]
+    counter[0] += 1
 
-    from ..flavors import get_flavor
-    from ..model import build_model
-    from ..parallel.distributed import (
-        discover_env,
-        init_distributed,
-        initialize_model_parallel,
-        set_seed,
-    )
+    def surrogate(outputs):
+        g = grads[i]
+        loss = sum((outputs[k] * g[k]).sum() for k in g) * len(grads)
+        return loss, {}
+
+    return out, surrogate
+
+
+class Trainer:
+    """Everything a run needs, built once; :meth:`train_step` advances one global batch."""
+
+    def __init__(self, args):
+        _quiet_imports()
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from ..flavors import get_flavor
+        from ..model import build_model
+        from ..parallel.distributed import initialize_model_parallel, set_seed
+        from ..parallel.groups import create_itc_groups
+        from .synthetic import SyntheticImageText
+
+        self.args = args
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        initialize_model_parallel(tp, pp)
+        self.dp = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.itc = create_itc_groups(args.itc_group_size, args.itc_aggregate_nodes)
+        set_seed(args.seed)
+
+        overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        self.cfg = cfg = get_flavor(args.flavor, **overrides)
+        dtype_kwargs = {"bf16": True} if args.bf16 else {}
+        self.model = build_model(cfg, tp, pp, seed=args.seed,
+                                 transformer_impl=args.transformer_impl, **dtype_kwargs)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        logger.info("flavor %s: TP=%d PP=%d DP=%d, ITC groups of k=%d (%d groups), %.2fM "
+                    "parameters on this rank", args.flavor, tp, pp, self.dp, self.itc.size,
+                    self.itc.num_groups, n_params / 1e6)
+
+        config = self.model.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=args.use_distributed_optimizer)
+        self.ddp_model = DistributedDataParallel(config, ddp_config, self.model)
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.float32,
+            use_distributed_optimizer=args.use_distributed_optimizer)
+        no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(name="m2_no_wd",
+                                                                    fn=no_weight_decay))
+        self.optimizer = get_megatron_optimizer(opt_config, [self.ddp_model],
+                                                config_overrides={no_wd: {"wd_mult": 0.0}})
+        decay_iters = args.lr_decay_iters or args.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
+            min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=max(decay_iters, args.lr_warmup_iters + 1),
+            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+            end_wd=args.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant")
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = self.ddp_model.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+
+        num_samples = args.synthetic_num_samples or args.global_batch_size
+        self.dataset = SyntheticImageText(cfg, num_samples, seed=args.seed)
+        self.num_micro = args.global_batch_size // (args.micro_batch_size * self.dp)
+        self.seq_len = cfg.vision_seq_len + cfg.max_text_len
+        self.forward_backward = get_forward_backward_func()
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.is_logger_rank = self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
+        self.step = 0
+
+    # -- one step --------------------------------------------------------------------------
+    def _microbatches(self) -> List[Dict[str, torch.Tensor]]:
+        from .synthetic import microbatches
+
+        a = self.args
+        return list(microbatches(self.dataset, self.step, a.global_batch_size,
+                                 a.micro_batch_size, self.dp_rank, self.dp))
+
+    def _schedule(self, step_func, batches, forward_only: bool):
+        return self.forward_backward(
+            forward_step_func=step_func, data_iterator=iter(batches), model=[self.ddp_model],
+            num_microbatches=len(batches), seq_length=self.seq_len,
+            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only)
+
+    def _accumulated_losses(self, batches) -> List[float]:
+        """Two-phase GBA-ITC step with feature accumulation; returns this rank's loss."""
+        from ..loss import cached_feature_loss
+
+        feats = self._schedule(_embed_step, batches, forward_only=True)
+        grads: List[Dict[str, torch.Tensor]] = []
+        losses: List[float] = []
+        if self.is_last_stage:
+            scales = {"logit_scale": self.model.logit_scale,
+                      "logit_vl_scale": self.model.logit_vl_scale}
+            backward_scale = float(self.optimizer.get_loss_scale())
+            loss, grads, _ = cached_feature_loss(feats, scales, group=self.itc.group,
+                                                 heads=self.args.itc_heads,
+                                                 backward_scale=backward_scale)
+            losses = [float(loss)]
+        self._schedule(partial(_inject_step, grads=grads, counter=[0]), batches,
+                       forward_only=False)
+        return losses
+
+    def train_step(self) -> Dict[str, float]:
+        """Forward, backward and optimizer step on the next global batch; returns its record."""
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = self._microbatches()
+        if self.args.itc_accumulate_features:
+            losses = self._accumulated_losses(batches)
+        else:
+            out = self._schedule(partial(_loss_step, heads=self.args.itc_heads,
+                                         itc_group=self.itc.group), batches, forward_only=False)
+            losses = [float(m["loss"]) for m in out] if self.is_last_stage else []
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        # Global mean loss: average the last stage's losses over the DP ranks.
+        local = torch.zeros(2, dtype=torch.float64)
+        if self.is_logger_rank and losses:
+            local[0], local[1] = sum(losses) / len(losses), 1.0
+        dist.all_reduce(local)
+        return {"step": self.step, "loss": float(local[0] / local[1]),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    # -- the loop --------------------------------------------------------------------------
+    def train(self) -> List[Dict[str, float]]:
+        a = self.args
+        records: List[Dict[str, float]] = []
+        log_file = open(a.log_json, "w") if (a.log_json and dist.get_rank() == 0) else None
+        t_start = time.perf_counter()
+        t_last, last_step = t_start, 0
+        try:
+            while self.step < a.train_iters:
+                rec = self.train_step()
+                records.append(rec)
+                if not math.isfinite(rec["loss"]):
+                    raise FloatingPointError(f"non-finite loss at step {rec['step']}")
+                if rec["step"] % a.log_interval == 0 or rec["step"] == a.train_iters:
+                    now = time.perf_counter()
+                    sps = (rec["step"] - last_step) * a.global_batch_size / (now - t_last)
+                    eta = (a.train_iters - rec["step"]) * (now - t_start) / rec["step"]
+                    rec["samples_per_s"] = sps
+                    t_last, last_step = now, rec["step"]
+                    logger.info("step %5d/%d | loss %.4f | lr %.3e | grad-norm %.3f | "
+                                "%.1f samples/s | ETA %ds", rec["step"], a.train_iters,
+                                rec["loss"], rec["lr"], rec["grad_norm"], sps, eta)
+                if log_file:
+                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.flush()
+        finally:
+            if log_file:
+                log_file.close()
+        return records
+
+
+def pretrain(args) -> List[Dict[str, float]]:
+    """Validate ``args``, start the distributed runtime, train; returns the per-step records."""
+    from ..parallel.distributed import discover_env, init_distributed
     from .arguments import validate_args
-    from .synthetic import SyntheticImageText, microbatches
 
     env = discover_env()
     _setup_logging(env.rank)
@@ -115,106 +294,12 @@ def pretrain(args) -> List[Dict[str, float]]:
         validate_args(args, env.world_size)
     except (ConfigError, KeyError) as e:
         _fail(str(e).strip("'\""))
-
     init_distributed(timeout_s=args.distributed_timeout_minutes * 60)
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    initialize_model_parallel(tp, pp)
-    dp = ps.get_data_parallel_world_size()
-    dp_rank = ps.get_data_parallel_rank()
-    set_seed(args.seed)
-
-    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-    cfg = get_flavor(args.flavor, **overrides)
-    dtype_kwargs = {"bf16": True, "params_dtype": torch.float32} if args.bf16 else {}
-    model = build_model(cfg, tp, pp, seed=args.seed, transformer_impl=args.transformer_impl,
-                        **dtype_kwargs)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("flavor %s: TP=%d PP=%d DP=%d, %.2fM parameters on this rank", args.flavor,
-                tp, pp, dp, n_params / 1e6)
-
-    config = model.config
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=args.use_distributed_optimizer)
-    ddp_model = DistributedDataParallel(config, ddp_config, model)
-
-    opt_config = OptimizerConfig(
-        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer)
-    no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(name="m2_no_wd",
-                                                                fn=no_weight_decay))
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model],
-                                       config_overrides={no_wd: {"wd_mult": 0.0}})
-    decay_iters = args.lr_decay_iters or args.train_iters
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
-        min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=max(decay_iters, args.lr_warmup_iters + 1),
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant")
-
-    config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = ddp_model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-
-    num_samples = args.synthetic_num_samples or args.global_batch_size
-    dataset = SyntheticImageText(cfg, num_samples, seed=args.seed)
-    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
-    seq_len = cfg.vision_seq_len + cfg.max_text_len
-    forward_backward = get_forward_backward_func()
-    itc_group = ps.get_data_parallel_group()
-    forward_step = partial(_forward_step, heads=args.itc_heads, itc_group=itc_group)
-    is_logger_rank = (ps.is_pipeline_last_stage(ignore_virtual=True)
-                      and ps.get_tensor_model_parallel_rank() == 0)
-
-    records: List[Dict[str, float]] = []
-    log_file = open(args.log_json, "w") if (args.log_json and env.rank == 0) else None
-    t_start = time.perf_counter()
-    t_last, last_step = t_start, 0
     try:
-        for step in range(args.train_iters):
-            ddp_model.zero_grad_buffer()
-            optimizer.zero_grad()
-            data = microbatches(dataset, step, args.global_batch_size, args.micro_batch_size,
-                                dp_rank, dp)
-            losses = forward_backward(
-                forward_step_func=forward_step, data_iterator=data, model=[ddp_model],
-                num_microbatches=num_micro, seq_length=seq_len,
-                micro_batch_size=args.micro_batch_size, forward_only=False)
-            ok, grad_norm, _ = optimizer.step()
-            if ok:
-                scheduler.step(increment=1)
-            # Global mean loss: average the last stage's micro-batch losses over DP ranks.
-            local = torch.zeros(2, dtype=torch.float64)
-            if is_logger_rank and losses:
-                local[0] = sum(float(m["loss"]) for m in losses) / len(losses)
-                local[1] = 1.0
-            dist.all_reduce(local)
-            loss = float(local[0] / local[1])
-            lr = optimizer.param_groups[0]["lr"]
-            rec = {"step": step + 1, "loss": loss, "lr": lr,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-            records.append(rec)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step + 1}")
-            if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
-                now = time.perf_counter()
-                sps = (step + 1 - last_step) * args.global_batch_size / (now - t_last)
-                eta = (args.train_iters - step - 1) * (now - t_start) / (step + 1)
-                rec["samples_per_s"] = sps
-                t_last, last_step = now, step + 1
-                logger.info("step %5d/%d | loss %.4f | lr %.3e | grad-norm %.3f | "
-                            "%.1f samples/s | ETA %ds", step + 1, args.train_iters, loss, lr,
-                            rec["grad_norm"], sps, eta)
-            if log_file:
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
-    finally:
-        if log_file:
-            log_file.close()
-    return records
+        trainer = Trainer(args)
+    except ConfigError as e:  # raised identically on every rank (e.g. ITC group layout)
+        _fail(str(e))
+    return trainer.train()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

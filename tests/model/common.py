@@ -34,3 +34,17 @@ def probe_loss(out) -> torch.Tensor:
     for k in ("image_feats", "text_feats", "vl_image_feats", "vl_text_feats"):
         loss = loss + (out[k] * torch.randn(out[k].shape, generator=g)).sum()
     return loss
+
+
+def gather_full(param: torch.Tensor, name: str, tp_group, cfg) -> torch.Tensor:
+    """Gather a TP-sharded tensor (or its gradient carrying the same attributes) to its full
+    TP=1 shape, dropping vocabulary padding rows."""
+    t = param.detach()
+    if getattr(param, "tensor_model_parallel", False):
+        world = torch.distributed.get_world_size(tp_group)
+        parts = [torch.empty_like(t) for _ in range(world)]
+        torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
+        t = torch.cat(parts, dim=param.partition_dim)
+    if name.endswith("embeddings.text_embed.weight"):
+        t = t[: cfg.vocab_size]
+    return t

@@ -19,22 +19,9 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.model.common import TINY, make_batch, probe_loss
+from tests.model.common import TINY, gather_full, make_batch, probe_loss
 
 pytestmark = pytest.mark.slow
-
-
-def _full(param: torch.Tensor, name: str, tp_group, cfg) -> torch.Tensor:
-    """Gather a TP-sharded tensor to its full (unpadded) TP=1 shape."""
-    t = param.detach()
-    if getattr(param, "tensor_model_parallel", False):
-        world = torch.distributed.get_world_size(tp_group)
-        parts = [torch.empty_like(t) for _ in range(world)]
-        torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
-        t = torch.cat(parts, dim=param.partition_dim)
-    if name == "embeddings.text_embed.weight":
-        t = t[: cfg.vocab_size]
-    return t
 
 
 def _run_layout(tp: int, seed: int):
@@ -47,7 +34,7 @@ def _run_layout(tp: int, seed: int):
     model = build_model(TINY, tp, 1, seed=seed)
     tp_group = ps.get_tensor_model_parallel_group()
     init_local = {n: p.detach().clone() for n, p in model.named_parameters()}
-    init_full = {n: _full(p, n, tp_group, TINY) for n, p in model.named_parameters()}
+    init_full = {n: gather_full(p, n, tp_group, TINY) for n, p in model.named_parameters()}
     out = model(*make_batch(TINY))
     probe_loss(out).backward()
     grads = {}
@@ -57,7 +44,7 @@ def _run_layout(tp: int, seed: int):
             g = p.grad
             g.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
             g.partition_dim = getattr(p, "partition_dim", 0)
-            grads[n] = _full(g, n, tp_group, TINY)
+            grads[n] = gather_full(g, n, tp_group, TINY)
     feats = {k: v.detach() for k, v in out.items() if k.endswith("feats")}
     meta = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0))
             for n, p in model.named_parameters()}
