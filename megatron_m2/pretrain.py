@@ -15,7 +15,7 @@ One GPU node (8 GPUs), 0.4B, TP=2, DP=4::
 
 import sys
 
-from megatron_m2.training.trainer import main
+from megatron_m2.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ def build_model(model_cfg, tensor_parallel: int = 1, pipeline_parallel: int = 1,
     """Build and initialise this rank's stage of the model (model-parallel groups must exist)."""
     from megatron.core import parallel_state
 
-    from ..config import to_transformer_config
+    from .transformer_config import to_transformer_config
 
     config = to_transformer_config(model_cfg, tensor_parallel, pipeline_parallel,
                                    **config_overrides)

@@ -27,10 +27,11 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import M2ModelConfig, M2TransformerConfig
+from ..config import M2ModelConfig
 from .embeddings import M2Embeddings
 from .layer_specs import M2VLEntryLayer, get_m2_block_spec
 from .multiway import SplitAware, _init_device
+from .transformer_config import M2TransformerConfig
 
 __all__ = ["M2EncoderModel"]
 
@@ -39,7 +40,7 @@ class M2EncoderModel(MegatronModule):
     """One pipeline stage of M2-Encoder.
 
     Args:
-        config: megatron-core config from :func:`megatron_m2.config.to_transformer_config`.
+        config: megatron-core config from :func:`.transformer_config.to_transformer_config`.
         pre_process: this stage holds the embeddings (first stage).
         post_process: this stage holds pooling and heads (last stage).
         transformer_impl: ``"local"`` (pure torch) or ``"te"`` (Transformer Engine).

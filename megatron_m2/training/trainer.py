@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ from ..config import ConfigError
 
 logger = logging.getLogger("megatron_m2.train")
 
-__all__ = ["main", "pretrain", "Trainer", "no_weight_decay"]
+__all__ = ["run", "Trainer", "no_weight_decay"]
 
 
 def _quiet_imports() -> None:
@@ -60,12 +60,6 @@ def _setup_logging(rank: int) -> None:
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
     # megatron-core logs its full configs and bucket layouts at INFO; keep its warnings only.
     logging.getLogger("megatron").setLevel(logging.WARNING)
-
-
-def _fail(msg: str) -> None:
-    sys.stderr.write(f"m2-pretrain: error: {msg}\n")
-    sys.stderr.flush()
-    raise SystemExit(2)
 
 
 def _unwrap(model):
@@ -129,9 +123,11 @@ class Trainer:
     def __init__(self, args):
         _quiet_imports()
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (DistributedDataParallel,
-                                               DistributedDataParallelConfig,
-                                               finalize_model_grads)
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -283,33 +279,19 @@ class Trainer:
         return records
 
 
-def pretrain(args) -> List[Dict[str, float]]:
-    """Validate ``args``, start the distributed runtime, train; returns the per-step records."""
-    from ..parallel.distributed import discover_env, init_distributed
-    from .arguments import validate_args
+def run(args) -> List[Dict[str, float]]:
+    """Start the distributed runtime and train ``args`` (already validated by
+    :func:`.arguments.validate_args`); returns the per-step records."""
+    from ..parallel.distributed import destroy, init_distributed
+    from .cli import fail
 
-    env = discover_env()
+    env = init_distributed(timeout_s=args.distributed_timeout_minutes * 60)
     _setup_logging(env.rank)
     try:
-        validate_args(args, env.world_size)
-    except (ConfigError, KeyError) as e:
-        _fail(str(e).strip("'\""))
-    init_distributed(timeout_s=args.distributed_timeout_minutes * 60)
-    try:
-        trainer = Trainer(args)
-    except ConfigError as e:  # raised identically on every rank (e.g. ITC group layout)
-        _fail(str(e))
-    return trainer.train()
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``m2-pretrain`` / ``python -m megatron_m2.pretrain``."""
-    from .arguments import parse_args
-
-    args = parse_args(argv)
-    try:
-        pretrain(args)
+        try:
+            trainer = Trainer(args)
+        except ConfigError as e:  # raised identically on every rank (e.g. ITC group layout)
+            fail(str(e))
+        return trainer.train()
     finally:
-        from ..parallel.distributed import destroy
         destroy()
-    return 0

@@ -41,8 +41,7 @@ def test_overfits_fixed_synthetic_batch(tmp_path, layout):
 @pytest.mark.parametrize("args,message", [
     (["--tensor-model-parallel-size", "3"], "not divisible by --tensor-model-parallel-size"),
     (["--global-batch-size", "10", "--micro-batch-size", "4"], "--global-batch-size (10)"),
-    (["--flavor", "tiny", "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size",
-      "1", "--global-batch-size", "7"], "--global-batch-size (7)"),
+    (["--itc-group-size", "3"], "--itc-group-size (3) must divide the data-parallel size (2)"),
 ])
 def test_misconfiguration_fails_fast_on_every_rank(args, message):
     t0 = time.time()
