@@ -48,6 +48,8 @@ def test_misconfiguration_fails_fast_on_every_rank(args, message):
     proc = _torchrun(["--synthetic", *args], timeout=120)
     assert proc.returncode != 0
     assert time.time() - t0 < 60
-    # Both ranks print the same one-line error.
+    # Every rank validates before any collective and prints the same one-line error; torchrun
+    # may stop the second rank before it prints (it ends all ranks once one has failed).
     lines = [ln for ln in proc.stderr.splitlines() if "m2-pretrain: error:" in ln]
-    assert len(lines) == 2 and message in lines[0] and lines[0] == lines[1], proc.stderr[-3000:]
+    assert 1 <= len(lines) <= 2 and message in lines[0], proc.stderr[-3000:]
+    assert len(set(lines)) == 1
