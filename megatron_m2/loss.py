@@ -87,11 +87,18 @@ def _record(op: str, group, shard: torch.Tensor) -> None:
 
 
 # -- gathers --------------------------------------------------------------------------------------
+# torch >= 2.13 names the tensor-in/tensor-out collectives *_single (and deprecates the old
+# names); clusters on older torch only have the *_tensor ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
+                          or dist.reduce_scatter_tensor)
+
+
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
     _record("all_gather", group, x)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather_single(out, x.contiguous(), group=group)
     return out
 
 
@@ -108,7 +115,7 @@ class _GatherWithGrad(torch.autograd.Function):
         world = dist.get_world_size(ctx.group)
         out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
         _record("reduce_scatter", ctx.group, out)
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        _reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
         return out, None
 
 
