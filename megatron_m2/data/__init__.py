@@ -1,0 +1,1 @@
+"""Data: tokenizer, indexed image-text datasets, transforms, loaders."""
