@@ -1,0 +1,1 @@
+"""Command-line entry points (argument parsing lives here, not in the library)."""

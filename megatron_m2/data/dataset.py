@@ -1,0 +1,212 @@
+"""Training-time loading: indexed image–text datasets → transformed, tokenized micro-batches.
+
+* :class:`ImageTextDataset` reads one indexed dataset (memory-mapped), picks a caption per
+  sample and language policy, pads it to the model's text length and transforms the image.
+  Randomness (crop, flip, RandAugment, caption choice) is a pure function of
+  ``(seed, epoch, sample index)``, so a resumed run sees exactly the batches it would have seen.
+* :class:`BlendedDataset` mixes several datasets with weights, deterministically (each position
+  goes to the dataset furthest behind its share, as Megatron's blending does).
+* :class:`GlobalBatchSampler` walks a seeded per-epoch permutation in global batches and hands
+  each data-parallel rank its contiguous slice, cut into micro-batches; its position
+  (consumed samples) is saved in checkpoints for exact resume.
+* :func:`build_loader` wraps it all in a ``torch.utils.data.DataLoader`` with worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .indexed import ImageTextIndexedDataset
+
+__all__ = ["ImageTextDataset", "BlendedDataset", "GlobalBatchSampler", "build_loader",
+           "split_ranges", "CAPTION_POLICIES"]
+
+CAPTION_POLICIES = ("any", "en", "zh", "balanced")
+"""any: uniform over a sample's captions; en/zh: that language only (samples without it fall
+back to any); balanced: first a language uniformly among those the sample has, then a caption."""
+
+
+def _mix(*xs: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix-style)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h ^= (int(x) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & (2**64 - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return h & (2**63 - 1)
+
+
+def split_ranges(n: int, split: Sequence[float]) -> List[Tuple[int, int]]:
+    """Megatron-style ``--split 98,1,1``: contiguous [start, end) ranges for train/valid/test."""
+    w = np.asarray(list(split) + [0.0] * (3 - len(split)), dtype=np.float64)[:3]
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"invalid split {split}")
+    bounds = np.round(np.concatenate([[0.0], np.cumsum(w / w.sum())]) * n).astype(int)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Samples ``[start, end)`` of one indexed dataset as model inputs.
+
+    Args:
+        prefix: indexed dataset prefix.
+        tokenizer: an :class:`~megatron_m2.data.tokenizer.M2Tokenizer` (framing and padding).
+        transform: ``f(PIL image, random.Random) -> tensor`` (train) or ``f(PIL image)`` (eval).
+        text_length: padded caption length (the model's ``max_text_len``).
+        caption_policy: see :data:`CAPTION_POLICIES`.
+        seed: base seed of augmentation and caption choice.
+        sample_range: the ``[start, end)`` slice of the dataset to expose (``--split``).
+    """
+
+    def __init__(self, prefix: str, tokenizer, transform, text_length: int,
+                 caption_policy: str = "any", seed: int = 0,
+                 sample_range: Optional[Tuple[int, int]] = None, train: bool = True):
+        if caption_policy not in CAPTION_POLICIES:
+            raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}")
+        self.prefix = prefix
+        self.tokenizer, self.transform = tokenizer, transform
+        self.text_length, self.caption_policy, self.seed = text_length, caption_policy, seed
+        self.train = train
+        self._reader: Optional[ImageTextIndexedDataset] = None
+        n = len(self.reader)
+        self.start, self.end = sample_range or (0, n)
+        if not 0 <= self.start <= self.end <= n:
+            raise ValueError(f"{prefix}: sample range {sample_range} outside [0, {n}]")
+        self.epoch = 0
+
+    @property
+    def reader(self) -> ImageTextIndexedDataset:
+        # Opened lazily so that each DataLoader worker maps the files itself.
+        if self._reader is None:
+            self._reader = ImageTextIndexedDataset(self.prefix)
+        return self._reader
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def _choose_caption(self, captions, rng: random.Random):
+        pool = captions
+        if self.caption_policy in ("en", "zh"):
+            pool = [c for c in captions if c[0] == self.caption_policy] or captions
+        elif self.caption_policy == "balanced":
+            langs = sorted({c[0] for c in captions})
+            lang = langs[rng.randrange(len(langs))]
+            pool = [c for c in captions if c[0] == lang]
+        return pool[rng.randrange(len(pool))] if self.train else pool[0]
+
+    def get(self, i: int, epoch: int = 0) -> Dict[str, torch.Tensor]:
+        from PIL import Image
+
+        idx = self.start + i
+        sample = self.reader[idx]
+        rng = random.Random(_mix(self.seed, epoch, idx))
+        lang, ids = self._choose_caption(sample.captions, rng)
+        text_ids, pad = self.tokenizer.pad([ids.tolist()], max_length=self.text_length)
+        with Image.open(io.BytesIO(sample.image)) as img:
+            img = img.convert("RGB")
+            image = self.transform(img, rng) if self.train else self.transform(img)
+        return {"images": image, "text_ids": text_ids[0], "text_pad_mask": pad[0],
+                "lang": torch.tensor(0 if lang == "en" else 1 if lang == "zh" else 2)}
+
+    def __getitem__(self, key) -> Dict[str, torch.Tensor]:
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        return self.get(i, epoch)
+
+
+class BlendedDataset(torch.utils.data.Dataset):
+    """Weighted, deterministic mixture of datasets with ``size`` positions per epoch."""
+
+    def __init__(self, datasets: Sequence[torch.utils.data.Dataset],
+                 weights: Optional[Sequence[float]] = None, size: Optional[int] = None):
+        if not datasets:
+            raise ValueError("BlendedDataset needs at least one dataset")
+        w = np.asarray(weights if weights is not None else [len(d) for d in datasets],
+                       dtype=np.float64)
+        if len(w) != len(datasets) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"invalid blend weights {weights} for {len(datasets)} datasets")
+        self.datasets, self.weights = list(datasets), w / w.sum()
+        self.size = int(size if size is not None else sum(len(d) for d in datasets))
+        which = np.empty(self.size, dtype=np.int32)
+        index = np.empty(self.size, dtype=np.int64)
+        counts = np.zeros(len(datasets), dtype=np.int64)
+        for i in range(self.size):  # the dataset furthest behind its share gets position i
+            d = int(np.argmax(self.weights * (i + 1) - counts))
+            which[i], index[i] = d, counts[d] % len(self.datasets[d])
+            counts[d] += 1
+        self.which, self.index = which, index
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        return self.datasets[self.which[i]][(int(self.index[i]), epoch)]
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This DP rank's micro-batches of ``(index, epoch)`` keys, global batch after global batch.
+
+    Epoch e visits a permutation of ``range(len(dataset))`` seeded by ``(seed, e)``; step t's
+    global batch is the next ``global_batch`` positions of that stream (crossing epochs as
+    needed); DP rank r takes the r-th contiguous slice of ``global_batch / dp_size`` and yields
+    it as micro-batches. ``consumed_samples`` (global) is the whole state.
+    """
+
+    def __init__(self, dataset_len: int, global_batch: int, micro_batch: int, dp_rank: int,
+                 dp_size: int, seed: int = 0, shuffle: bool = True, consumed_samples: int = 0):
+        if global_batch % (micro_batch * dp_size):
+            raise ValueError("global batch must be divisible by micro batch x DP size")
+        if dataset_len <= 0:
+            raise ValueError("empty dataset")
+        self.n, self.gb, self.mb = dataset_len, global_batch, micro_batch
+        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        self.consumed_samples = consumed_samples
+        self._perm_cache: Dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: (
+                np.random.default_rng(_mix(self.seed, epoch)).permutation(self.n)
+                if self.shuffle else np.arange(self.n))}
+        return self._perm_cache[epoch]
+
+    def key(self, position: int) -> Tuple[int, int]:
+        epoch, offset = divmod(position, self.n)
+        return int(self._perm(epoch)[offset]), epoch
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        per_rank = self.gb // self.dp_size
+        while True:
+            start = self.consumed_samples + self.dp_rank * per_rank
+            for m in range(per_rank // self.mb):
+                lo = start + m * self.mb
+                yield [self.key(p) for p in range(lo, lo + self.mb)]
+            self.consumed_samples += self.gb
+
+
+def _collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def build_loader(dataset, sampler: GlobalBatchSampler, num_workers: int = 2):
+    """An endless DataLoader of this rank's micro-batches (worker processes, in order)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        persistent_workers=num_workers > 0,
+        multiprocessing_context="spawn" if num_workers > 0 else None,
+        prefetch_factor=2 if num_workers > 0 else None)

@@ -1,0 +1,122 @@
+"""tools/make_demo_dataset.py: rendering, manifests, concept splits and determinism (no build)."""
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMIT = 30
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("make_demo_dataset",
+                                                  ROOT / "tools" / "make_demo_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve the module through sys.modules while the class is created.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
+
+
+@pytest.fixture(scope="module")
+def requirements():
+    """Skip unless the emoji package and the Noto Color Emoji font are installed."""
+    pytest.importorskip("emoji", minversion="2.16")
+    try:
+        tool.find_font()
+    except SystemExit as exc:
+        pytest.skip(str(exc))
+
+
+def _run(tmp_path, name, *extra):
+    work, out = tmp_path / name / "work", tmp_path / name / "out"
+    assert tool.main(["--limit", str(LIMIT), "--skip-build", "--work-dir", str(work),
+                      "--output-dir", str(out), *extra]) == 0
+    return work, out
+
+
+def _manifests(work):
+    return {s: [json.loads(line) for line in (work / f"{s}.jsonl").read_text("utf-8").splitlines()]
+            for s in tool.SPLITS if (work / f"{s}.jsonl").exists()}
+
+
+def test_manifests_images_and_splits(requirements, tmp_path):
+    from PIL import Image
+
+    work, out = _run(tmp_path, "a", "--image-size", "48")
+    manifests = _manifests(work)
+    stats = json.loads((out / "stats.json").read_text("utf-8"))
+    assert set(manifests) == set(tool.SPLITS)
+    ids = {s: {r["id"] for r in recs} for s, recs in manifests.items()}
+    assert not ids["train"] & ids["validation"]
+    assert not ids["train"] & ids["test"]
+    assert not ids["validation"] & ids["test"]
+    skipped = sum(stats["skipped"].values())
+    assert sum(map(len, ids.values())) == stats["rendered"] == LIMIT - skipped
+    for split, recs in manifests.items():
+        assert len(recs) == stats["splits"][split]["emoji"] > 0
+        for rec in recs:
+            assert set(rec) == {"image", "captions", "id", "emoji"}
+            assert rec["id"] == tool.codepoints_id(rec["emoji"])
+            assert [c["lang"] for c in rec["captions"]] == ["en", "zh"]
+            assert all(0 < len(c["text"]) < 80 for c in rec["captions"])
+            with Image.open(work / rec["image"]) as im:
+                assert im.size == (48, 48) and im.mode == "RGB" and im.format == "PNG"
+                # Not blank: some pixels differ from the plain background.
+                assert len(im.getcolors(48 * 48)) > 8
+    assert stats["image_size"] == 48 and stats["vocab_size"] is None
+    assert "SIL Open Font License" in (out / "LICENSE.md").read_text("utf-8")
+    assert "--skip-build" in (out / "README.md").read_text("utf-8")
+
+
+def test_deterministic(requirements, tmp_path):
+    work_a, _ = _run(tmp_path, "a")
+    work_b, _ = _run(tmp_path, "b")
+    files_a = sorted(p.relative_to(work_a) for p in work_a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(work_b) for p in work_b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (work_a / rel).read_bytes() == (work_b / rel).read_bytes(), rel
+
+
+def test_build_guard_names_missing_tools(requirements, tmp_path, monkeypatch):
+    monkeypatch.setattr(tool, "TOOLS_DIR", tmp_path / "no_tools")
+    with pytest.raises(SystemExit, match="train_tokenizer.py"):
+        tool.main(["--limit", "5", "--work-dir", str(tmp_path / "w"),
+                   "--output-dir", str(tmp_path / "o")])
+
+
+def test_variants_share_a_concept_and_a_split():
+    teacher, man, woman = "\U0001f9d1\u200d\U0001f3eb", "\U0001f468\u200d\U0001f3eb", \
+        "\U0001f469\u200d\U0001f3eb"
+    runner = "\U0001f3c3"
+    woman_runner_right = "\U0001f3c3\u200d\u2640\ufe0f\u200d\u27a1\ufe0f"
+    assert tool.concept_key(man) == tool.concept_key(woman) == tool.concept_key(teacher)
+    assert tool.concept_key(woman_runner_right) == tool.concept_key(runner)
+    assert tool.concept_key("\U0001f538") != tool.concept_key("\U0001f536")  # small/large diamond
+
+    entries = [tool.Entry(e, tool.codepoints_id(e), "x", "x")
+               for e in (teacher, man, woman, runner, woman_runner_right)]
+    entries += [tool.Entry(chr(c), f"{c:x}", "x", "x") for c in range(0x1F400, 0x1F420)]
+    for seed in range(5):
+        splits = tool.split_by_concept(entries, tool.parse_split("80,10,10"), seed)
+        where = {e.emoji: s for s, members in splits.items() for e in members}
+        assert len(where) == len(entries)
+        assert where[man] == where[woman] == where[teacher]
+        assert where[runner] == where[woman_runner_right]
+        assert all(splits[s] for s in tool.SPLITS)
+
+
+def test_parse_split():
+    assert tool.parse_split("80,10,10") == pytest.approx((0.8, 0.1, 0.1))
+    assert tool.parse_split("8,1,1") == pytest.approx((0.8, 0.1, 0.1))
+    for bad in ("80,20", "0,50,50", "80,-10,30", "a,b,c"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            tool.parse_split(bad)
