@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_m2.data.indexed import (MODE_IMAGE, MODE_TEXT_EN, MODE_TEXT_ZH,
-                                      ImageTextIndexedDataset, decode_image_sequence,
-                                      encode_image_sequence)
+from megatron_m2.data.indexed import (
+    MODE_IMAGE,
+    MODE_TEXT_EN,
+    MODE_TEXT_ZH,
+    ImageTextIndexedDataset,
+    decode_image_sequence,
+    encode_image_sequence,
+)
 from megatron_m2.data.preprocess import PreprocessConfig, _encode_image, preprocess
 from megatron_m2.data.tokenizer import M2Tokenizer, normalize_caption
 
