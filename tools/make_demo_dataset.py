@@ -369,7 +369,10 @@ def run_build(work_dir: Path, out_dir: Path, split_paths: dict[str, Path], args)
                          "--output-prefix", str(out_dir / name),
                          "--tokenizer-model", str(out_dir / "tokenizer.model"),
                          "--workers", "2", "--max-image-size", str(args.image_size),
-                         "--reject-log", str(out_dir / f"{name}.rejects.jsonl")])
+                         "--reject-log", str(out_dir / f"{name}.rejects.jsonl"),
+                         # Chunks left by an interrupted earlier build may come from other
+                         # options (seed, size, tokenizer); a rebuild takes seconds anyway.
+                         "--no-resume"])
     for cmd in commands:
         log.info("running %s", " ".join(cmd[1:]))
         result = subprocess.run(cmd, check=False)
@@ -409,10 +412,10 @@ def write_docs(out_dir: Path, stats: dict, args) -> None:
     """README.md (what, counts, how to rebuild) and LICENSE.md (where each part comes from)."""
     counts = stats["splits"]
     built = not args.skip_build
-    files = (["`tokenizer.model` / `tokenizer.vocab`: SentencePiece model trained on the train "
-              "captions only", "`{train,validation,test}.bin/.idx`: Megatron indexed datasets "
-              "(captions tokenised, images as PNG bytes)", "`{split}.rejects.jsonl`: records the "
-              "preprocessing rejected"] if built else
+    files = (["`tokenizer.model`: SentencePiece model trained on the train captions only",
+              "`{train,validation,test}.bin/.idx`: Megatron indexed datasets (tokenised captions "
+              "and encoded images)", "`{split}.rejects.jsonl`: records the preprocessing "
+              "rejected"] if built else
              [f"(built with `--skip-build`: the images and `{{split}}.jsonl` manifests are in "
               f"the work dir `{args.work_dir}`, no indexed dataset here)"])
     files += ["`stats.json`: counts, skips, seed and tool/font versions", "`LICENSE.md`"]
@@ -500,7 +503,10 @@ def parse_args(argv=None):
     p.add_argument("--font", default=None, help=f"path of {FONT_FILE} (default: search)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every skipped emoji")
     args = p.parse_args(argv)
-    args.split = parse_split(args.split_spec)
+    try:
+        args.split = parse_split(args.split_spec)
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
     if args.image_size < 8:
         p.error("--image-size must be at least 8")
     return args
@@ -563,12 +569,13 @@ def main(argv=None) -> int:
                                         encoding="utf-8")
     write_docs(out_dir, stats, args)
     if temporary and not args.skip_build:
-        shutil.rmtree(work_dir)
-    elif temporary:
-        log.info("images and manifests kept in %s", work_dir)
+        shutil.rmtree(work_dir)  # everything needed is packed into the indexed datasets
+        where = f"dataset in {out_dir}"
+    else:
+        where = f"images and manifests in {work_dir}; docs in {out_dir}"
     counts = ", ".join(f"{s} {stats['splits'][s]['emoji']}" for s in SPLITS)
     print(f"emoji demo set: {len(kept)} images ({counts}); skipped {sum(skipped.values())}; "
-          f"manifests in {work_dir}; docs in {out_dir}")
+          f"{where}")
     return 0
 
 

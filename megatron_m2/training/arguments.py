@@ -9,12 +9,59 @@ configuration fails identically on every rank *before* the first collective.
 from __future__ import annotations
 
 import argparse
-from typing import List, Optional
+import os
+from typing import List, Optional, Tuple
 
 from ..config import ConfigError
 from ..flavors import FLAVORS, get_flavor
 
-__all__ = ["build_parser", "parse_args", "validate_args"]
+__all__ = ["build_parser", "parse_args", "validate_args", "parse_data_path", "parse_split",
+           "parse_randaugment"]
+
+
+def parse_data_path(items: List[str]) -> List[Tuple[float, str]]:
+    """``[PREFIX ...]`` or ``[W1 PREFIX1 W2 PREFIX2 ...]`` → ``[(weight, prefix)]``; every
+    prefix must have its ``.bin`` and ``.idx``."""
+    def is_number(x):
+        try:
+            float(x)
+            return True
+        except ValueError:
+            return False
+
+    if len(items) % 2 == 0 and all(is_number(w) for w in items[::2]):
+        pairs = [(float(w), p) for w, p in zip(items[::2], items[1::2])]
+    elif not any(is_number(x) for x in items):
+        pairs = [(1.0, p) for p in items]
+    else:
+        raise ConfigError("--data-path takes 'PREFIX ...' or 'WEIGHT PREFIX WEIGHT PREFIX ...'")
+    for w, prefix in pairs:
+        if w < 0:
+            raise ConfigError(f"--data-path weight {w} of {prefix} is negative")
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise ConfigError(f"--data-path {prefix}: {prefix + ext} does not exist")
+    return pairs
+
+
+def parse_split(split: str) -> List[float]:
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--split {split!r} is not a comma-separated list of numbers") from None
+    if not 1 <= len(parts) <= 3 or any(x < 0 for x in parts) or parts[0] <= 0:
+        raise ConfigError(f"--split {split!r}: up to three non-negative fractions, train > 0")
+    return parts
+
+
+def parse_randaugment(value: str) -> Optional[Tuple[int, int]]:
+    if value.lower() == "none":
+        return None
+    try:
+        n, m = (int(x) for x in value.split(","))
+    except ValueError:
+        raise ConfigError(f"--randaugment {value!r}: expected 'N,M' or 'none'") from None
+    return n, m
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "over the step's M micro-batches at one micro-batch's activation memory")
 
     g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="indexed dataset prefixes, optionally weighted: 'PREFIX ...' or "
+                        "'W1 PREFIX1 W2 PREFIX2 ...'")
+    g.add_argument("--split", default="100,0,0",
+                   help="train,valid,test fractions of every --data-path dataset")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece model of the captions (sets the vocabulary size)")
+    g.add_argument("--caption-lang", default="balanced",
+                   choices=["any", "en", "zh", "balanced"],
+                   help="which caption of a sample to train on")
+    g.add_argument("--randaugment", default="2,7",
+                   help="RandAugment 'N,M' of the train transform, or 'none'")
+    g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     g.add_argument("--synthetic", action="store_true",
                    help="train on a deterministic synthetic image-text set")
     g.add_argument("--synthetic-num-samples", type=int, default=None,
@@ -118,8 +178,16 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                               f"data-parallel size ({dp})")
     if args.train_iters < 1:
         raise ConfigError("--train-iters must be >= 1")
-    if not args.synthetic:
-        raise ConfigError("no training data: pass --synthetic")
+    if args.synthetic == bool(args.data_path):
+        raise ConfigError("pass exactly one of --data-path and --synthetic")
+    if args.data_path:
+        parse_data_path(args.data_path)
+        if not args.tokenizer_model:
+            raise ConfigError("--data-path needs --tokenizer-model")
+        if not os.path.exists(args.tokenizer_model):
+            raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
+        parse_split(args.split)
+        parse_randaugment(args.randaugment)
     if args.transformer_impl == "te":
         from ..model.layer_specs import HAVE_TE
         if not HAVE_TE:

@@ -148,6 +148,15 @@ class Trainer:
         set_seed(args.seed)
 
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        self.tokenizer = None
+        if args.tokenizer_model:
+            from ..data.tokenizer import M2Tokenizer
+
+            self.tokenizer = M2Tokenizer(args.tokenizer_model)
+            # The tokenizer defines the vocabulary and the special ids of the text tower.
+            overrides.update(vocab_size=self.tokenizer.vocab_size,
+                             eos_token_id=self.tokenizer.eos_id,
+                             cls_token_id=self.tokenizer.cls_id)
         self.cfg = cfg = get_flavor(args.flavor, **overrides)
         dtype_kwargs = {"bf16": True} if args.bf16 else {}
         self.model = build_model(cfg, tp, pp, seed=args.seed,
@@ -182,22 +191,61 @@ class Trainer:
         config.no_sync_func = self.ddp_model.no_sync
         config.finalize_model_grads_func = finalize_model_grads
 
-        num_samples = args.synthetic_num_samples or args.global_batch_size
-        self.dataset = SyntheticImageText(cfg, num_samples, seed=args.seed)
         self.num_micro = args.global_batch_size // (args.micro_batch_size * self.dp)
+        if args.synthetic:
+            num_samples = args.synthetic_num_samples or args.global_batch_size
+            self.dataset = SyntheticImageText(cfg, num_samples, seed=args.seed)
+            self._loader = None
+        else:
+            self.dataset = self._build_train_dataset()
+            self._loader = None  # built lazily at the first step (after a possible resume)
         self.seq_len = cfg.vision_seq_len + cfg.max_text_len
         self.forward_backward = get_forward_backward_func()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.is_logger_rank = self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
         self.step = 0
 
+    def _build_train_dataset(self):
+        from ..data.dataset import BlendedDataset, ImageTextDataset, split_ranges
+        from ..data.indexed import ImageTextIndexedDataset
+        from ..data.transforms import train_transform
+        from .arguments import parse_data_path, parse_randaugment, parse_split
+
+        a, cfg = self.args, self.cfg
+        transform = train_transform(cfg.image_size, randaugment=parse_randaugment(a.randaugment))
+        split = parse_split(a.split)
+        parts, weights = [], []
+        for w, prefix in parse_data_path(a.data_path):
+            n = len(ImageTextIndexedDataset(prefix))
+            parts.append(ImageTextDataset(prefix, self.tokenizer, transform, cfg.max_text_len,
+                                          caption_policy=a.caption_lang, seed=a.seed,
+                                          sample_range=split_ranges(n, split)[0]))
+            weights.append(w)
+        blend = BlendedDataset(parts, weights)
+        logger.info("training data: %d samples from %d dataset(s) (%s)", len(blend), len(parts),
+                    ", ".join(f"{p.prefix}: {len(p)}" for p in parts))
+        return blend
+
     # -- one step --------------------------------------------------------------------------
     def _microbatches(self) -> List[Dict[str, torch.Tensor]]:
-        from .synthetic import microbatches
-
         a = self.args
-        return list(microbatches(self.dataset, self.step, a.global_batch_size,
-                                 a.micro_batch_size, self.dp_rank, self.dp))
+        if a.synthetic:
+            from .synthetic import microbatches
+
+            return list(microbatches(self.dataset, self.step, a.global_batch_size,
+                                     a.micro_batch_size, self.dp_rank, self.dp))
+        if self._loader is None:
+            from ..data.dataset import GlobalBatchSampler, build_loader
+
+            # Position = samples consumed by the steps already taken: exact after a resume.
+            sampler = GlobalBatchSampler(len(self.dataset), a.global_batch_size,
+                                         a.micro_batch_size, self.dp_rank, self.dp, seed=a.seed,
+                                         consumed_samples=self.step * a.global_batch_size)
+            self._loader = iter(build_loader(self.dataset, sampler, a.num_workers))
+        batches = [next(self._loader) for _ in range(self.num_micro)]
+        for b in batches:
+            b.pop("lang", None)
+        return batches
 
     def _schedule(self, step_func, batches, forward_only: bool):
         return self.forward_backward(
