@@ -70,6 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     for path in args.input:
         if not Path(path).exists():
             sys.stderr.write(f"m2-preprocess: error: input {path} does not exist\n")

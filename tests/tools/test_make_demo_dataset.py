@@ -3,6 +3,8 @@
 import argparse
 import importlib.util
 import json
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,6 +93,26 @@ def test_build_guard_names_missing_tools(requirements, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="train_tokenizer.py"):
         tool.main(["--limit", "5", "--work-dir", str(tmp_path / "w"),
                    "--output-dir", str(tmp_path / "o")])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all((ROOT / "tools" / t).is_file()
+                            for t in ("train_tokenizer.py", "preprocess_data.py")),
+                    reason="tokenizer/preprocessing tools not present")
+def test_full_build_small(requirements, tmp_path):
+    """End to end through the real tokenizer and preprocessing tools (subprocesses)."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_demo_dataset.py"), "--limit", "40",
+                    "--output-dir", str(out)], check=True, capture_output=True, timeout=300)
+    stats = json.loads((out / "stats.json").read_text("utf-8"))
+    assert (out / "tokenizer.model").is_file() and stats["vocab_size"] == 4000
+    for split in tool.SPLITS:
+        assert (out / f"{split}.bin").stat().st_size > 0
+        assert (out / f"{split}.rejects.jsonl").read_text("utf-8") == ""
+        header = (out / f"{split}.idx").read_bytes()[:34]
+        assert header[:9] == b"MMIDIDX\x00\x00"
+        _, _, _, doc_count = struct.unpack("<QBQQ", header[9:])
+        assert doc_count == stats["splits"][split]["emoji"] + 1  # one document per image
 
 
 def test_variants_share_a_concept_and_a_split():
