@@ -8,8 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_m2.data.dataset import (BlendedDataset, GlobalBatchSampler, ImageTextDataset,
-                                      build_loader, split_ranges)
+from megatron_m2.data.dataset import (
+    BlendedDataset,
+    GlobalBatchSampler,
+    ImageTextDataset,
+    build_loader,
+    split_ranges,
+)
 from megatron_m2.data.indexed import ImageTextWriter
 from megatron_m2.data.tokenizer import M2Tokenizer
 from megatron_m2.data.transforms import eval_transform, train_transform
