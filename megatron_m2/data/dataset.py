@@ -157,8 +157,10 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     Epoch e visits a permutation of ``range(len(dataset))`` seeded by ``(seed, e)``; step t's
     global batch is the next ``global_batch`` positions of that stream (crossing epochs as
-    needed); DP rank r takes the r-th contiguous slice of ``global_batch / dp_size`` and yields
-    it as micro-batches. ``consumed_samples`` (global) is the whole state.
+    needed). Micro-batch m of DP rank r is positions ``[m·b·N + r·b, m·b·N + (r+1)·b)`` of the
+    global batch, so the DP ranks' m-th micro-batches form the m-th contiguous block: what an
+    ITC group sees together is independent of the DP size. ``consumed_samples`` (global) is the
+    whole state.
     """
 
     def __init__(self, dataset_len: int, global_batch: int, micro_batch: int, dp_rank: int,
@@ -190,11 +192,10 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.consumed_samples = int(state["consumed_samples"])
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        per_rank = self.gb // self.dp_size
+        block = self.mb * self.dp_size
         while True:
-            start = self.consumed_samples + self.dp_rank * per_rank
-            for m in range(per_rank // self.mb):
-                lo = start + m * self.mb
+            for m in range(self.gb // block):
+                lo = self.consumed_samples + m * block + self.dp_rank * self.mb
                 yield [self.key(p) for p in range(lo, lo + self.mb)]
             self.consumed_samples += self.gb
 

@@ -56,6 +56,8 @@ class M2EncoderModel(MegatronModule):
             raise ValueError("config.m2 is required: build it with to_transformer_config()")
         self.model_cfg: M2ModelConfig = config.m2
         self.model_type = ModelType.encoder_or_decoder
+        # Read by megatron's finalize_model_grads under PP: no weights are tied across stages.
+        self.share_embeddings_and_output_weights = False
         self.pre_process = pre_process
         self.post_process = post_process
         self.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()

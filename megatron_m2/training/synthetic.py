@@ -53,12 +53,13 @@ def microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_ran
                  dp_size: int) -> Iterator[Dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of global step ``step``.
 
-    The global batch is samples ``[step·G, (step+1)·G)`` (mod ``len(dataset)``); DP rank r takes
-    the r-th contiguous slice of G / dp_size samples and cuts it into micro-batches, so the
-    union over ranks is the same global batch whatever the DP size.
+    The global batch is samples ``[step·G, (step+1)·G)`` (mod ``len(dataset)``). Micro-batch m
+    of DP rank r holds positions ``[m·b·N + r·b, m·b·N + (r+1)·b)``: the N ranks' m-th
+    micro-batches together are the m-th contiguous block of the global batch. So the pairs a
+    contrastive loss sees together (an ITC group spanning the DP ranks) do not depend on how many
+    DP ranks share the work — DP=2 with micro-batch b sees the same blocks as DP=1 with 2b.
     """
-    per_rank = global_batch // dp_size
-    start = step * global_batch + dp_rank * per_rank
-    for m in range(per_rank // micro_batch):
-        idx = range(start + m * micro_batch, start + (m + 1) * micro_batch)
-        yield collate([dataset[i % len(dataset)] for i in idx])
+    block = micro_batch * dp_size
+    for m in range(global_batch // block):
+        lo = step * global_batch + m * block + dp_rank * micro_batch
+        yield collate([dataset[i % len(dataset)] for i in range(lo, lo + micro_batch)])

@@ -89,8 +89,8 @@ def test_sampler_dp_slices_union_is_global_batch():
         per_rank.append([next(it) for _ in range(2 * 3)])  # 3 steps of 2 micro-batches
     single = iter(GlobalBatchSampler(20, gb, mb * 2, dp_rank=0, dp_size=1, seed=3))
     for step in range(3):
-        union = [k for r in range(2) for mbatch in per_rank[r][2 * step:2 * step + 2]
-                 for k in mbatch]
+        # Micro-batch m of both ranks = the m-th block of the global batch (rank 0 first).
+        union = [k for m in range(2) for r in range(2) for k in per_rank[r][2 * step + m]]
         ref = [k for mbatch in [next(single), next(single)] for k in mbatch]
         assert union == ref
     # Epoch boundary: 20 samples, 8 per step -> step 3 crosses into epoch 1.

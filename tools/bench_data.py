@@ -1,0 +1,412 @@
+#!/usr/bin/env python3
+"""Benchmark the data path: preprocessing throughput, and our loader against ``webdataset``.
+
+In a temporary directory it
+
+1. renders ``--samples`` photo-like RGB images (fractal colour noise, blurred shapes and a little
+   grain, so that JPEG sizes are those of photos rather than of flat colour or white noise) at
+   ``--source-size`` px as JPEG files, each with an English and a Chinese caption, lists them in
+   a JSONL manifest and trains a small tokenizer on the captions;
+2. runs :func:`~megatron_m2.data.preprocess.preprocess` on the manifest with 1 and with 2 worker
+   processes (fresh outputs each time) and reports images/s in total and per worker; the time
+   includes starting the worker pool and assembling the final files, as a real run pays both;
+3. writes webdataset tar shards holding **the same samples** as the preprocessed dataset: per
+   sample ``{key}.jpg`` = the stored (re-encoded) JPEG bytes and ``{key}.json`` = the framed token
+   ids of its captions with their languages, so that both loaders decode identical bytes;
+4. times two loaders doing identical work per sample at ``--image-size`` (decode with PIL,
+   RandomResizedCrop + flip + RandAugment(2, 7), caption choice, ``tok.pad``) with ``--workers``
+   spawned worker processes and batches of ``--batch``:
+
+   * **ours**: :class:`~megatron_m2.data.dataset.ImageTextDataset` +
+     :class:`~megatron_m2.data.dataset.GlobalBatchSampler` (shuffled, as in training) +
+     :func:`~megatron_m2.data.dataset.build_loader`, reading the memory-mapped ``.bin``;
+   * **webdataset**: ``wds.WebDataset`` over the shards (``split_by_worker``, no shard or sample
+     shuffle: purely sequential reads, the most favourable setting for it), the same per-sample
+     function, batched in the pipeline, in a ``torch.utils.data.DataLoader`` with the same
+     number of workers, the same start method and the same prefetch.
+
+   Randomness is seeded per sample exactly as ``ImageTextDataset`` seeds it, so for a given
+   sample both loaders produce the same tensors (checked on a few samples before timing), and
+   one pass of each covers the same samples: the figures compare the loaders, not the work.
+   Time to the first batch (worker start-up included) is reported separately; throughput is
+   measured over the following batches of one pass.
+
+Examples::
+
+    python tools/bench_data.py
+    python tools/bench_data.py --samples 2048 --workers 4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import gc
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Only the standard library at module level: worker processes are spawned, and spawning
+# re-imports this module in each of them, so anything imported here would be charged to the
+# start-up of the preprocessing pool and of both loaders' workers (torch alone takes seconds).
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+# -- synthetic corpus ------------------------------------------------------------------------------
+COLORS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"),
+          ("white", "白色"), ("black", "黑色"), ("orange", "橙色"), ("purple", "紫色"),
+          ("brown", "棕色"), ("grey", "灰色")]
+THINGS = [("ball", "球"), ("box", "盒子"), ("kite", "风筝"), ("car", "汽车"), ("cup", "杯子"),
+          ("house", "房子"), ("boat", "小船"), ("flower", "花"), ("lamp", "灯"), ("book", "书")]
+SIZES = [("small", "小"), ("large", "大"), ("tiny", "很小"), ("huge", "巨大")]
+PLACES = [("on a beach", "在海滩上"), ("in a garden", "在花园里"), ("on a table", "在桌子上"),
+          ("in the snow", "在雪地里"), ("near a river", "在河边"),
+          ("in a city street", "在城市街道上")]
+LIGHT = [("at sunset", "日落时"), ("in the morning", "早晨"), ("at night", "夜里"),
+         ("on a cloudy day", "阴天")]
+
+
+def make_caption(rng: random.Random):
+    """An English and a Chinese caption describing the same (imaginary) scene."""
+    (c1, c1z), (c2, c2z) = rng.sample(COLORS, 2)
+    (t1, t1z), (t2, t2z) = rng.sample(THINGS, 2)
+    (s, sz), (p, pz), (lt, ltz) = rng.choice(SIZES), rng.choice(PLACES), rng.choice(LIGHT)
+    return (f"a {s} {c1} {t1} next to a {c2} {t2} {p} {lt}",
+            f"{ltz}，一个{sz}的{c1z}{t1z}{pz}，旁边是一个{c2z}{t2z}")
+
+
+def make_image(size: int, rng: np.random.Generator) -> Image.Image:
+    """A photo-like picture: smooth multi-scale colour noise, blurred shapes, sensor grain.
+
+    Photos have most of their energy at low frequencies and some fine texture; this mixture
+    gives JPEG files of photo-like size (flat colour would compress far better, white noise
+    far worse).
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    acc = np.zeros((size, size, 3), dtype=np.float32)
+    for k, cells in enumerate((3, 6, 12, 24, 48)):
+        small = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8))
+        acc += np.asarray(small.resize((size, size), Image.BICUBIC), dtype=np.float32) / 2 ** k
+    acc = (acc - acc.min()) / max(float(np.ptp(acc)), 1e-6) * 255.0
+    img = Image.fromarray(acc.astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = rng.integers(0, size, 2)
+        w, h = rng.integers(size // 8, size // 2, 2)
+        box = (int(x0), int(y0), int(x0 + w), int(y0 + h))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    img = img.filter(ImageFilter.GaussianBlur(1.2))
+    grain = rng.normal(0.0, 4.0, (size, size, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def make_corpus(root: Path, n: int, size: int, seed: int) -> Dict[str, object]:
+    """Write ``n`` JPEGs and ``manifest.jsonl`` under ``root``; returns paths and sizes."""
+    import numpy as np
+
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    captions: List[str] = []
+    total = 0
+    with open(root / "manifest.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n):
+            name = f"images/{i:06d}.jpg"
+            make_image(size, nrng).save(root / name, format="JPEG", quality=90)
+            total += (root / name).stat().st_size
+            en, zh = make_caption(rng)
+            captions += [en, zh]
+            f.write(json.dumps({"image": name, "captions": [{"text": en, "lang": "en"},
+                                                            {"text": zh, "lang": "zh"}]},
+                               ensure_ascii=False) + "\n")
+    return {"manifest": str(root / "manifest.jsonl"), "captions": captions,
+            "mean_source_jpeg_bytes": total / n}
+
+
+# -- the webdataset side ---------------------------------------------------------------------------
+def write_shards(prefix: str, out_dir: Path, shards: int) -> Tuple[List[str], List[int]]:
+    """Copy every sample of the indexed dataset ``prefix`` into ``shards`` tar shards, in order.
+
+    Contiguous runs of samples go to each shard (as a sharding tool would write them); the JSON
+    member carries the sample's index so that the loader can seed it as ``ImageTextDataset`` does.
+    """
+    import numpy as np
+    import webdataset as wds
+
+    from megatron_m2.data.indexed import ImageTextIndexedDataset
+
+    ds = ImageTextIndexedDataset(prefix)
+    bounds = np.linspace(0, len(ds), shards + 1).round().astype(int)
+    urls, sizes = [], []
+    for s in range(shards):
+        url = str(out_dir / f"shard-{s:04d}.tar")
+        with wds.TarWriter(url) as sink:
+            for i in range(bounds[s], bounds[s + 1]):
+                sample = ds[int(i)]
+                meta = {"index": int(i), "captions": [{"lang": lang, "ids": ids.tolist()}
+                                                      for lang, ids in sample.captions]}
+                sink.write({"__key__": f"{i:08d}", "jpg": sample.image,
+                            "json": json.dumps(meta).encode("utf-8")})
+        urls.append(url)
+        sizes.append(int(bounds[s + 1] - bounds[s]))
+    return urls, sizes
+
+
+class WdsSample:
+    """One webdataset sample → the same dict of tensors ``ImageTextDataset.get`` returns.
+
+    Same seed derivation (``(seed, epoch 0, index)``), same order of random draws (caption
+    first, then the image transform), same decode (PIL open + ``convert("RGB")``) and same
+    padding, so that the per-sample work is identical and only the loading machinery differs.
+    A module-level class so that it pickles into spawned workers.
+    """
+
+    def __init__(self, tokenizer, transform, text_length: int, seed: int):
+        self.tokenizer, self.transform = tokenizer, transform
+        self.text_length, self.seed = text_length, seed
+
+    def __call__(self, sample: Dict[str, bytes]) -> Dict[str, torch.Tensor]:
+        import torch
+        from PIL import Image
+
+        from megatron_m2.data.dataset import _mix
+
+        meta = json.loads(sample["json"])
+        rng = random.Random(_mix(self.seed, 0, meta["index"]))
+        caps = meta["captions"]  # caption policy "any", as ours: uniform over the captions
+        cap = caps[rng.randrange(len(caps))]
+        text_ids, pad = self.tokenizer.pad([cap["ids"]], max_length=self.text_length)
+        with Image.open(io.BytesIO(sample["jpg"])) as img:
+            image = self.transform(img.convert("RGB"), rng)
+        lang = cap["lang"]
+        return {"images": image, "text_ids": text_ids[0], "text_pad_mask": pad[0],
+                "lang": torch.tensor(0 if lang == "en" else 1 if lang == "zh" else 2)}
+
+
+def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Stack per key, as ``build_loader``'s collate does.
+
+    ``wds``'s ``map`` puts the sample's ``__key__`` back into the mapped dict; it is dropped so
+    that both loaders yield the same batch.
+    """
+    import torch
+
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]
+            if not k.startswith("__")}
+
+
+def wds_pipeline(urls: List[str], mapper: WdsSample, batch: int):
+    import webdataset as wds
+
+    return (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None,
+                           workersplitter=wds.split_by_worker)
+            .map(mapper)
+            .batched(batch, collation_fn=collate, partial=False))
+
+
+def wds_batches_per_pass(shard_sizes: List[int], workers: int, batch: int) -> int:
+    """Full batches one pass yields: each worker batches its own shards (``urls[w::W]``)."""
+    streams = [shard_sizes[w::workers] for w in range(workers)] if workers else [shard_sizes]
+    return sum(sum(s) // batch for s in streams)
+
+
+def wds_loader(urls, mapper, batch: int, workers: int):
+    import torch
+
+    # Same worker machinery as build_loader: spawn, prefetch 2; batching is done in the pipeline.
+    return torch.utils.data.DataLoader(
+        wds_pipeline(urls, mapper, batch), batch_size=None, num_workers=workers,
+        multiprocessing_context="spawn" if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None)
+
+
+# -- measurements ----------------------------------------------------------------------------------
+def time_preprocess(manifest: str, prefix: str, tok_model: str, workers: int) -> Dict:
+    from megatron_m2.data.preprocess import PreprocessConfig, preprocess
+
+    cfg = PreprocessConfig(tokenizer_model=tok_model, workers=workers)
+    t0 = time.perf_counter()
+    summary = preprocess([manifest], prefix, cfg, resume=False)
+    dt = time.perf_counter() - t0
+    if summary.rejected:
+        raise RuntimeError(f"preprocessing rejected {summary.rejected} synthetic records")
+    ips = summary.written / dt
+    return {"images_per_s": round(ips, 2), "per_worker": round(ips / workers, 2),
+            "seconds": round(dt, 3), "written": summary.written}
+
+
+def _shapes(b: Dict[str, torch.Tensor]):
+    return {k: (tuple(v.shape), v.dtype) for k, v in b.items()}
+
+
+def time_loader(loader, measured: int, expect) -> Dict:
+    """Time to the first batch, then samples/s over the next ``measured`` batches."""
+    t0 = time.perf_counter()
+    it = iter(loader)
+    first = next(it)
+    t1 = time.perf_counter()
+    if _shapes(first) != expect:
+        raise AssertionError(f"batch shapes {_shapes(first)} != expected {expect}")
+    samples = 0
+    for _ in range(measured):
+        b = next(it)
+        if _shapes(b) != expect:
+            raise AssertionError(f"batch shapes {_shapes(b)} != expected {expect}")
+        samples += b["images"].shape[0]
+    t2 = time.perf_counter()
+    del it, first, loader  # shut the workers down before the other loader starts
+    gc.collect()
+    return {"samples_per_s": round(samples / (t2 - t1), 2),
+            "first_batch_s": round(t1 - t0, 3), "batches": measured, "samples": samples,
+            "seconds": round(t2 - t1, 3)}
+
+
+def run(args) -> Dict:
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    from megatron_m2.data.dataset import GlobalBatchSampler, ImageTextDataset, build_loader
+    from megatron_m2.data.indexed import ImageTextIndexedDataset
+    from megatron_m2.data.tokenizer import M2Tokenizer, train_tokenizer
+    from megatron_m2.data.transforms import train_transform
+
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        corpus = make_corpus(root / "corpus", args.samples, args.source_size, args.seed)
+        gen_s = time.perf_counter() - t0
+        tok_model = train_tokenizer(corpus["captions"], root / "tok", vocab_size=args.vocab_size,
+                                    seed=args.seed)
+
+        # megatron-core (the indexed-file writer) takes seconds to import, once per process:
+        # import it now so that the first timed run is not charged for it and the second not.
+        import megatron.core.datasets.indexed_dataset  # noqa: F401
+
+        pre = {f"workers_{w}": time_preprocess(corpus["manifest"], str(root / f"w{w}" / "data"),
+                                               tok_model, w) for w in (1, 2)}
+        prefix = str(root / "w2" / "data")
+        same_output = all(filecmp.cmp(str(root / "w1" / "data") + ext, prefix + ext,
+                                      shallow=False) for ext in (".bin", ".idx"))
+        reader = ImageTextIndexedDataset(prefix)
+        n = len(reader)
+        mean_stored = float(np.mean([len(reader[i].image) for i in range(n)]))
+
+        shard_dir = root / "shards"
+        shard_dir.mkdir()
+        urls, shard_sizes = write_shards(prefix, shard_dir, args.shards)
+        per_pass = wds_batches_per_pass(shard_sizes, args.workers, args.batch)
+        measured = min(per_pass, n // args.batch) - 1
+        if measured < 1:
+            raise SystemExit(f"too few samples: one pass gives {per_pass} full batches of "
+                             f"{args.batch} over {args.shards} shards and {args.workers} workers; "
+                             f"need at least 2")
+
+        tok = M2Tokenizer(tok_model)
+        transform = train_transform(args.image_size, randaugment=(2, 7))
+        ours_ds = ImageTextDataset(prefix, tok, transform, args.text_length, seed=args.seed)
+        mapper = WdsSample(tok, transform, args.text_length, args.seed)
+
+        # Both paths must compute the same tensors for the same sample.
+        check = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
+        checked = 0
+        for sample in check:
+            a, b = ours_ds.get(int(json.loads(sample["json"])["index"]), 0), mapper(sample)
+            if not all(torch.equal(a[k], b[k]) for k in a) or a.keys() != b.keys():
+                raise AssertionError(f"loaders disagree on sample {sample['__key__']}")
+            checked += 1
+            if checked == 4:
+                break
+
+        S, L, B = args.image_size, args.text_length, args.batch
+        expect = {"images": ((B, 3, S, S), torch.float32), "text_ids": ((B, L), torch.long),
+                  "text_pad_mask": ((B, L), torch.bool), "lang": ((B,), torch.long)}
+        sampler = GlobalBatchSampler(n, B, B, 0, 1, seed=args.seed, shuffle=True)
+        ours = time_loader(build_loader(ours_ds, sampler, args.workers), measured, expect)
+        theirs = time_loader(wds_loader(urls, mapper, B, args.workers), measured, expect)
+
+    return {
+        "preprocess": pre,
+        "loader": {"ours": ours, "webdataset": theirs,
+                   "ratio": round(ours["samples_per_s"] / theirs["samples_per_s"], 3)},
+        "config": {"samples": args.samples, "source_size": args.source_size,
+                   "image_size": S, "batch": B, "workers": args.workers,
+                   "shards": args.shards, "text_length": L, "seed": args.seed,
+                   "randaugment": [2, 7], "measured_batches": measured,
+                   "mean_source_jpeg_bytes": round(corpus["mean_source_jpeg_bytes"]),
+                   "mean_stored_jpeg_bytes": round(mean_stored),
+                   "tokenizer_pieces": tok.vocab_size, "generate_s": round(gen_s, 3),
+                   "preprocess_outputs_identical": same_output, "samples_checked_equal": checked,
+                   "cpus": os.cpu_count(), "torch": torch.__version__,
+                   "webdataset": getattr(wds, "__version__", "?")},
+    }
+
+
+def print_table(r: Dict) -> None:
+    c = r["config"]
+    print(f"{c['samples']} samples: {c['source_size']} px JPEG (mean "
+          f"{c['mean_source_jpeg_bytes'] / 1024:.1f} KiB, stored "
+          f"{c['mean_stored_jpeg_bytes'] / 1024:.1f} KiB) -> {c['image_size']} px, "
+          f"RandAugment(2,7), batch {c['batch']}, {c['workers']} loader workers, "
+          f"{c['cpus']} CPUs")
+    print(f"\n{'preprocess':<12}{'workers':>8}{'images/s':>11}{'per worker':>12}{'seconds':>9}")
+    for key, p in r["preprocess"].items():
+        print(f"{'':<12}{key.split('_')[1]:>8}{p['images_per_s']:>11.1f}"
+              f"{p['per_worker']:>12.1f}{p['seconds']:>9.2f}")
+    print(f"  outputs of 1 and 2 workers byte-identical: {c['preprocess_outputs_identical']}")
+    print(f"\n{'loader':<12}{'samples/s':>11}{'first batch s':>15}{'batches':>9}{'seconds':>9}")
+    for name in ("ours", "webdataset"):
+        x = r["loader"][name]
+        print(f"{name:<12}{x['samples_per_s']:>11.1f}{x['first_batch_s']:>15.2f}"
+              f"{x['batches']:>9}{x['seconds']:>9.2f}")
+    print(f"  ratio ours / webdataset: {r['loader']['ratio']:.3f} "
+          f"({c['samples_checked_equal']} samples checked equal across loaders; "
+          f"{c['shards']} shards)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--image-size", type=int, default=224, help="training crop side")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes")
+    p.add_argument("--source-size", type=int, default=320, help="side of the generated images")
+    p.add_argument("--shards", type=int, default=4, help="webdataset tar shards")
+    p.add_argument("--text-length", type=int, default=52, help="padded caption length")
+    p.add_argument("--vocab-size", type=int, default=1000, help="tokenizer size (soft limit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = p.parse_args(argv)
+    try:
+        import webdataset  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench_data needs the webdataset package (pip install webdataset)")
+    if args.workers < 0 or args.samples < 1 or args.batch < 1 or args.shards < 1:
+        raise SystemExit("--samples, --batch and --shards must be positive, --workers >= 0")
+
+    import logging
+    logging.basicConfig(level=logging.WARNING)  # keep the tokenizer's size warning quiet
+    logging.getLogger("megatron_m2").setLevel(logging.ERROR)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
