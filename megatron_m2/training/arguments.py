@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the synthetic set (default: one global batch, i.e. a fixed "
                         "batch to overfit)")
 
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="directory to save checkpoints to")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every N steps (and at the end of training)")
+    g.add_argument("--load", default=None,
+                   help="checkpoint directory (or save root with a tracker) to resume from; "
+                        "may have been written with another TP/PP/DP layout")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load weights only (fresh optimizer and schedule)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-json", default=None, help="write one JSON line per step to this file")
@@ -176,6 +187,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         if k < 1 or dp % k:
             raise ConfigError(f"--itc-group-size ({args.itc_group_size}) must divide the "
                               f"data-parallel size ({dp})")
+    if args.save_interval is not None and args.save_interval < 1:
+        raise ConfigError("--save-interval must be >= 1")
+    if args.save_interval and not args.save:
+        raise ConfigError("--save-interval needs --save")
+    if args.load and not os.path.exists(args.load):
+        raise ConfigError(f"--load {args.load} does not exist")
     if args.train_iters < 1:
         raise ConfigError("--train-iters must be >= 1")
     if args.synthetic == bool(args.data_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -204,6 +205,32 @@ class Trainer:
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.is_logger_rank = self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
         self.step = 0
+        if args.load:
+            self._resume(args.load)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _resume(self, path: str) -> None:
+        from .checkpointing import TRACKER, load_checkpoint
+
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, TRACKER)) and \
+                not os.path.exists(os.path.join(path, "meta.json")):
+            logger.info("--load %s holds no checkpoint yet: starting from scratch", path)
+            return
+        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                               load_optimizer=not self.args.no_load_optim,
+                               load_rng=not self.args.no_load_rng)
+        if not self.args.no_load_optim:
+            self.step = int(meta["step"])  # the data position follows from the step count
+
+    def save(self) -> str:
+        """Write a checkpoint of the current step (collective)."""
+        from .checkpointing import save_checkpoint
+
+        meta = {"model_config": self.cfg.to_dict(), "args": vars(self.args),
+                "consumed_samples": self.step * self.args.global_batch_size,
+                "flavor": self.args.flavor}
+        return save_checkpoint(self.args.save, self.step, self.model, self.optimizer,
+                               self.scheduler, meta, tokenizer_path=self.args.tokenizer_model)
 
     def _build_train_dataset(self):
         from ..data.dataset import BlendedDataset, ImageTextDataset, split_ranges
@@ -302,7 +329,8 @@ class Trainer:
         records: List[Dict[str, float]] = []
         log_file = open(a.log_json, "w") if (a.log_json and dist.get_rank() == 0) else None
         t_start = time.perf_counter()
-        t_last, last_step = t_start, 0
+        first_step = self.step  # after a resume, ETA counts only this run's steps
+        t_last, last_step = t_start, self.step
         try:
             while self.step < a.train_iters:
                 rec = self.train_step()
@@ -312,7 +340,8 @@ class Trainer:
                 if rec["step"] % a.log_interval == 0 or rec["step"] == a.train_iters:
                     now = time.perf_counter()
                     sps = (rec["step"] - last_step) * a.global_batch_size / (now - t_last)
-                    eta = (a.train_iters - rec["step"]) * (now - t_start) / rec["step"]
+                    eta = ((a.train_iters - rec["step"]) * (now - t_start)
+                           / (rec["step"] - first_step))
                     rec["samples_per_s"] = sps
                     t_last, last_step = now, rec["step"]
                     logger.info("step %5d/%d | loss %.4f | lr %.3e | grad-norm %.3f | "
@@ -321,6 +350,10 @@ class Trainer:
                 if log_file:
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()
+                if a.save and a.save_interval and rec["step"] % a.save_interval == 0:
+                    self.save()
+            if a.save and not (a.save_interval and self.step % a.save_interval == 0):
+                self.save()
         finally:
             if log_file:
                 log_file.close()

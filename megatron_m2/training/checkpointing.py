@@ -1,0 +1,366 @@
+"""Sharded, atomic, layout-independent checkpoints.
+
+Layout of ``<save>/``::
+
+    latest_checkpointed_iteration.txt     tracker: the newest *complete* checkpoint
+    iter_0000100/
+        meta.json                         step, consumed samples, scheduler, args, model config
+        model_pp000.safetensors           weights of pipeline stage 0 (canonical names, full)
+        optim_pp000.safetensors           AdamW states (and fp32 main weights) of stage 0
+        rng_rank00000.safetensors / .json per-rank RNG states
+        tokenizer.model                   the run's tokenizer, when it has one
+
+Tensors are stored under their *canonical* names (the unsplit model's: global layer index) and
+full TP=1 shapes (vocabulary padding dropped), gathered over the tensor-parallel group and
+written by one rank per pipeline stage; distributed-optimizer states are first reassembled over
+the data-parallel group. Loading slices what each rank needs from whichever stage file holds
+it, so a checkpoint loads onto any TP / PP / DP layout. Everything is safetensors or JSON:
+loading never unpickles anything.
+
+Atomicity: all ranks write into ``iter_N.tmp/``; after a barrier, rank 0 fsyncs, renames it to
+``iter_N/`` and then rewrites the tracker (write + fsync + rename). A crash or kill at any
+point leaves the tracker naming the previous complete checkpoint; a stale ``.tmp`` is removed
+by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_iteration", "TRACKER",
+           "FAULT_INJECTION_ENV"]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+FAULT_INJECTION_ENV = "M2_FAULT_INJECT"
+"""Fault injection for tests: ``checkpoint_write:STEP`` kills the process (SIGKILL) after it
+has written its first file of the checkpoint of step STEP. Unset in normal runs."""
+
+
+def _iter_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The step of the newest complete checkpoint under ``root`` (None if there is none)."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.exists(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        step = int(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}") from None
+    if not os.path.isdir(_iter_dir(root, step)):
+        raise FileNotFoundError(f"{path} names iteration {step} but {_iter_dir(root, step)} "
+                                f"is missing")
+    return step
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _maybe_inject_fault(step: int) -> None:
+    spec = os.environ.get(FAULT_INJECTION_ENV, "")
+    if spec == f"checkpoint_write:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- which tensors: model params and the optimizer states behind them --------------------------
+def _optimizers(optimizer) -> List:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _state_holders(optimizer) -> Iterator[Tuple[torch.nn.Parameter, torch.Tensor,
+                                                Optional[Tuple[int, int]], object]]:
+    """``(model param, param holding the optimizer state, flat range or None, torch optimizer)``.
+
+    The holder is the model param itself (fp32 optimizer), its fp32 main copy (mixed
+    precision), or this DP rank's flat shard of it (distributed optimizer, with the range of the
+    flattened param that the shard covers).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for opt in _optimizers(optimizer):
+        inner = opt.optimizer
+        if isinstance(opt, DistributedOptimizer):
+            pairs = list(zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups)) + \
+                list(zip(opt.model_fp32_groups, opt.shard_fp32_groups))
+            for model_group, shard_group in pairs:
+                for mp, sp in zip(model_group, shard_group):
+                    r = opt._get_model_param_range_map(mp)["param"]
+                    yield mp, sp, (r.start, r.end), inner
+        elif isinstance(opt, Float16OptimizerWithFloat16Params):
+            for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                for mp, main in zip(model_group, main_group):
+                    yield mp, main, None, inner
+            for group in opt.fp32_from_fp32_groups:
+                for p in group:
+                    yield p, p, None, inner
+        else:
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    yield p, p, None, inner
+
+
+def _tp_gather(t: torch.Tensor, like: torch.nn.Parameter, tp_group) -> torch.Tensor:
+    if not getattr(like, "tensor_model_parallel", False) or dist.get_world_size(tp_group) == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, t.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=like.partition_dim)
+
+
+def _dp_assemble(piece: torch.Tensor, mp: torch.nn.Parameter, rng, dp_group) -> torch.Tensor:
+    """Full (TP-local) tensor from each DP rank's flat shard (distributed optimizer)."""
+    flat = torch.zeros(mp.numel(), dtype=piece.dtype)
+    flat[rng[0]:rng[1]] = piece.detach().reshape(-1).cpu()
+    dist.all_reduce(flat, group=dp_group)  # shards are disjoint: the sum is the concatenation
+    return flat.view(mp.shape)
+
+
+def _full_name_map(model) -> Dict[int, str]:
+    from ..model.init import canonical_name
+
+    return {id(p): canonical_name(n, model.layer_offset) for n, p in model.named_parameters()}
+
+
+def _strip_padding(name: str, t: torch.Tensor, cfg) -> torch.Tensor:
+    if name == "embeddings.text_embed.weight":
+        return t[:cfg.vocab_size]
+    return t
+
+
+# -- save --------------------------------------------------------------------------------------
+def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dict,
+                    tokenizer_path: Optional[str] = None) -> str:
+    """Write the checkpoint of ``step`` (collective: every rank calls it). Returns its dir."""
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
+
+    rank = dist.get_rank()
+    final, tmp = _iter_dir(root, step), _iter_dir(root, step) + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # left by a crashed save
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+
+    tp_group = ps.get_tensor_model_parallel_group()
+    dp_group = ps.get_data_parallel_group()
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    pp = ps.get_pipeline_model_parallel_rank()
+    cfg = model.model_cfg
+    names = _full_name_map(model)
+
+    weights = {}
+    for p in model.parameters():
+        name = names[id(p)]
+        weights[name] = _strip_padding(name, _tp_gather(p.detach().float().cpu(), p, tp_group),
+                                       cfg).contiguous()
+    optim = {}
+    for mp, holder, rng, inner in _state_holders(optimizer):
+        name = names.get(id(mp))
+        if name is None:
+            continue
+        state = inner.state.get(holder, {})
+        entries = {"exp_avg": state.get("exp_avg"), "exp_avg_sq": state.get("exp_avg_sq")}
+        if holder is not mp:
+            entries["main"] = holder.detach()
+        for key, t in entries.items():
+            if t is None:
+                continue
+            t = _dp_assemble(t, mp, rng, dp_group) if rng is not None else t.detach().cpu()
+            optim[f"{key}/{name}"] = _strip_padding(name, _tp_gather(t, mp, tp_group),
+                                                    cfg).contiguous()
+        if "step" in state:
+            optim[f"step/{name}"] = torch.as_tensor(state["step"]).detach().float().cpu()
+
+    if writer:
+        path = os.path.join(tmp, f"model_pp{pp:03d}.safetensors")
+        save_file(weights, path)
+        _fsync_file(path)
+        _maybe_inject_fault(step)
+        if optim:
+            path = os.path.join(tmp, f"optim_pp{pp:03d}.safetensors")
+            save_file(optim, path)
+            _fsync_file(path)
+
+    # Per-rank RNG states (exact resume on the same layout).
+    rng_path = os.path.join(tmp, f"rng_rank{rank:05d}")
+    save_file({"torch": torch.get_rng_state()}, rng_path + ".safetensors")
+    np_state = np.random.get_state()
+    with open(rng_path + ".json", "w") as f:
+        json.dump({"python": [random.getstate()[0], list(random.getstate()[1]),
+                              random.getstate()[2]],
+                   "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]),
+                             int(np_state[3]), float(np_state[4])]}, f)
+    if rank == 0:
+        full_meta = dict(meta, step=step, format_version=FORMAT_VERSION,
+                         scheduler=scheduler.state_dict(),
+                         layout={"tp": ps.get_tensor_model_parallel_world_size(),
+                                 "pp": ps.get_pipeline_model_parallel_world_size(),
+                                 "dp": ps.get_data_parallel_world_size(),
+                                 "world": dist.get_world_size()},
+                         has_optimizer=bool(optim) or None)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(full_meta, f, indent=1, default=str)
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    dist.barrier()
+    if rank == 0:
+        for fn in os.listdir(tmp):
+            _fsync_file(os.path.join(tmp, fn))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        _fsync_dir(root)
+        logger.info("saved checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+# -- load --------------------------------------------------------------------------------------
+class _StageFiles:
+    """Lazy access to tensors spread over the per-stage safetensors files of a checkpoint."""
+
+    def __init__(self, directory: str, kind: str):
+        from safetensors import safe_open
+
+        self.where: Dict[str, str] = {}
+        self._handles = {}
+        for fn in sorted(os.listdir(directory)):
+            if fn.startswith(kind + "_pp") and fn.endswith(".safetensors"):
+                path = os.path.join(directory, fn)
+                h = safe_open(path, framework="pt")
+                self._handles[path] = h
+                for k in h.keys():
+                    self.where[k] = path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handles[self.where[key]].get_tensor(key)
+
+
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
+                    load_optimizer: bool = True, load_rng: bool = True) -> Dict:
+    """Load ``path`` (a checkpoint dir, or a save root with a tracker) into this rank's stage.
+
+    Returns the checkpoint's ``meta.json``. Weights (and optimizer states, when present and
+    asked for) are sliced for this rank's TP/PP/DP position, so the layout may differ from the
+    one that saved it. RNG states are restored only on an identical layout.
+    """
+    from megatron.core import parallel_state as ps
+
+    from ..model.init import local_shard
+
+    directory = path
+    if os.path.exists(os.path.join(path, TRACKER)):
+        step = latest_iteration(path)
+        directory = _iter_dir(path, step)
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{directory} is not a checkpoint (no meta.json)")
+    meta = json.load(open(meta_path))
+    cfg = model.model_cfg
+    saved_cfg = meta.get("model_config", {})
+    for key in ("hidden_size", "num_attention_heads", "ffn_hidden_size", "num_sep_layers",
+                "num_vl_layers", "embed_dim", "vocab_size", "image_size", "patch_size"):
+        if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
+            raise ValueError(f"checkpoint {directory}: model {key}={saved_cfg[key]} does not "
+                             f"match this run's {getattr(cfg, key)}")
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    names = _full_name_map(model)
+    weights = _StageFiles(directory, "model")
+    missing = [n for n in names.values() if n not in weights]
+    if missing:
+        raise KeyError(f"checkpoint {directory} lacks {len(missing)} weight(s) of this stage, "
+                       f"e.g. {missing[:3]}")
+    with torch.no_grad():
+        for p in model.parameters():
+            full = weights.get(names[id(p)])
+            p.copy_(local_shard(full, p, tp_rank, tp_size).to(p.dtype))
+
+    if optimizer is not None and load_optimizer:
+        optim = _StageFiles(directory, "optim")
+        if not optim.where:
+            logger.warning("checkpoint %s has no optimizer state; starting it fresh", directory)
+        dp_group = ps.get_data_parallel_group()
+        for mp, holder, rng, inner in _state_holders(optimizer):
+            name = names.get(id(mp))
+            if name is None or f"exp_avg/{name}" not in optim:
+                continue
+
+            def piece(key):
+                t = local_shard(optim.get(f"{key}/{name}"), mp, tp_rank, tp_size)
+                if rng is not None:
+                    t = t.reshape(-1)[rng[0]:rng[1]]
+                return t.to(holder.device).to(holder.dtype).reshape(holder.shape).clone()
+
+            state = inner.state.setdefault(holder, {})
+            state["exp_avg"], state["exp_avg_sq"] = piece("exp_avg"), piece("exp_avg_sq")
+            if f"step/{name}" in optim:
+                state["step"] = optim.get(f"step/{name}").clone()
+            with torch.no_grad():
+                if f"main/{name}" in optim and holder is not mp:
+                    holder.copy_(piece("main"))
+                elif holder is not mp:
+                    src = mp.detach().reshape(-1)
+                    holder.copy_((src[rng[0]:rng[1]] if rng else src).view(holder.shape))
+        del dp_group
+        if scheduler is not None and "scheduler" in meta:
+            scheduler.load_state_dict(meta["scheduler"])
+
+    layout = meta.get("layout", {})
+    same_layout = layout == {"tp": ps.get_tensor_model_parallel_world_size(),
+                             "pp": ps.get_pipeline_model_parallel_world_size(),
+                             "dp": ps.get_data_parallel_world_size(),
+                             "world": dist.get_world_size()}
+    if load_rng and same_layout:
+        from safetensors.torch import load_file
+
+        base = os.path.join(directory, f"rng_rank{dist.get_rank():05d}")
+        torch.set_rng_state(load_file(base + ".safetensors")["torch"])
+        st = json.load(open(base + ".json"))
+        random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+        n = st["numpy"]
+        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    elif load_rng:
+        logger.info("layout changed (%s -> now): RNG states not restored", layout)
+    logger.info("loaded checkpoint %s (step %s)", directory, meta.get("step"))
+    return meta
