@@ -150,9 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load weights only (fresh optimizer and schedule)")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
 
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--valid-data-path", default=None,
+                   help="indexed dataset prefix for held-out retrieval evaluation")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="evaluate every N steps (and at the end) when --valid-data-path is set")
+    g.add_argument("--eval-max-samples", type=int, default=0,
+                   help="evaluate on at most this many validation samples (0: all)")
+
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-json", default=None, help="write one JSON line per step to this file")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    g.add_argument("--loss-curve", default=None,
+                   help="PNG of the loss (and eval) curves at the end (default: SAVE/"
+                        "loss_curve.png when --save is set)")
+
+    g = p.add_argument_group("failure handling")
+    g.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                   help="a NaN/inf loss stops the run (no checkpoint is written) or skips the "
+                        "step (no update)")
     return p
 
 
@@ -193,6 +210,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError("--save-interval needs --save")
     if args.load and not os.path.exists(args.load):
         raise ConfigError(f"--load {args.load} does not exist")
+    if args.valid_data_path:
+        if not args.tokenizer_model:
+            raise ConfigError("--valid-data-path needs --tokenizer-model")
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(args.valid_data_path + ext):
+                raise ConfigError(f"--valid-data-path {args.valid_data_path}: "
+                                  f"{args.valid_data_path + ext} does not exist")
     if args.train_iters < 1:
         raise ConfigError("--train-iters must be >= 1")
     if args.synthetic == bool(args.data_path):

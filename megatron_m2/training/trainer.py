@@ -37,6 +37,9 @@ from ..config import ConfigError
 
 logger = logging.getLogger("megatron_m2.train")
 
+FAULT_ENV = "M2_FAULT_INJECT"
+"""Fault injection for tests: ``nan_loss:STEP`` makes step STEP's loss NaN."""
+
 __all__ = ["run", "Trainer", "no_weight_decay"]
 
 
@@ -75,7 +78,7 @@ def _run_model(model, batch):
                  split_position=unwrapped.config.vision_seq_len)
 
 
-def _loss_step(data_iterator, model, heads: str, itc_group):
+def _loss_step(data_iterator, model, heads: str, itc_group, poison: bool = False):
     """forward_step_func of the plain step: the micro-batch's GBA-ITC loss."""
     from ..loss import itc_loss
 
@@ -83,6 +86,8 @@ def _loss_step(data_iterator, model, heads: str, itc_group):
 
     def loss_func(outputs):
         loss, metrics = itc_loss(outputs, group=itc_group, heads=heads)
+        if poison:  # fault injection (tests of the non-finite-loss handling)
+            loss = loss * float("nan")
         metrics = {k: v.detach() for k, v in metrics.items()}
         metrics["loss"] = loss.detach()
         return loss, metrics
@@ -205,6 +210,13 @@ class Trainer:
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.is_logger_rank = self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
         self.step = 0
+        self.skipped_steps = 0
+        self.evaluator = None
+        if args.valid_data_path:
+            from .evaluation import Evaluator
+
+            self.evaluator = Evaluator(self, args.valid_data_path,
+                                       max_samples=args.eval_max_samples)
         if args.load:
             self._resume(args.load)
 
@@ -304,30 +316,60 @@ class Trainer:
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
         batches = self._microbatches()
+        poison = os.environ.get(FAULT_ENV, "") == f"nan_loss:{self.step + 1}"
         if self.args.itc_accumulate_features:
             losses = self._accumulated_losses(batches)
         else:
             out = self._schedule(partial(_loss_step, heads=self.args.itc_heads,
-                                         itc_group=self.itc.group), batches, forward_only=False)
+                                         itc_group=self.itc.group, poison=poison), batches,
+                                 forward_only=False)
             losses = [float(m["loss"]) for m in out] if self.is_last_stage else []
+        # Global mean loss over the DP ranks, and whether any rank saw a non-finite one; the
+        # decision below is then identical on every rank.
+        local = torch.zeros(3, dtype=torch.float64)
+        if self.is_logger_rank and losses:
+            local[0], local[1] = sum(losses) / len(losses), 1.0
+        if any(not math.isfinite(x) for x in losses):
+            local[2] = 1.0
+        dist.all_reduce(local)
+        loss = float(local[0] / local[1])
+        self.step += 1
+        if local[2] > 0:
+            if self.args.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss at step {self.step}; stopping before the optimizer step "
+                    f"(no checkpoint written). Use --on-nonfinite skip to skip such steps.")
+            self.skipped_steps += 1
+            logger.warning("non-finite loss at step %d: step skipped (%d so far)", self.step,
+                           self.skipped_steps)
+            return {"step": self.step, "loss": float("nan"), "skipped": True,
+                    "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float("nan")}
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        self.step += 1
-        # Global mean loss: average the last stage's losses over the DP ranks.
-        local = torch.zeros(2, dtype=torch.float64)
-        if self.is_logger_rank and losses:
-            local[0], local[1] = sum(losses) / len(losses), 1.0
-        dist.all_reduce(local)
-        return {"step": self.step, "loss": float(local[0] / local[1]),
-                "lr": self.optimizer.param_groups[0]["lr"],
+        return {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     # -- the loop --------------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, Dict[str, float]]:
+        """Held-out retrieval per language (every rank gets the same figures)."""
+        from ..eval.retrieval import format_table
+
+        results = self.evaluator.evaluate()
+        logger.info("held-out retrieval at step %d (VL head, %%):\n%s", self.step,
+                    format_table(results))
+        return results
+
     def train(self) -> List[Dict[str, float]]:
         a = self.args
         records: List[Dict[str, float]] = []
-        log_file = open(a.log_json, "w") if (a.log_json and dist.get_rank() == 0) else None
+        rank0 = dist.get_rank() == 0
+        log_file = open(a.log_json, "a" if a.load else "w") if (a.log_json and rank0) else None
+        tb = None
+        if a.tensorboard_dir and rank0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(a.tensorboard_dir)
         t_start = time.perf_counter()
         first_step = self.step  # after a resume, ETA counts only this run's steps
         t_last, last_step = t_start, self.step
@@ -335,8 +377,6 @@ class Trainer:
             while self.step < a.train_iters:
                 rec = self.train_step()
                 records.append(rec)
-                if not math.isfinite(rec["loss"]):
-                    raise FloatingPointError(f"non-finite loss at step {rec['step']}")
                 if rec["step"] % a.log_interval == 0 or rec["step"] == a.train_iters:
                     now = time.perf_counter()
                     sps = (rec["step"] - last_step) * a.global_batch_size / (now - t_last)
@@ -347,6 +387,16 @@ class Trainer:
                     logger.info("step %5d/%d | loss %.4f | lr %.3e | grad-norm %.3f | "
                                 "%.1f samples/s | ETA %ds", rec["step"], a.train_iters,
                                 rec["loss"], rec["lr"], rec["grad_norm"], sps, eta)
+                if self.evaluator and ((a.eval_interval and rec["step"] % a.eval_interval == 0)
+                                       or rec["step"] == a.train_iters):
+                    rec["eval"] = self.evaluate()
+                if tb:
+                    for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+                        if key in rec and math.isfinite(rec[key]):
+                            tb.add_scalar(f"train/{key}", rec[key], rec["step"])
+                    for lang, m in rec.get("eval", {}).items():
+                        for key, v in m.items():
+                            tb.add_scalar(f"eval_{lang}/{key}", v, rec["step"])
                 if log_file:
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()
@@ -357,7 +407,45 @@ class Trainer:
         finally:
             if log_file:
                 log_file.close()
+            if tb:
+                tb.close()
+        curve = a.loss_curve or (os.path.join(a.save, "loss_curve.png") if a.save else None)
+        if curve and rank0 and records:
+            plot_curves(records, curve)
+            logger.info("loss curve written to %s", curve)
         return records
+
+
+def plot_curves(records: List[Dict], path: str) -> None:
+    """Loss per step and, when evaluated, the mean recall per language."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    steps = [r["step"] for r in records if math.isfinite(r["loss"])]
+    ax.plot(steps, [r["loss"] for r in records if math.isfinite(r["loss"])], color="tab:blue",
+            label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.grid(alpha=0.3)
+    evals = [r for r in records if "eval" in r]
+    if evals:
+        ax2 = ax.twinx()
+        for lang, color in (("en", "tab:orange"), ("zh", "tab:red")):
+            pts = [(r["step"], r["eval"][lang]["mean_recall"]) for r in evals
+                   if lang in r["eval"]]
+            if pts:
+                ax2.plot(*zip(*pts), marker="o", color=color, label=f"mean recall ({lang})")
+        ax2.set_ylabel("held-out mean recall (%)")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title("M2-Encoder training")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def run(args) -> List[Dict[str, float]]:

@@ -210,71 +210,72 @@ def test_format_table():
 
 
 # -- distributed (2 real gloo processes) --------------------------------------------------------
-def _splits(n, cut):
-    return (0, cut), (cut, n)
+DIST_KS = (1, 2, 5, 10)
+# (img_cut, txt_cut, chunk_size, give_offset): rank 0 holds images [:img_cut] and captions
+# [:txt_cut]. Uneven shards, captions whose image lives on the other rank, a rank with no
+# captions at all (txt_cut=None: all on rank 0), chunks smaller and larger than the shards.
+DIST_SPLITS = [(9, 40, 4, True), (15, None, 3, False), (1, 7, 1000, True)]
 
 
-def _dist_retrieval(seed, ties, img_cut, txt_cut, chunk_size, give_offset):
-    import torch.distributed as dist
-
-    img, txt, t2i = make_data(seed, n_images=23, dim=4 if ties else 16, ties=ties)
-    rank = dist.get_rank()
-    i0, i1 = _splits(len(img), img_cut)[rank]
-    t0, t1 = _splits(len(txt), txt_cut)[rank]
-    ks = (1, 2, 5, 10)
-    return retrieval_metrics(img[i0:i1], txt[t0:t1], t2i[t0:t1], ks=ks, chunk_size=chunk_size,
-                             group=dist.group.WORLD, image_offset=i0 if give_offset else None)
-
-
-def _dist_zero_shot(cut, chunk_size):
-    import torch.distributed as dist
-
+def _zero_shot_data():
     g = torch.Generator().manual_seed(10)
     img = F.normalize(torch.randn(41, 8, generator=g), dim=-1)
     cls = F.normalize(torch.randn(9, 8, generator=g), dim=-1)
-    labels = torch.randint(0, 9, (41,), generator=g)
-    lo, hi = _splits(41, cut)[dist.get_rank()]
-    return zero_shot_accuracy(img[lo:hi], cls, labels[lo:hi], chunk_size=chunk_size,
-                              group=dist.group.WORLD)
+    return img, cls, torch.randint(0, 9, (41,), generator=g)
 
 
-def _dist_bad_offset():
+def _dist_all():
+    """Every distributed case in one spawn (process start-up dominates the cost)."""
     import torch.distributed as dist
 
-    img, txt, t2i = make_data(11, n_images=8)
-    rank = dist.get_rank()
+    group, rank = dist.group.WORLD, dist.get_rank()
+    out = {"retrieval": {}}
+    for ties in (False, True):
+        img, txt, t2i = make_data(12, n_images=23, dim=4 if ties else 16, ties=ties)
+        for img_cut, txt_cut, chunk_size, give_offset in DIST_SPLITS:
+            txt_cut = len(txt) if txt_cut is None else txt_cut
+            i0, i1 = [(0, img_cut), (img_cut, len(img))][rank]
+            t0, t1 = [(0, txt_cut), (txt_cut, len(txt))][rank]
+            out["retrieval"][f"{ties}-{img_cut}-{txt_cut}-{chunk_size}"] = retrieval_metrics(
+                img[i0:i1], txt[t0:t1], t2i[t0:t1], ks=DIST_KS, chunk_size=chunk_size,
+                group=group, image_offset=i0 if give_offset else None)
+    img, cls, labels = _zero_shot_data()
+    lo, hi = [(0, 17), (17, 41)][rank]
+    out["zero_shot"] = zero_shot_accuracy(img[lo:hi], cls, labels[lo:hi], chunk_size=5,
+                                          group=group)
     # Rank 1 claims its images start at 2 instead of 4: every rank must raise, none may hang.
-    offset = 0 if rank == 0 else 2
-    sl = slice(0, 4) if rank == 0 else slice(4, 8)
+    img, txt, t2i = make_data(11, n_images=8)
+    sl, offset = [(slice(0, 4), 0), (slice(4, 8), 2)][rank]
+    mine = slice(None) if rank == 0 else slice(0, 0)
     try:
-        retrieval_metrics(img[sl], txt, t2i if rank == 0 else t2i[:0], group=dist.group.WORLD,
-                          image_offset=offset)
+        retrieval_metrics(img[sl], txt[mine], t2i[mine], group=group, image_offset=offset)
+        out["bad_offset"] = None
     except ValueError as e:
-        return str(e)
-    return None
+        out["bad_offset"] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dist_results():
+    return run_distributed(_dist_all, 2)
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_distributed_equals_single_process(ties):
-    ks = (1, 2, 5, 10)
+def test_distributed_equals_single_process(dist_results, ties):
     img, txt, t2i = make_data(12, n_images=23, dim=4 if ties else 16, ties=ties)
-    expected = retrieval_metrics(img, txt, t2i, ks=ks)
-    assert expected == naive_metrics(img, txt, t2i, ks)
-    # Uneven shards, a rank with no captions at all, chunks smaller than the shards.
-    for img_cut, txt_cut, chunk_size, give_offset in [(9, 40, 4, True), (15, len(txt), 3, False),
-                                                      (1, 7, 1000, True)]:
-        results = run_distributed(_dist_retrieval, 2, seed=12, ties=ties, img_cut=img_cut,
-                                  txt_cut=txt_cut, chunk_size=chunk_size,
-                                  give_offset=give_offset)
-        assert results == [expected, expected], (img_cut, txt_cut, chunk_size)
+    expected = retrieval_metrics(img, txt, t2i, ks=DIST_KS)
+    assert expected == naive_metrics(img, txt, t2i, DIST_KS)
+    for img_cut, txt_cut, chunk_size, _ in DIST_SPLITS:
+        key = f"{ties}-{img_cut}-{len(txt) if txt_cut is None else txt_cut}-{chunk_size}"
+        assert [r["retrieval"][key] for r in dist_results] == [expected, expected], key
 
 
-def test_distributed_zero_shot_and_errors():
-    g = torch.Generator().manual_seed(10)
-    img = F.normalize(torch.randn(41, 8, generator=g), dim=-1)
-    cls = F.normalize(torch.randn(9, 8, generator=g), dim=-1)
-    labels = torch.randint(0, 9, (41,), generator=g)
+def test_distributed_zero_shot(dist_results):
+    img, cls, labels = _zero_shot_data()
     expected = zero_shot_accuracy(img, cls, labels)
-    assert run_distributed(_dist_zero_shot, 2, cut=17, chunk_size=5) == [expected, expected]
-    messages = run_distributed(_dist_bad_offset, 2)
+    assert [r["zero_shot"] for r in dist_results] == [expected, expected]
+
+
+def test_distributed_invalid_input_raises_on_every_rank(dist_results):
+    messages = [r["bad_offset"] for r in dist_results]
     assert all(m is not None and "image_offset" in m for m in messages), messages
