@@ -1,0 +1,101 @@
+"""Failure behaviour: validation of every misconfiguration, non-finite losses, a dead rank."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_m2.config import ConfigError
+from megatron_m2.training.arguments import parse_args, validate_args
+from tests.helpers.distributed import free_port
+from tests.training.test_checkpoint import _descendants
+
+
+@pytest.mark.parametrize("argv,world,message", [
+    (["--tensor-model-parallel-size", "8"], 8, "must divide num_attention_heads (4)"),
+    (["--pipeline-model-parallel-size", "4"], 4, "must divide the number of layers"),
+    (["--itc-group-size", "4", "--global-batch-size", "48"], 6,
+     "--itc-group-size (4) must divide the data-parallel size"),
+    (["--global-batch-size", "12", "--micro-batch-size", "4"], 2,
+     "--global-batch-size (12) must be divisible"),
+    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible"),
+    (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--pipeline-model-parallel-size", "6", "--flavor", "0.4b"], 6,
+     "--itc-heads both needs the backbone/VL boundary on the last pipeline stage"),
+])
+def test_misconfiguration_messages(argv, world, message):
+    args = parse_args(["--synthetic"] + argv)
+    with pytest.raises(ConfigError) as e:
+        validate_args(args, world)
+    assert message in str(e.value)
+
+
+def test_data_path_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate_args(parse_args(["--data-path", str(tmp_path / "nope"), "--tokenizer-model",
+                                  "x"]), 1)
+    with pytest.raises(ConfigError, match="exactly one of --data-path and --synthetic"):
+        validate_args(parse_args([]), 1)
+
+
+def _cmd(args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+            f"--master-port={free_port()}", "-m", "megatron_m2.pretrain", "--flavor", "tiny",
+            "--synthetic", "--global-batch-size", "8", "--micro-batch-size", "4",
+            "--log-interval", "1", *args]
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stop_writes_no_checkpoint(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", M2_FAULT_INJECT="nan_loss:3")
+    proc = subprocess.run(_cmd(["--train-iters", "4", "--save", str(tmp_path / "c"),
+                                "--save-interval", "2"]),
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "non-finite loss at step 3" in proc.stderr
+    assert (tmp_path / "c" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert sorted(os.listdir(tmp_path / "c")) == ["iter_0000002",
+                                                  "latest_checkpointed_iteration.txt"]
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skip_continues(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", M2_FAULT_INJECT="nan_loss:3")
+    log = tmp_path / "log.jsonl"
+    proc = subprocess.run(_cmd(["--train-iters", "5", "--on-nonfinite", "skip", "--log-json",
+                                str(log)]),
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r.get("skipped", False) for r in recs] == [False, False, True, False, False]
+    assert all(r["loss"] == r["loss"] for r in recs if not r.get("skipped"))  # finite, not NaN
+
+
+@pytest.mark.slow
+def test_dead_rank_ends_the_job():
+    """SIGKILL one rank mid-training: the job exits (non-zero) instead of hanging."""
+    proc = subprocess.Popen(_cmd(["--train-iters", "100000", "--distributed-timeout-minutes",
+                                  "1"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = []
+    for line in proc.stderr:  # wait until training runs
+        lines.append(line)
+        if "step     3/" in line:
+            break
+    workers = _descendants(proc.pid)
+    assert workers, "".join(lines[-20:])
+    os.kill(max(workers), signal.SIGKILL)
+    t0 = time.time()
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            for pid in _descendants(proc.pid) + [proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 120
