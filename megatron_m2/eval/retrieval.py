@@ -21,6 +21,9 @@ float32 score << 32 | (2³² − 1 − index)``, whose order is total; ``torch.t
 (k+1)-th scores are equal inside a block are re-ranked with the exact keys. Scores are ranked at
 float32 precision (float16/bfloat16 scores are exact in float32; float64 scores are rounded to
 float32 first). ``-0.0`` and ``+0.0`` are the same score; NaN embeddings are not supported.
+One caveat: BLAS may round a dot product differently (by an ulp) for different block shapes, so
+two *nearly* equal scores can swap when ``chunk_size`` or the sharding changes; exactly equal
+scores always follow the rule.
 
 Distributed evaluation. With ``group`` (e.g. the data-parallel group), every rank passes only its
 own shard of images and of captions, and gets the same global metrics back. Images are numbered
