@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Train the tiny M2-Encoder on the bundled bilingual emoji demo set on a CPU box (2 gloo
+# processes, data parallel), evaluate held-out image<->text retrieval in English and Chinese,
+# save a checkpoint, a loss curve and TensorBoard logs.
+#
+#   bash examples/local/demo_cpu.sh
+#   NPROC=2 TP=2 ITERS=200 OUT=runs/tp2 bash examples/local/demo_cpu.sh
+#
+# Any extra arguments are passed to m2-pretrain.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+NPROC=${NPROC:-2}
+TP=${TP:-1}
+PP=${PP:-1}
+ITERS=${ITERS:-400}
+OUT=${OUT:-runs/demo}
+PYTHON=${PYTHON:-python}
+DATA=${DATA:-data/emoji_demo}
+
+model_args=(--flavor tiny --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
+data_args=(
+  --data-path "$DATA/train" --valid-data-path "$DATA/validation"
+  --tokenizer-model "$DATA/tokenizer.model" --caption-lang balanced --randaugment none
+  --num-workers 1
+)
+train_args=(
+  --micro-batch-size 32 --global-batch-size 64 --train-iters "$ITERS"
+  --lr 2e-3 --lr-warmup-iters 20 --lr-decay-style cosine --weight-decay 0.05 --clip-grad 1.0
+)
+log_args=(
+  --eval-interval 100 --log-interval 20 --save "$OUT" --log-json "$OUT/log.jsonl"
+  --tensorboard-dir "$OUT/tb"
+)
+
+mkdir -p "$OUT"
+exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" -m megatron_m2.pretrain \
+  "${model_args[@]}" "${data_args[@]}" "${train_args[@]}" "${log_args[@]}" "$@"
