@@ -89,7 +89,9 @@ def _loss_step(data_iterator, model, heads: str, itc_group, poison: bool = False
         if poison:  # fault injection (tests of the non-finite-loss handling)
             loss = loss * float("nan")
         metrics = {k: v.detach() for k, v in metrics.items()}
-        metrics["loss"] = loss.detach()
+        # A copy: megatron's schedule divides the returned loss by the number of micro-batches
+        # in place, which would also scale a detached view of it.
+        metrics["loss"] = loss.detach().clone()
         return loss, metrics
 
     return out, loss_func
