@@ -9,7 +9,9 @@ In a temporary directory it
    a JSONL manifest and trains a small tokenizer on the captions;
 2. runs :func:`~megatron_m2.data.preprocess.preprocess` on the manifest with 1 and with 2 worker
    processes (fresh outputs each time) and reports images/s in total and per worker; the time
-   includes starting the worker pool and assembling the final files, as a real run pays both;
+   includes starting the worker pool and assembling the final files, as a real run pays both.
+   A second run over the first few records measures those fixed costs, which a few hundred
+   images do not amortise, and the steady images/s of the rest;
 3. writes webdataset tar shards holding **the same samples** as the preprocessed dataset: per
    sample ``{key}.jpg`` = the stored (re-encoded) JPEG bytes and ``{key}.json`` = the framed token
    ids of its captions with their languages, so that both loaders decode identical bytes;
@@ -29,12 +31,14 @@ In a temporary directory it
    sample both loaders produce the same tensors (checked on a few samples before timing), and
    one pass of each covers the same samples: the figures compare the loaders, not the work.
    Time to the first batch (worker start-up included) is reported separately; throughput is
-   measured over the following batches of one pass.
+   measured over the following batches of one pass, with the CPU time the loader's processes
+   spend meanwhile (steadier than wall time on a machine shared with other jobs).
+   ``--repeats N`` runs N alternating passes of each and keeps each figure's best.
 
 Examples::
 
     python tools/bench_data.py
-    python tools/bench_data.py --samples 2048 --workers 4 --json
+    python tools/bench_data.py --samples 2048 --workers 4 --repeats 3 --json
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -115,7 +119,7 @@ def make_image(size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def make_corpus(root: Path, n: int, size: int, seed: int) -> Dict[str, object]:
-    """Write ``n`` JPEGs and ``manifest.jsonl`` under ``root``; returns paths and sizes."""
+    """Write ``n`` JPEGs, ``manifest.jsonl`` and ``head.jsonl`` under ``root``."""
     import numpy as np
 
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
@@ -132,8 +136,11 @@ def make_corpus(root: Path, n: int, size: int, seed: int) -> Dict[str, object]:
             f.write(json.dumps({"image": name, "captions": [{"text": en, "lang": "en"},
                                                             {"text": zh, "lang": "zh"}]},
                                ensure_ascii=False) + "\n")
-    return {"manifest": str(root / "manifest.jsonl"), "captions": captions,
-            "mean_source_jpeg_bytes": total / n}
+    # The first records again as a small manifest, to time a run's fixed costs.
+    lines = (root / "manifest.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "head.jsonl").write_text("".join(lines[:max(1, min(32, n // 8))]), encoding="utf-8")
+    return {"manifest": str(root / "manifest.jsonl"), "head": str(root / "head.jsonl"),
+            "captions": captions, "mean_source_jpeg_bytes": total / n}
 
 
 # -- the webdataset side ---------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def wds_loader(urls, mapper, batch: int, workers: int):
 
 
 # -- measurements ----------------------------------------------------------------------------------
-def time_preprocess(manifest: str, prefix: str, tok_model: str, workers: int) -> Dict:
+def _preprocess_once(manifest: str, prefix: str, tok_model: str, workers: int):
     from megatron_m2.data.preprocess import PreprocessConfig, preprocess
 
     cfg = PreprocessConfig(tokenizer_model=tok_model, workers=workers)
@@ -243,24 +250,62 @@ def time_preprocess(manifest: str, prefix: str, tok_model: str, workers: int) ->
     dt = time.perf_counter() - t0
     if summary.rejected:
         raise RuntimeError(f"preprocessing rejected {summary.rejected} synthetic records")
-    ips = summary.written / dt
+    return summary.written, dt
+
+
+def time_preprocess(manifest: str, head: str, prefix: str, tok_model: str, workers: int) -> Dict:
+    """End-to-end images/s of a preprocessing run, and its fixed and per-image parts.
+
+    A run pays fixed costs (starting the worker pool, assembling and fsyncing the final files)
+    that a few hundred images do not amortise. Timing a run over the first few records
+    (``head``) as well separates them: ``fixed_s`` ~ the head run's time, and
+    ``steady_images_per_s`` = extra images / extra seconds of the full run (None when noise on
+    a busy machine makes the difference meaningless).
+    """
+    n, dt = _preprocess_once(manifest, prefix, tok_model, workers)
+    n0, dt0 = _preprocess_once(head, prefix + "-head", tok_model, workers)
+    ips = n / dt
+    steady = (n - n0) / (dt - dt0) if n > n0 and dt > dt0 else None
     return {"images_per_s": round(ips, 2), "per_worker": round(ips / workers, 2),
-            "seconds": round(dt, 3), "written": summary.written}
+            "seconds": round(dt, 3), "written": n, "fixed_s": round(dt0, 3),
+            "steady_images_per_s": None if steady is None else round(steady, 2),
+            "steady_per_worker": None if steady is None else round(steady / workers, 2)}
 
 
 def _shapes(b: Dict[str, torch.Tensor]):
     return {k: (tuple(v.shape), v.dtype) for k, v in b.items()}
 
 
+def _cpu_seconds(pids: List[int]) -> Optional[float]:
+    """User + system CPU time of processes ``pids`` (Linux ``/proc``; None elsewhere)."""
+    total = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                # Fields after the command name (which may hold spaces): utime and stime are
+                # the 14th and 15th fields of the line, the 12th and 13th after ")".
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def time_loader(loader, measured: int, expect, workers: int) -> Dict:
     """Time to the first batch, then samples/s over the next ``measured`` batches.
 
-    Every batch's shapes and dtypes are checked against ``expect``.
+    Every batch's shapes and dtypes are checked against ``expect``. Besides wall time, the CPU
+    time the loader's processes (main + workers) spend in the same window is reported per
+    sample: on a machine shared with other jobs it is far steadier than samples/s. It is
+    approximate, as the workers keep prefetching at both ends of the window.
     """
     t0 = time.perf_counter()
     it = iter(loader)
     first = next(it)
-    t1 = time.perf_counter()
+    # torch keeps the worker processes in a private attribute; without it only the main
+    # process's CPU time is counted (flagged by worker_cpu_ms_per_sample = None).
+    pids = [w.pid for w in getattr(it, "_workers", [])]
+    t1, c1, w1 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
     if _shapes(first) != expect:
         raise AssertionError(f"batch shapes {_shapes(first)} != expected {expect}")
     samples = 0
@@ -269,7 +314,9 @@ def time_loader(loader, measured: int, expect, workers: int) -> Dict:
         if _shapes(b) != expect:
             raise AssertionError(f"batch shapes {_shapes(b)} != expected {expect}")
         samples += b["images"].shape[0]
-    t2 = time.perf_counter()
+    t2, c2, w2 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
+    worker_ms = (None if workers and (w1 is None or w2 is None or not pids)
+                 else 1e3 * ((w2 or 0.0) - (w1 or 0.0)) / samples)
     if workers:
         # Let the workers finish the batches they prefetched before shutting them down: a
         # build_loader worker stopped in the middle of a sample was seen to die with SIGABRT
@@ -279,9 +326,22 @@ def time_loader(loader, measured: int, expect, workers: int) -> Dict:
         time.sleep(min(10.0, 1.5 * 2 * workers * (t2 - t1) / max(measured, 1)))
     del it, first, loader  # shut the workers down before the other loader starts
     gc.collect()
+    main_ms = 1e3 * (c2 - c1) / samples
     return {"samples_per_s": round(samples / (t2 - t1), 2),
             "first_batch_s": round(t1 - t0, 3), "batches": measured, "samples": samples,
-            "seconds": round(t2 - t1, 3)}
+            "seconds": round(t2 - t1, 3), "main_cpu_ms_per_sample": round(main_ms, 3),
+            "worker_cpu_ms_per_sample": None if worker_ms is None else round(worker_ms, 3),
+            "cpu_ms_per_sample": None if worker_ms is None else round(main_ms + worker_ms, 3)}
+
+
+def _best(passes: List[Dict]) -> Dict:
+    """Each figure's best value over the passes: the least disturbed by other jobs."""
+    best = dict(max(passes, key=lambda x: x["samples_per_s"]), passes=len(passes))
+    best["first_batch_s"] = min(x["first_batch_s"] for x in passes)
+    for key in ("main_cpu_ms_per_sample", "worker_cpu_ms_per_sample", "cpu_ms_per_sample"):
+        values = [x[key] for x in passes if x[key] is not None]
+        best[key] = min(values) if values else None
+    return best
 
 
 def run(args) -> Dict:
@@ -306,8 +366,9 @@ def run(args) -> Dict:
         # import it now so that the first timed run is not charged for it and the second not.
         import megatron.core.datasets.indexed_dataset  # noqa: F401
 
-        pre = {f"workers_{w}": time_preprocess(corpus["manifest"], str(root / f"w{w}" / "data"),
-                                               tok_model, w) for w in (1, 2)}
+        pre = {f"workers_{w}": time_preprocess(corpus["manifest"], corpus["head"],
+                                               str(root / f"w{w}" / "data"), tok_model, w)
+               for w in (1, 2)}
         prefix = str(root / "w2" / "data")
         same_output = all(filecmp.cmp(str(root / "w1" / "data") + ext, prefix + ext,
                                       shallow=False) for ext in (".bin", ".idx"))
@@ -357,15 +418,15 @@ def run(args) -> Dict:
             for name in (("ours", "webdataset") if r % 2 == 0 else ("webdataset", "ours")):
                 passes[name].append(time_loader(make[name](), measured, expect, args.workers))
         load_after = os.getloadavg()[0]
-        # The best pass is the least disturbed by whatever else runs on the machine.
-        ours, theirs = (dict(max(passes[k], key=lambda x: x["samples_per_s"]),
-                             first_batch_s=min(x["first_batch_s"] for x in passes[k]),
-                             passes=len(passes[k])) for k in ("ours", "webdataset"))
+        ours, theirs = (_best(passes[k]) for k in ("ours", "webdataset"))
+        cpu_ratio = (round(theirs["cpu_ms_per_sample"] / ours["cpu_ms_per_sample"], 3)
+                     if ours["cpu_ms_per_sample"] and theirs["cpu_ms_per_sample"] else None)
 
     return {
         "preprocess": pre,
         "loader": {"ours": ours, "webdataset": theirs,
-                   "ratio": round(ours["samples_per_s"] / theirs["samples_per_s"], 3)},
+                   "ratio": round(ours["samples_per_s"] / theirs["samples_per_s"], 3),
+                   "cpu_ratio": cpu_ratio},
         "config": {"samples": args.samples, "source_size": args.source_size,
                    "image_size": S, "batch": B, "workers": args.workers,
                    "shards": args.shards, "text_length": L, "seed": args.seed,
@@ -388,19 +449,29 @@ def print_table(r: Dict) -> None:
           f"{c['mean_stored_jpeg_bytes'] / 1024:.1f} KiB) -> {c['image_size']} px, "
           f"RandAugment(2,7), batch {c['batch']}, {c['workers']} loader workers, "
           f"{c['cpus']} CPUs")
-    print(f"\n{'preprocess':<12}{'workers':>8}{'images/s':>11}{'per worker':>12}{'seconds':>9}")
+    print(f"\n{'preprocess':<12}{'workers':>8}{'images/s':>11}{'per worker':>12}{'seconds':>9}"
+          f"{'fixed s':>9}{'steady img/s':>14}{'per worker':>12}")
     for key, p in r["preprocess"].items():
+        steady = ("n/a", "n/a") if p["steady_images_per_s"] is None else (
+            f"{p['steady_images_per_s']:.1f}", f"{p['steady_per_worker']:.1f}")
         print(f"{'':<12}{key.split('_')[1]:>8}{p['images_per_s']:>11.1f}"
-              f"{p['per_worker']:>12.1f}{p['seconds']:>9.2f}")
+              f"{p['per_worker']:>12.1f}{p['seconds']:>9.2f}{p['fixed_s']:>9.2f}"
+              f"{steady[0]:>14}{steady[1]:>12}")
+    print("  fixed s: a run over the first few records (pool start-up, assembly, fsync); steady: "
+          "the rest")
     print(f"  outputs of 1 and 2 workers byte-identical: {c['preprocess_outputs_identical']}")
-    print(f"\n{'loader':<12}{'samples/s':>11}{'first batch s':>15}{'batches':>9}{'seconds':>9}")
+    print(f"\n{'loader':<12}{'samples/s':>11}{'first batch s':>15}{'batches':>9}{'seconds':>9}"
+          f"{'CPU ms/sample':>15}")
     for name in ("ours", "webdataset"):
         x = r["loader"][name]
+        cpu = "n/a" if x["cpu_ms_per_sample"] is None else f"{x['cpu_ms_per_sample']:.2f}"
         print(f"{name:<12}{x['samples_per_s']:>11.1f}{x['first_batch_s']:>15.2f}"
-              f"{x['batches']:>9}{x['seconds']:>9.2f}")
-    print(f"  ratio ours / webdataset: {r['loader']['ratio']:.3f} "
-          f"({c['samples_checked_equal']} samples checked equal across loaders; "
-          f"{c['shards']} shards)")
+              f"{x['batches']:>9}{x['seconds']:>9.2f}{cpu:>15}")
+    cpu_ratio = r["loader"]["cpu_ratio"]
+    print(f"  ratio ours / webdataset: {r['loader']['ratio']:.3f} samples/s"
+          + ("" if cpu_ratio is None else f", {cpu_ratio:.3f} samples per CPU second"))
+    print(f"  {c['samples_checked_equal']} samples checked equal across loaders; "
+          f"{c['shards']} shards; CPU = main + worker processes over the timed batches")
     best = f"best of {c['repeats']} alternating passes each; " if c["repeats"] > 1 else ""
     print(f"  {best}1-min load average {c['loadavg_1min'][0]:.2f} before the loaders, "
           f"{c['loadavg_1min'][1]:.2f} after ({c['cpus']} CPUs)")

@@ -26,12 +26,16 @@ def test_bench_data_json():
         assert p["written"] == 24
         assert p["images_per_s"] > 0
         assert p["per_worker"] == pytest.approx(p["images_per_s"] / w, rel=0.01)
-    assert set(r["loader"]) == {"ours", "webdataset", "ratio"}
+        assert p["seconds"] > 0 and p["fixed_s"] > 0
+        # The steady rate is a difference of two short timings: None when noise wins.
+        assert p["steady_images_per_s"] is None or p["steady_images_per_s"] > 0
+    assert set(r["loader"]) == {"ours", "webdataset", "ratio", "cpu_ratio"}
     for name in ("ours", "webdataset"):
         x = r["loader"][name]
         assert x["samples_per_s"] > 0 and x["first_batch_s"] > 0
         # 24 samples in 4 shards of 6, one stream: 6 full batches of 4, the first a warm-up.
-        assert x["batches"] == 5 and x["samples"] == 20
+        assert x["batches"] == 5 and x["samples"] == 20 and x["passes"] == 1
+        assert x["cpu_ms_per_sample"] >= 0 and x["worker_cpu_ms_per_sample"] == 0  # no workers
     assert r["loader"]["ratio"] == pytest.approx(
         r["loader"]["ours"]["samples_per_s"] / r["loader"]["webdataset"]["samples_per_s"],
         rel=0.01)
