@@ -27,7 +27,16 @@ from torch.nn import functional as F
 from .multiway import MultiwayWrapper, SplitAware, TPLayerNorm, _init_device
 
 __all__ = ["M2SelfAttention", "M2SelfAttentionSubmodules", "BlockDiagonalSDPA",
-           "multiway_linear"]
+           "multiway_linear", "multiway_sharded_norm"]
+
+
+def multiway_sharded_norm(spec, config, width: int, tp_group, shared: bool) -> MultiwayWrapper:
+    """Two Sub-LN LayerNorms (one per branch) over a width sharded across the TP group."""
+    return MultiwayWrapper(
+        lambda: build_module(spec, width, config.layernorm_epsilon, tp_group=tp_group,
+                             sharded=True, params_dtype=config.params_dtype,
+                             device=_init_device(config)),
+        config, shared=shared)
 
 
 def multiway_linear(spec, config, in_size: int, out_size: int, parallel_mode: str, tp_group,
@@ -112,11 +121,8 @@ class M2SelfAttention(MegatronModule):
                                                 "column", tp_group, shared))
         self.core_attention = build_module(submodules.core_attention, config=config,
                                            layer_number=layer_number)
-        self.inner_norm = MultiwayWrapper(
-            lambda: build_module(submodules.inner_norm, d, config.layernorm_epsilon,
-                                 tp_group=tp_group, sharded=True,
-                                 params_dtype=config.params_dtype, device=_init_device(config)),
-            config, shared=shared)
+        self.inner_norm = multiway_sharded_norm(submodules.inner_norm, config, d, tp_group,
+                                                shared)
         self.linear_proj = multiway_linear(submodules.linear_proj, config, d, d, "row",
                                            tp_group, shared)
 

@@ -13,12 +13,11 @@ from typing import Union
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch.nn import functional as F
 
-from .attention import multiway_linear
-from .multiway import MultiwayWrapper, _init_device
+from .attention import multiway_linear, multiway_sharded_norm
 
 __all__ = ["M2MLP", "M2MLPSubmodules"]
 
@@ -42,11 +41,7 @@ class M2MLP(MegatronModule):
         d, f = config.hidden_size, config.ffn_hidden_size
         self.linear_fc1 = multiway_linear(submodules.linear_fc1, config, d, f, "column",
                                           tp_group, shared)
-        self.ffn_norm = MultiwayWrapper(
-            lambda: build_module(submodules.ffn_norm, f, config.layernorm_epsilon,
-                                 tp_group=tp_group, sharded=True,
-                                 params_dtype=config.params_dtype, device=_init_device(config)),
-            config, shared=shared)
+        self.ffn_norm = multiway_sharded_norm(submodules.ffn_norm, config, f, tp_group, shared)
         self.linear_fc2 = multiway_linear(submodules.linear_fc2, config, f, d, "row",
                                           tp_group, shared)
 
