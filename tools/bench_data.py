@@ -396,7 +396,7 @@ def run(args) -> Dict:
         checked = 0
         for sample in check:
             a, b = ours_ds.get(int(json.loads(sample["json"])["index"]), 0), mapper(sample)
-            if not all(torch.equal(a[k], b[k]) for k in a) or a.keys() != b.keys():
+            if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
                 raise AssertionError(f"loaders disagree on sample {sample['__key__']}")
             checked += 1
             if checked == 4:
