@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 NPROC=${NPROC:-2}
 TP=${TP:-1}
 PP=${PP:-1}
-ITERS=${ITERS:-400}
+ITERS=${ITERS:-500}
 OUT=${OUT:-runs/demo}
 PYTHON=${PYTHON:-python}
 DATA=${DATA:-data/emoji_demo}
@@ -26,7 +26,7 @@ data_args=(
 )
 train_args=(
   --micro-batch-size 32 --global-batch-size 64 --train-iters "$ITERS"
-  --lr 2e-3 --lr-warmup-iters 20 --lr-decay-style cosine --weight-decay 0.05 --clip-grad 1.0
+  --lr 3e-3 --lr-warmup-iters 50 --lr-decay-style cosine --weight-decay 0.05 --clip-grad 1.0
 )
 log_args=(
   --eval-interval 100 --log-interval 20 --save "$OUT" --log-json "$OUT/log.jsonl"
