@@ -137,6 +137,34 @@ def disable() -> None:
     _GLOBAL.update(enabled=False, mode=None, saved={})
 
 
+@contextlib.contextmanager
+def suspended():
+    """Run a block without the layer (no-op when it is not enabled).
+
+    For hot code that never asks for a CUDA device — the model's forward, the inner torch
+    optimizer step — so that it does not pay one Python call per torch call.
+    """
+    mode = _GLOBAL["mode"]
+    if mode is None:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
+def exempt(fn):
+    """``fn`` wrapped to run under :func:`suspended`."""
+    def wrapper(*args, **kwargs):
+        with suspended():
+            return fn(*args, **kwargs)
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def is_enabled() -> bool:
     """Whether the CPU compatibility layer is active in this process."""
     return _GLOBAL["enabled"]

@@ -71,11 +71,15 @@ def _unwrap(model):
 
 
 def _run_model(model, batch):
+    from ..parallel import cpu_compat
+
     unwrapped = _unwrap(model)
-    if unwrapped.pre_process:
-        return model(batch["images"], batch["text_ids"], batch["text_pad_mask"])
-    return model(text_pad_mask=batch["text_pad_mask"],
-                 split_position=unwrapped.config.vision_seq_len)
+    # The model's forward never asks for a CUDA device: skip the CPU layer's per-call hook.
+    with cpu_compat.suspended():
+        if unwrapped.pre_process:
+            return model(batch["images"], batch["text_ids"], batch["text_pad_mask"])
+        return model(text_pad_mask=batch["text_pad_mask"],
+                     split_position=unwrapped.config.vision_seq_len)
 
 
 def _loss_step(data_iterator, model, heads: str, itc_group, poison: bool = False):
@@ -195,6 +199,13 @@ class Trainer:
             lr_decay_steps=max(decay_iters, args.lr_warmup_iters + 1),
             lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
             end_wd=args.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant")
+        from ..parallel import cpu_compat
+
+        if cpu_compat.is_enabled():
+            # The inner torch optimizer's per-parameter arithmetic needs no CUDA rewriting;
+            # megatron's own step around it (buffers, clipping) keeps the layer.
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                opt.optimizer.step = cpu_compat.exempt(opt.optimizer.step)
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.ddp_model.no_sync
         config.finalize_model_grads_func = finalize_model_grads

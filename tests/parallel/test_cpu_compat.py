@@ -52,3 +52,17 @@ def test_megatron_clip_grad_runs_on_cpu(compat):
     p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
     clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=5.0)
     torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8, 0.0, 0.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_suspended_and_exempt(compat):
+    with cpu_compat.suspended():
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.zeros(1, device="cuda")  # the layer is off inside
+    assert torch.zeros(1, device="cuda").device.type == "cpu"  # and back on after
+
+    @cpu_compat.exempt
+    def make():
+        return torch.ones(2).type()
+
+    assert make() == "torch.FloatTensor"
+    assert torch.ones(2).type() == "torch.cuda.FloatTensor"
