@@ -320,7 +320,6 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
         optim = _StageFiles(directory, "optim")
         if not optim.where:
             logger.warning("checkpoint %s has no optimizer state; starting it fresh", directory)
-        dp_group = ps.get_data_parallel_group()
         for mp, holder, rng, inner in _state_holders(optimizer):
             name = names.get(id(mp))
             if name is None or f"exp_avg/{name}" not in optim:
@@ -342,7 +341,6 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
                 elif holder is not mp:
                     src = mp.detach().reshape(-1)
                     holder.copy_((src[rng[0]:rng[1]] if rng else src).view(holder.shape))
-        del dp_group
         if scheduler is not None and "scheduler" in meta:
             scheduler.load_state_dict(meta["scheduler"])
 

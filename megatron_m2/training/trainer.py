@@ -211,13 +211,12 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
 
         self.num_micro = args.global_batch_size // (args.micro_batch_size * self.dp)
+        self._loader = None  # real data: built at the first step (after a possible resume)
         if args.synthetic:
             num_samples = args.synthetic_num_samples or args.global_batch_size
             self.dataset = SyntheticImageText(cfg, num_samples, seed=args.seed)
-            self._loader = None
         else:
             self.dataset = self._build_train_dataset()
-            self._loader = None  # built lazily at the first step (after a possible resume)
         self.seq_len = cfg.vision_seq_len + cfg.max_text_len
         self.forward_backward = get_forward_backward_func()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)

@@ -68,6 +68,17 @@ def straight(tmp_path_factory):
     return d
 
 
+def _resume_and_compare(straight, tmp_path, ckpt, steps):
+    """Resume from ``ckpt`` (at step 10) to ``steps``: losses bitwise equal to the straight run."""
+    log = tmp_path / "resumed.jsonl"
+    res = _run(DP2 + ["--train-iters", str(steps), "--load", str(ckpt), "--save", str(ckpt),
+                      "--log-json", str(log)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed, ref = _losses(log), _losses(straight / "log.jsonl")
+    assert sorted(resumed) == list(range(11, steps + 1))
+    assert all(resumed[s] == ref[s] for s in resumed), [(s, resumed[s], ref[s]) for s in resumed]
+
+
 def test_kill9_then_resume_is_bitwise_identical(straight, tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen(_cmd(DP2 + ["--train-iters", "30", "--save", str(ckpt),
@@ -89,13 +100,7 @@ def test_kill9_then_resume_is_bitwise_identical(straight, tmp_path):
             pass
     proc.wait()
     assert tracker.read_text().strip() == "10"
-    log = tmp_path / "resumed.jsonl"
-    res = _run(DP2 + ["--train-iters", "30", "--load", str(ckpt), "--save", str(ckpt),
-                      "--log-json", str(log)])
-    assert res.returncode == 0, res.stderr[-3000:]
-    resumed, ref = _losses(log), _losses(straight / "log.jsonl")
-    assert sorted(resumed) == list(range(11, 31))
-    assert all(resumed[s] == ref[s] for s in resumed), [(s, resumed[s], ref[s]) for s in resumed]
+    _resume_and_compare(straight, tmp_path, ckpt, steps=30)
 
 
 def test_kill_during_save_keeps_previous_checkpoint(straight, tmp_path):
@@ -105,13 +110,7 @@ def test_kill_during_save_keeps_previous_checkpoint(straight, tmp_path):
     assert crashed.returncode != 0
     assert (ckpt / TRACKER).read_text().strip() == "10"
     assert (ckpt / "iter_0000020.tmp").exists() and not (ckpt / "iter_0000020").exists()
-    log = tmp_path / "resumed.jsonl"
-    res = _run(DP2 + ["--train-iters", "20", "--load", str(ckpt), "--save", str(ckpt),
-                      "--log-json", str(log)])
-    assert res.returncode == 0, res.stderr[-3000:]
-    resumed, ref = _losses(log), _losses(straight / "log.jsonl")
-    assert sorted(resumed) == list(range(11, 21))
-    assert all(resumed[s] == ref[s] for s in resumed)
+    _resume_and_compare(straight, tmp_path, ckpt, steps=20)
     assert (ckpt / TRACKER).read_text().strip() == "20"
     assert not (ckpt / "iter_0000020.tmp").exists()
 
