@@ -24,7 +24,7 @@ from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch import nn
 from torch.nn import functional as F
 
-from .multiway import MultiwayWrapper, SplitAware, TPLayerNorm, _init_device
+from .multiway import MultiwayWrapper, SplitAware, TPLayerNorm, _first, _init_device
 
 __all__ = ["M2SelfAttention", "M2SelfAttentionSubmodules", "BlockDiagonalSDPA",
            "multiway_linear", "multiway_sharded_norm"]
@@ -74,19 +74,27 @@ class BlockDiagonalSDPA(nn.Module, SplitAware):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return out.permute(2, 0, 1, 3)  # [s, b, h, d]
 
-    def forward(self, q, k, v, text_pad_mask: Optional[torch.Tensor] = None):
-        s = min(max(self.split_position, 0), q.shape[0])
+    def forward(self, q, k, v, text_pad_mask: Optional[torch.Tensor] = None,
+                split_position: Optional[int] = None):
+        """``split_position`` overrides the module's split point (a call on one part only:
+        the part's length for vision rows, 0 for text rows)."""
+        s = self.split_position if split_position is None else split_position
+        s = min(max(s, 0), q.shape[0])
         p = self.dropout if self.training else 0.0
-        parts = []
-        if s > 0:
-            parts.append(self._sdpa(q[:s], k[:s], v[:s], None, p))
-        if s < q.shape[0]:
-            mask = None
-            if text_pad_mask is not None:
-                # SDPA bool mask: True = may attend. [b, 1, 1, s_t] broadcasts over heads/queries.
-                mask = (~text_pad_mask.bool())[:, None, None, :]
-            parts.append(self._sdpa(q[s:], k[s:], v[s:], mask, p))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        mask = None
+        if text_pad_mask is not None and s < q.shape[0]:
+            # SDPA bool mask: True = may attend. [b, 1, 1, s_t] broadcasts over heads/queries.
+            mask = (~text_pad_mask.bool())[:, None, None, :]
+        if s <= 0:
+            out = self._sdpa(q, k, v, mask, p)
+        elif s >= q.shape[0]:
+            out = self._sdpa(q, k, v, None, p)
+        else:
+            # torch.split, not slices: one backward node that concatenates (see MultiwayWrapper).
+            sizes = [s, q.shape[0] - s]
+            (qv, qt), (kv, kt), (vv, vt) = (torch.split(t, sizes, dim=0) for t in (q, k, v))
+            out = torch.cat([self._sdpa(qv, kv, vv, None, p), self._sdpa(qt, kt, vt, mask, p)],
+                            dim=0)
         return out.flatten(2)
 
 
@@ -127,13 +135,22 @@ class M2SelfAttention(MegatronModule):
                                            tp_group, shared)
 
     def forward(self, hidden_states, attention_mask=None, **unused):
-        s, b, _ = hidden_states.shape
-        shape = (s, b, self.num_heads_local, self.head_dim)
-        q = self.linear_q(hidden_states).view(shape)
-        k = self.linear_k(hidden_states).view(shape)
-        v = self.linear_v(hidden_states).view(shape)
-        ctx = self.core_attention(q, k, v, text_pad_mask=attention_mask)
-        return self.linear_proj(self.inner_norm(ctx)), None
+        # Each part of the packed sequence (vision rows, text rows) attends only to itself, so
+        # the whole block runs part by part with that part's branch, and is concatenated once.
+        split = self.linear_q.split_position
+        outs = []
+        for key, x in self.linear_q.parts(hidden_states):
+            s, b, _ = x.shape
+            shape = (s, b, self.num_heads_local, self.head_dim)
+            q, k, v = (_first(lin.branch(key)(x)).view(shape)
+                       for lin in (self.linear_q, self.linear_k, self.linear_v))
+            # The part holds vision rows iff it starts the sequence and the split is inside or
+            # beyond it; vision parts have no padding mask.
+            is_vision = not outs and split > 0
+            ctx = self.core_attention(q, k, v, text_pad_mask=None if is_vision else attention_mask,
+                                      split_position=s if is_vision else 0)
+            outs.append(_first(self.linear_proj.branch(key)(self.inner_norm.branch(key)(ctx))))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None
 
 
 __all__ += ["TPLayerNorm"]

@@ -18,6 +18,7 @@ from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch.nn import functional as F
 
 from .attention import multiway_linear, multiway_sharded_norm
+from .multiway import _first
 
 __all__ = ["M2MLP", "M2MLPSubmodules"]
 
@@ -46,5 +47,10 @@ class M2MLP(MegatronModule):
                                           tp_group, shared)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
-        h = F.gelu(self.linear_fc1(hidden_states))
-        return self.linear_fc2(self.ffn_norm(h)), None
+        # Branch by branch on its part of the packed sequence; one concatenation at the end.
+        outs = []
+        for key, x in self.linear_fc1.parts(hidden_states):
+            h = F.gelu(_first(self.linear_fc1.branch(key)(x)))
+            h = self.ffn_norm.branch(key)(h)
+            outs.append(_first(self.linear_fc2.branch(key)(h)))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None

@@ -57,13 +57,36 @@ class MultiwayWrapper(nn.Module, SplitAware):
             for p in self.B.parameters():
                 p.requires_grad_(False)
 
+    def parts(self, x: torch.Tensor):
+        """``[(branch, rows), ...]``: the packed sequence cut at the split point, each part
+        paired with the branch that processes it (``A`` for both parts when shared).
+
+        Blocks that chain several multiway modules (attention, MLP) cut once, run every module
+        of a branch on its part and concatenate once, instead of a cut and a concatenation
+        around each module. Parts are made with one ``torch.split`` (see :meth:`forward`).
+        """
+        s = self.split_position
+        if s >= x.shape[0]:
+            return [("A", x)]
+        if s <= 0:
+            return [("A" if self.shared else "B", x)]
+        xa, xb = torch.split(x, [s, x.shape[0] - s], dim=0)
+        return [("A", xa), ("A" if self.shared else "B", xb)]
+
+    def branch(self, key: str) -> nn.Module:
+        """Branch ``"A"`` or ``"B"`` (as named by :meth:`parts`)."""
+        return self.A if key == "A" else self.B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.split_position
         if self.shared or s >= x.shape[0]:
             return _first(self.A(x))
         if s <= 0:
             return _first(self.B(x))
-        return torch.cat([_first(self.A(x[:s])), _first(self.B(x[s:]))], dim=0)
+        # One split node rather than two slices: its backward concatenates the two gradients,
+        # where two slices would each scatter into a zero-filled full-size tensor and then add.
+        xa, xb = torch.split(x, [s, x.shape[0] - s], dim=0)
+        return torch.cat([_first(self.A(xa)), _first(self.B(xb))], dim=0)
 
 
 class _AllReduceSum(torch.autograd.Function):
