@@ -77,10 +77,15 @@ class M2Tokenizer:
         ValueError: if a required special piece is missing from the model, or ``max_length < 2``.
     """
 
-    def __init__(self, model_path: PathLike, max_length: int = DEFAULT_MAX_LENGTH):
+    def __init__(self, model_path: PathLike, max_length: int = DEFAULT_MAX_LENGTH,
+                 model_proto: Optional[bytes] = None):
         self._model_path = str(model_path)
         self._max_length = self._check_length(max_length)
-        self._sp = spm.SentencePieceProcessor(model_file=self._model_path)
+        self._proto = model_proto
+        if model_proto is not None:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        else:
+            self._sp = spm.SentencePieceProcessor(model_file=self._model_path)
         self._sha256: Optional[str] = None
         self._specials: Dict[str, int] = {}
         for piece in SPECIAL_PIECES:
@@ -96,6 +101,18 @@ class M2Tokenizer:
         # Ids never shown by decode(): the framing specials plus SentencePiece's control pieces.
         self._skip_ids = frozenset(self._specials.values()) | frozenset(
             i for i in range(self.vocab_size) if self._sp.is_control(i))
+
+    @classmethod
+    def from_bytes(cls, model_proto: bytes, max_length: int = DEFAULT_MAX_LENGTH,
+                   name: str = "<bytes>") -> "M2Tokenizer":
+        """A tokenizer from a serialized SentencePiece model (e.g. one stored inside a
+        checkpoint file); ``name`` stands in for the model path in messages and
+        :meth:`to_dict`."""
+        return cls(name, max_length, model_proto=bytes(model_proto))
+
+    def model_bytes(self) -> bytes:
+        """The serialized SentencePiece model (to store it next to weights)."""
+        return self._proto if self._proto is not None else Path(self._model_path).read_bytes()
 
     def _find_piece(self, piece: str) -> Optional[int]:
         # piece_to_id answers unk_id for unknown pieces, so confirm the round trip.
@@ -253,7 +270,7 @@ class M2Tokenizer:
     def sha256(self) -> str:
         """SHA-256 of the model file (to record which tokenizer a checkpoint was trained with)."""
         if self._sha256 is None:
-            self._sha256 = hashlib.sha256(Path(self._model_path).read_bytes()).hexdigest()
+            self._sha256 = hashlib.sha256(self.model_bytes()).hexdigest()
         return self._sha256
 
     def to_dict(self) -> dict:

@@ -1,5 +1,43 @@
-"""Evaluation: image–text retrieval recall and zero-shot accuracy in bounded memory."""
+"""Evaluation: image–text retrieval recall, zero-shot classification and its test sets."""
 
+from .datasets import (
+    FASHION_MNIST_ROOT,
+    IMG_EXTENSIONS,
+    FashionMNIST,
+    IdxFormatError,
+    ImageFolder,
+    ImageReadError,
+    iter_batches,
+    read_idx,
+)
 from .retrieval import format_table, retrieval_metrics, zero_shot_accuracy
+from .zeroshot import (
+    BUILTIN_CLASSNAMES,
+    LANGUAGES,
+    build_classifier,
+    evaluate_with_classifier,
+    evaluate_zero_shot,
+    load_classnames,
+    load_templates,
+)
 
-__all__ = ["retrieval_metrics", "zero_shot_accuracy", "format_table"]
+__all__ = [
+    "retrieval_metrics",
+    "zero_shot_accuracy",
+    "format_table",
+    "LANGUAGES",
+    "BUILTIN_CLASSNAMES",
+    "load_classnames",
+    "load_templates",
+    "build_classifier",
+    "evaluate_with_classifier",
+    "evaluate_zero_shot",
+    "FASHION_MNIST_ROOT",
+    "IMG_EXTENSIONS",
+    "IdxFormatError",
+    "ImageReadError",
+    "read_idx",
+    "iter_batches",
+    "FashionMNIST",
+    "ImageFolder",
+]

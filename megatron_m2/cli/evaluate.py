@@ -1,0 +1,316 @@
+"""``m2-eval``: retrieval and zero-shot classification of a trained M2-Encoder.
+
+Examples::
+
+    # image<->text retrieval on an indexed dataset, English and Chinese captions
+    m2-eval --load runs/demo --task retrieval --data data/emoji_demo/validation --json
+
+    # zero-shot classification on Fashion-MNIST (Debian dataset-fashion-mnist), both languages
+    m2-eval --load runs/demo --task zeroshot --fashion-mnist
+
+    # zero-shot on an image folder (one sub-folder per class) with class-name files
+    m2-eval --load model.safetensors --task zeroshot --image-folder photos/ \\
+        --classnames en=names_en.txt zh=names_zh.txt
+
+One process by default; under ``torchrun`` every rank embeds a shard of the images (and of
+their captions) and the figures are computed jointly (``retrieval_metrics`` and
+``zero_shot_accuracy`` are collectives over the world). ``--json`` prints one JSON object on
+stdout (rank 0) instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+logger = logging.getLogger("m2-eval")
+
+DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="m2-eval", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    g = p.add_argument_group("model")
+    g.add_argument("--load", required=True,
+                   help="checkpoint: a --save directory, an iter_N directory or a single "
+                        ".safetensors export")
+    g.add_argument("--head", default="vl", choices=["vl", "backbone"],
+                   help="which ITC head's embeddings to use")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece model overriding the one stored with the checkpoint")
+
+    g = p.add_argument_group("task")
+    g.add_argument("--task", required=True, choices=["retrieval", "zeroshot"])
+    g.add_argument("--lang", nargs="+", default=["en", "zh"],
+                   help="caption / class-name languages to evaluate")
+    g.add_argument("--max-samples", type=int, default=0,
+                   help="evaluate at most this many images (0: all)")
+
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--data", default=None,
+                   help="indexed dataset prefix (every caption of an image in the language "
+                        "counts as a match)")
+    g.add_argument("--chunk-size", type=int, default=4096,
+                   help="similarity block size (bounds memory)")
+
+    g = p.add_argument_group("zero-shot classification")
+    g.add_argument("--fashion-mnist", nargs="?", const=DEFAULT_FASHION_MNIST, default=None,
+                   metavar="DIR", help=f"Fashion-MNIST IDX files (default {DEFAULT_FASHION_MNIST})")
+    g.add_argument("--fashion-mnist-split", default="test", choices=["train", "test"])
+    g.add_argument("--image-folder", default=None,
+                   help="one sub-folder per class (class order: sorted folder names)")
+    g.add_argument("--classnames", nargs="+", default=None, metavar="LANG=FILE",
+                   help="class-name file per language (JSON list or one name per line), in "
+                        "the class order")
+    g.add_argument("--templates", default="default",
+                   help="'default' (80 prompt templates per language), 'none' (the bare class "
+                        "name) or a file of templates with {c}")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    g.add_argument("--output", default=None, help="also write the JSON object to this file")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _validate(args) -> Optional[str]:
+    if args.batch_size < 1:
+        return f"--batch-size must be >= 1, got {args.batch_size}"
+    if args.max_samples < 0:
+        return f"--max-samples must be >= 0, got {args.max_samples}"
+    if args.task == "retrieval" and not args.data:
+        return "--task retrieval needs --data PREFIX (an indexed dataset)"
+    if args.task == "zeroshot":
+        sources = [s for s in (args.fashion_mnist, args.image_folder) if s]
+        if len(sources) != 1:
+            return "--task zeroshot needs exactly one of --fashion-mnist [DIR], --image-folder DIR"
+        if args.image_folder and not args.classnames:
+            return "--image-folder needs --classnames LANG=FILE [LANG=FILE ...]"
+    if args.classnames:
+        for item in args.classnames:
+            if "=" not in item:
+                return f"--classnames {item!r}: expected LANG=FILE"
+    return None
+
+
+def _world():
+    """(rank, world size, group or None); initialises torch.distributed under a launcher."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from ..parallel.distributed import init_distributed
+
+        init_distributed()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    return 0, 1, None
+
+
+def _shard(n: int, rank: int, world: int) -> range:
+    per = -(-n // world)
+    return range(min(rank * per, n), min((rank + 1) * per, n))
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+
+
+# -- retrieval ----------------------------------------------------------------------------------
+def run_retrieval(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str, float]]:
+    """R@1/5/10 both ways and mean recall per language on ``args.data``."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from ..data.indexed import ImageTextIndexedDataset
+    from ..eval.retrieval import retrieval_metrics
+
+    reader = ImageTextIndexedDataset(args.data)
+    n_total = len(reader)
+    if args.max_samples:
+        n_total = min(n_total, args.max_samples)
+    results: Dict[str, Dict[str, float]] = {}
+    for lang in args.lang:
+        # Images with at least one caption in the language; every such caption is a query.
+        keep = [i for i in range(n_total) if lang in reader.caption_languages(i)]
+        if not keep:
+            logger.warning("%s: no %s captions; skipped", args.data, lang)
+            continue
+        mine = [keep[j] for j in _shard(len(keep), rank, world)]
+        offset = _shard(len(keep), rank, world).start
+        images, captions, owner = [], [], []
+        bs = args.batch_size
+        img_emb = []
+        it = _progress(range(0, len(mine), bs), -(-len(mine) // bs),
+                       f"{lang} images", rank == 0 and not args.no_progress)
+        for lo in it:
+            batch = []
+            for j, i in enumerate(mine[lo:lo + bs]):
+                sample = reader[i]
+                with Image.open(io.BytesIO(sample.image)) as im:
+                    batch.append(enc.transform(im))
+                for cl, ids in sample.captions:
+                    if cl == lang:
+                        captions.append(ids.tolist())
+                        owner.append(offset + lo + j)
+            img_emb.append(enc.encode_image(torch.stack(batch)) if batch else
+                           torch.empty(0, enc.embed_dim))
+        images = torch.cat(img_emb) if img_emb else torch.empty(0, enc.embed_dim)
+        texts = enc.encode_tokens(captions) if captions else torch.empty(0, enc.embed_dim)
+        m = retrieval_metrics(images, texts, torch.tensor(owner, dtype=torch.long),
+                              chunk_size=args.chunk_size, group=group)
+        counts = torch.tensor([images.shape[0], texts.shape[0]])
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts, group=group)
+        m["images"], m["captions"] = int(counts[0]), int(counts[1])
+        results[lang] = m
+    return results
+
+
+# -- zero-shot ----------------------------------------------------------------------------------
+def _classnames(args) -> Dict[str, List[str]]:
+    from ..eval import zeroshot
+
+    if args.classnames:
+        files = dict(item.split("=", 1) for item in args.classnames)
+        missing = [lang for lang in args.lang if lang not in files]
+        if missing:
+            raise SystemExit(f"m2-eval: no --classnames file for language(s) {missing}")
+        return {lang: zeroshot.load_classnames(files[lang], lang) for lang in args.lang}
+    return {lang: zeroshot.load_classnames("fashion_mnist", lang) for lang in args.lang}
+
+
+def _templates(args, lang: str) -> List[str]:
+    from ..eval import zeroshot
+
+    if args.templates == "default":
+        return zeroshot.load_templates(lang)
+    if args.templates == "none":
+        return ["{c}"]
+    return zeroshot.load_templates(lang, path=args.templates)
+
+
+def run_zeroshot(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str, float]]:
+    """Top-1/top-5 accuracy per language of prompt-ensembled class embeddings."""
+    import torch
+
+    from ..eval import datasets as eval_datasets
+    from ..eval import zeroshot
+    from ..eval.retrieval import zero_shot_accuracy
+
+    if args.fashion_mnist:
+        data = eval_datasets.FashionMNIST(args.fashion_mnist, split=args.fashion_mnist_split,
+                                          limit=args.max_samples or None)
+    else:
+        data = eval_datasets.ImageFolder(args.image_folder, limit=args.max_samples or None)
+    names = _classnames(args)
+    n_classes = {len(v) for v in names.values()}
+    if n_classes != {data.num_classes}:
+        raise SystemExit(f"m2-eval: the dataset has {data.num_classes} classes but the class-name "
+                         f"lists have {sorted(n_classes)}")
+    mine = _shard(len(data), rank, world)
+    feats, labels = [], []
+    bs = args.batch_size
+    it = _progress(range(mine.start, mine.stop, bs), -(-len(mine) // bs), "images",
+                   rank == 0 and not args.no_progress)
+    for lo in it:
+        imgs, labs = [], []
+        for i in range(lo, min(lo + bs, mine.stop)):
+            image, label = data[i]
+            imgs.append(enc.transform(image))
+            labs.append(label)
+        feats.append(enc.encode_image(torch.stack(imgs)))
+        labels.extend(labs)
+    images = torch.cat(feats) if feats else torch.empty(0, enc.embed_dim)
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    results = {}
+    k5 = min(5, data.num_classes)
+    for lang in args.lang:
+        templates = _templates(args, lang)
+        weights = zeroshot.build_classifier(enc.encode_text, names[lang], templates,
+                                           batch_size=args.batch_size,
+                                           progress=rank == 0 and not args.no_progress)
+        acc = zero_shot_accuracy(images, weights, labels_t, ks=(1, k5), group=group)
+        acc["images"] = len(data)
+        acc["templates"] = len(templates)
+        results[lang] = acc
+    return results
+
+
+def _table(results: Dict[str, Dict[str, float]], task: str) -> str:
+    from ..eval.retrieval import format_table
+
+    if task == "retrieval":
+        return format_table({lang: {k: v for k, v in m.items() if k not in ("images",
+                                                                            "captions")}
+                             for lang, m in results.items()})
+    keys = sorted({k for m in results.values() for k in m if k.startswith("top")},
+                  key=lambda k: int(k[3:]))
+    lines = ["      " + "".join(f"{k:>9}" for k in keys) + "   images  templates"]
+    for lang, m in results.items():
+        lines.append(f"{lang:<6}" + "".join(f"{m[k]:9.2f}" for k in keys)
+                     + f"{m['images']:9d}{m['templates']:11d}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    error = _validate(args)
+    if error:
+        print(f"m2-eval: error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+    import torch
+
+    from ..inference import M2Encoder
+
+    rank, world, group = _world()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    t0 = time.perf_counter()
+    enc = M2Encoder.from_pretrained(args.load, device=args.device, dtype=dtype, head=args.head,
+                                    batch_size=args.batch_size,
+                                    tokenizer_model=args.tokenizer_model)
+    run = run_retrieval if args.task == "retrieval" else run_zeroshot
+    results = run(enc, args, rank, world, group)
+    record = {"task": args.task, "load": args.load, "head": args.head,
+              "data": args.data or args.fashion_mnist or args.image_folder,
+              "world_size": world, "seconds": round(time.perf_counter() - t0, 2),
+              "results": results}
+    if rank == 0:
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            unit = "%" if args.task == "retrieval" else "% accuracy"
+            print(f"{args.task} on {record['data']} ({args.head} head, {unit}):")
+            print(_table(results, args.task))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(record, f, ensure_ascii=False, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Single-process inference: ``M2Encoder`` turns images and captions into embeddings.
+
+::
+
+    from megatron_m2 import M2Encoder
+
+    enc = M2Encoder.from_pretrained("runs/demo")            # a checkpoint dir or a single file
+    img = enc.encode_image([Image.open("cat.jpg")])          # [1, D], L2-normalised
+    txt = enc.encode_text(["a photo of a cat", "一只猫的照片"])  # [2, D], L2-normalised
+    probs = (enc.logit_scale * img @ txt.T).softmax(-1)
+
+The model is the same megatron-core :class:`~megatron_m2.model.M2EncoderModel` that training
+runs, built at TP=1 / PP=1. No launcher is needed: when ``torch.distributed`` is not initialised
+a private process group of one (in-memory store, no network) is created for megatron-core's
+model-parallel state. Inside a job that already initialised ``torch.distributed`` (e.g.
+``m2-eval`` under ``torchrun``), the existing world is used with TP=1, PP=1 (every rank a
+data-parallel replica).
+
+``path`` may be a training save directory (``--save``; its newest complete checkpoint), one
+``iter_N`` checkpoint directory, or a single ``.safetensors`` export (see
+:mod:`megatron_m2.convert`). The model configuration and the tokenizer travel with the
+weights in all three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from .config import M2ModelConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["M2Encoder", "load_model_weights", "ensure_model_parallel"]
+
+ImageLike = Union["PIL.Image.Image", torch.Tensor, str, os.PathLike]  # noqa: F821
+HEADS = {"vl": ("vl_image_feats", "vl_text_feats", "logit_vl_scale"),
+         "backbone": ("image_feats", "text_feats", "logit_scale")}
+
+
+@contextlib.contextmanager
+def _cpu_layer_while_building():
+    """megatron-core's constructors ask for CUDA devices; on a CPU-only machine the CPU
+    compatibility layer is on while the model is built and restored to its previous state
+    afterwards (the forward never needs it, and the layer is process-global)."""
+    from .parallel import cpu_compat
+
+    if torch.cuda.is_available() or cpu_compat.is_enabled():
+        yield
+        return
+    cpu_compat.enable()
+    try:
+        yield
+    finally:
+        cpu_compat.disable()
+
+
+def ensure_model_parallel() -> None:
+    """Make sure ``torch.distributed`` and megatron-core's model-parallel state exist with
+    TP=1 and PP=1, creating a private group of one process when nothing is initialised."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if ps.model_parallel_is_initialized():
+        tp = ps.get_tensor_model_parallel_world_size()
+        pp = ps.get_pipeline_model_parallel_world_size()
+        if (tp, pp) != (1, 1):
+            raise RuntimeError(
+                f"M2Encoder runs the whole model in one process, but megatron-core's "
+                f"model-parallel state is already initialised with TP={tp}, PP={pp}")
+        return
+    with _cpu_layer_while_building():
+        ps.initialize_model_parallel(tensor_model_parallel_size=1,
+                                     pipeline_model_parallel_size=1)
+
+
+def load_model_weights(model, state_dict: Dict[str, torch.Tensor], source: str = "weights"):
+    """Copy canonical full tensors (TP=1 names and shapes, vocabulary unpadded) into this
+    rank's stage of ``model``, slicing them for its tensor-parallel rank."""
+    from megatron.core import parallel_state as ps
+
+    from .model.init import canonical_name, local_shard
+
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    names = {id(p): canonical_name(n, model.layer_offset) for n, p in model.named_parameters()}
+    missing = sorted(n for n in names.values() if n not in state_dict)
+    if missing:
+        raise KeyError(f"{source} lacks {len(missing)} weight(s) of the model, e.g. "
+                       f"{missing[:3]}")
+    with torch.no_grad():
+        for p in model.parameters():
+            name = names[id(p)]
+            try:
+                p.copy_(local_shard(state_dict[name].to(p.dtype), p, tp_rank, tp_size))
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"{source}: weight {name!r}: {e}") from None
+
+
+def _read(path: Union[str, os.PathLike]):
+    """``(state_dict, cfg, tokenizer_bytes)`` from a single file or a checkpoint dir."""
+    from .convert import load_single_file, read_checkpoint
+
+    path = str(path)
+    if os.path.isdir(path):
+        state, cfg, tok, _ = read_checkpoint(path)
+        return state, cfg, tok
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory or file")
+    return load_single_file(path)
+
+
+class M2Encoder:
+    """Embeds images and texts with an M2-Encoder (inference only, one process).
+
+    Build it with :meth:`from_pretrained`. Embeddings are L2-normalised float32 tensors on the
+    CPU, ``[n, embed_dim]``; rows follow the input order. ``head`` selects the ITC head:
+    ``"vl"`` (after the shared vision-language layers, the default and what training
+    evaluates) or ``"backbone"``.
+    """
+
+    def __init__(self, model, cfg: M2ModelConfig, tokenizer, device: torch.device,
+                 dtype: torch.dtype = torch.float32, head: str = "vl", batch_size: int = 64):
+        from .data.transforms import eval_transform
+
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.device, self.dtype, self.head = torch.device(device), dtype, head
+        self.batch_size = batch_size
+        self.transform = eval_transform(cfg.image_size)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], device: Union[str, torch.device,
+                                                                          None] = None,
+                        dtype: torch.dtype = torch.float32, head: str = "vl",
+                        batch_size: int = 64, tokenizer_model: Optional[str] = None
+                        ) -> "M2Encoder":
+        """Load a checkpoint directory or a single-file export.
+
+        Args:
+            path: a ``--save`` directory, an ``iter_N`` directory or a ``.safetensors`` file.
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: CUDA when available).
+            dtype: compute dtype of the weights (``torch.bfloat16`` halves memory on GPUs).
+            head: ``"vl"`` or ``"backbone"``.
+            batch_size: images or texts per forward pass.
+            tokenizer_model: a SentencePiece model to use instead of the one stored with the
+                weights (required when the checkpoint has none and text is encoded).
+        """
+        from .data.tokenizer import M2Tokenizer
+        from .model import build_model
+
+        state, cfg, tok_bytes = _read(path)
+        tokenizer = None
+        if tokenizer_model is not None:
+            tokenizer = M2Tokenizer(tokenizer_model, max_length=cfg.max_text_len)
+        elif tok_bytes is not None:
+            tokenizer = M2Tokenizer.from_bytes(tok_bytes, max_length=cfg.max_text_len,
+                                               name=f"{path}:tokenizer")
+        if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model "
+                             f"{path} was trained with vocab_size={cfg.vocab_size}")
+        device = torch.device(device if device is not None else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        ensure_model_parallel()
+        with _cpu_layer_while_building():
+            model = build_model(cfg, 1, 1)
+        load_model_weights(model, state, source=str(path))
+        model = model.to(device=device, dtype=dtype).eval()
+        logger.info("M2Encoder: %s on %s (%s), %d parameters", path, device, dtype,
+                    sum(p.numel() for p in model.parameters()))
+        return cls(model, cfg, tokenizer, device, dtype, head, batch_size)
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Width of the embeddings."""
+        return self.cfg.embed_dim
+
+    @property
+    def logit_scale(self) -> float:
+        """The trained inverse temperature of the selected head (``exp`` of the clamped
+        log-scale), to turn cosine similarities into logits."""
+        from .loss import LOGIT_SCALE_MAX
+
+        log_scale = float(getattr(self.model, HEADS[self.head][2]))
+        return math.exp(min(log_scale, LOGIT_SCALE_MAX))
+
+    # -- encoding ----------------------------------------------------------------------------
+    def _image_tensor(self, image: ImageLike) -> torch.Tensor:
+        from PIL import Image
+
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                with Image.open(image) as im:
+                    return self.transform(im)
+            except OSError as e:
+                raise ValueError(f"cannot read image {image}: {e}") from None
+        if isinstance(image, torch.Tensor):
+            size = self.cfg.image_size
+            if image.dim() != 3 or tuple(image.shape) != (3, size, size):
+                raise ValueError(f"image tensors must be preprocessed [3, {size}, {size}] "
+                                 f"(see M2Encoder.transform), got {tuple(image.shape)}")
+            return image.float()
+        if isinstance(image, Image.Image):
+            return self.transform(image)
+        raise TypeError(f"unsupported image type {type(image).__name__}: expected a PIL "
+                        "image, a path or a preprocessed tensor")
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("this checkpoint carries no tokenizer: pass tokenizer_model= to "
+                               "M2Encoder.from_pretrained")
+
+    def _batches(self, items: Sequence, batch_size: Optional[int]) -> Iterable[Sequence]:
+        b = batch_size or self.batch_size
+        for lo in range(0, len(items), b):
+            yield items[lo:lo + b]
+
+    @torch.inference_mode()
+    def encode_image(self, images: Union[ImageLike, Sequence[ImageLike]],
+                     batch_size: Optional[int] = None) -> torch.Tensor:
+        """L2-normalised embeddings ``[n, D]`` of PIL images, image paths or preprocessed
+        ``[3, S, S]`` tensors (a ``[n, 3, S, S]`` batch is accepted too)."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        out: List[torch.Tensor] = []
+        key = HEADS[self.head][0]
+        for chunk in self._batches(images, batch_size):
+            x = torch.stack([self._image_tensor(im) for im in chunk])
+            feats = self.model(images=x.to(self.device, self.dtype))
+            if key not in feats:
+                raise RuntimeError(f"the model returned no {key!r} (head {self.head!r})")
+            out.append(F.normalize(feats[key].float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Union[str, Sequence[str]],
+                    batch_size: Optional[int] = None) -> torch.Tensor:
+        """L2-normalised embeddings ``[n, D]`` of captions (English, Chinese or mixed).
+
+        Captions get the same normalisation as training data (:func:`normalize_caption`) and are
+        truncated to the model's text length.
+        """
+        from .data.tokenizer import normalize_caption
+
+        self._need_tokenizer()
+        if isinstance(texts, str):
+            texts = [texts]
+        out: List[torch.Tensor] = []
+        key = HEADS[self.head][1]
+        for chunk in self._batches(list(texts), batch_size):
+            ids, pad = self.tokenizer([normalize_caption(t) for t in chunk],
+                                      max_length=self.cfg.max_text_len)
+            feats = self.model(text_ids=ids.to(self.device),
+                               text_pad_mask=pad.to(self.device))
+            out.append(F.normalize(feats[key].float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    @torch.inference_mode()
+    def encode_tokens(self, framed: Sequence[Sequence[int]],
+                      batch_size: Optional[int] = None) -> torch.Tensor:
+        """Embeddings of already tokenized captions: ``[CLS] ... <|endoftext|>`` id lists, as
+        stored in an indexed dataset (no tokenizer needed)."""
+        self._need_tokenizer()
+        out: List[torch.Tensor] = []
+        key = HEADS[self.head][1]
+        for chunk in self._batches(list(framed), batch_size):
+            ids, mask = self.tokenizer.pad(chunk, self.cfg.max_text_len)
+            feats = self.model(text_ids=ids.to(self.device), text_pad_mask=mask.to(self.device))
+            out.append(F.normalize(feats[key].float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    # -- export ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Canonical weights (TP=1 names, vocabulary unpadded), on the CPU."""
+        from .model.init import canonical_name
+
+        sd = {}
+        for n, p in self.model.named_parameters():
+            name = canonical_name(n, self.model.layer_offset)
+            t = p.detach().cpu()
+            if name == "embeddings.text_embed.weight":
+                t = t[:self.cfg.vocab_size]
+            sd[name] = t.contiguous()
+        return sd
+
+    def save_single_file(self, path: Union[str, os.PathLike],
+                         dtype: Optional[torch.dtype] = None) -> Path:
+        """Write the weights, config and tokenizer as one ``.safetensors`` file for serving."""
+        from .convert import save_single_file
+
+        tok = self.tokenizer.model_bytes() if self.tokenizer is not None else None
+        save_single_file(str(path), self.state_dict(), self.cfg, tokenizer_bytes=tok,
+                         dtype=dtype)
+        return Path(path)
+
+    def __repr__(self) -> str:
+        return (f"M2Encoder(embed_dim={self.embed_dim}, image_size={self.cfg.image_size}, "
+                f"head={self.head!r}, device={self.device}, dtype={self.dtype})")
