@@ -10,6 +10,12 @@
   each data-parallel rank its contiguous slice, cut into micro-batches; its position
   (consumed samples) is saved in checkpoints for exact resume.
 * :func:`build_loader` wraps it all in a ``torch.utils.data.DataLoader`` with worker processes.
+
+Worker processes are spawned. Each imports this module, torch, Pillow and SentencePiece, but not
+megatron-core (which takes seconds to import): the indexed files are read with numpy alone
+(:class:`~megatron_m2.data.indexed.ImageTextIndexedDataset`), mapped by each worker on first use.
+Batches are assembled in shared memory inside the worker (see :func:`_collate`), which is what
+lets a worker that is torn down in the middle of its prefetching exit cleanly.
 """
 
 from __future__ import annotations
@@ -71,24 +77,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.tokenizer, self.transform = tokenizer, transform
         self.text_length, self.caption_policy, self.seed = text_length, caption_policy, seed
         self.train = train
-        self._reader: Optional[ImageTextIndexedDataset] = None
+        # Validates the files here; pickles as its prefix, so each worker maps the files itself.
+        self.reader = ImageTextIndexedDataset(prefix)
         n = len(self.reader)
         self.start, self.end = sample_range or (0, n)
         if not 0 <= self.start <= self.end <= n:
             raise ValueError(f"{prefix}: sample range {sample_range} outside [0, {n}]")
         self.epoch = 0
-
-    @property
-    def reader(self) -> ImageTextIndexedDataset:
-        # Opened lazily so that each DataLoader worker maps the files itself.
-        if self._reader is None:
-            self._reader = ImageTextIndexedDataset(self.prefix)
-        return self._reader
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_reader"] = None
-        return state
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -201,11 +196,27 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 
 def _collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    """Stack the samples' tensors key by key.
+
+    ``default_collate`` stacks straight into shared memory when called in a worker process, so
+    the worker's result queue passes the batch on by file descriptor without copying it. A batch
+    in ordinary memory would instead be copied into shared memory by the queue's feeder thread,
+    a daemon thread, in C++ with the GIL released (pybind11's ``gil_scoped_release``). A worker
+    shut down while prefetching does not wait for that thread (torch cancels the queue's join)
+    and, spawned, finalises its interpreter on exit; if the copy is still running, the feeder
+    thread is ended by ``pthread_exit`` as it takes the GIL back, inside the guard's
+    ``noexcept`` destructor: ``std::terminate`` ("terminate called without an active
+    exception") and SIGABRT.
+    """
+    return {k: torch.utils.data.default_collate([s[k] for s in samples]) for k in samples[0]}
 
 
 def build_loader(dataset, sampler: GlobalBatchSampler, num_workers: int = 2):
-    """An endless DataLoader of this rank's micro-batches (worker processes, in order)."""
+    """An endless DataLoader of this rank's micro-batches (spawned worker processes, in order).
+
+    Workers are persistent: they live as long as the loader's iterator. Deleting the loader and
+    its iterator shuts them down; each exits with status 0, even in the middle of prefetching.
+    """
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
         persistent_workers=num_workers > 0,

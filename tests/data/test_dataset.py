@@ -1,7 +1,10 @@
-"""Training-time loading: deterministic sampling, DP sharding, blending, caption policies."""
+"""Training-time loading: deterministic sampling, DP sharding, blending, caption policies,
+worker processes."""
 
+import gc
 import io
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from megatron_m2.data.dataset import (
     BlendedDataset,
     GlobalBatchSampler,
     ImageTextDataset,
+    _collate,
     build_loader,
     split_ranges,
 )
@@ -120,12 +124,56 @@ def test_blend_proportions_and_determinism():
     assert bl[(1, 0)] in a + b
 
 
+class _ProbeDataset(ImageTextDataset):
+    """Also reports, from the process that computed the sample, whether megatron-core is loaded."""
+
+    def get(self, i, epoch=0):
+        out = super().get(i, epoch)
+        out["megatron_loaded"] = torch.tensor(any(m.split(".")[0] == "megatron"
+                                                  for m in sys.modules))
+        return out
+
+
 def test_loader_with_workers(dataset_prefix, tokenizer_model):
-    ds = _ds(dataset_prefix, tokenizer_model)
-    sampler = GlobalBatchSampler(len(ds), 4, 2, 0, 1, seed=1)
-    loader = iter(build_loader(ds, sampler, num_workers=2))
-    b = next(loader)
-    assert b["images"].shape == (2, 3, 32, 32) and b["text_ids"].shape == (2, 16)
-    ref = ds[GlobalBatchSampler(len(ds), 4, 2, 0, 1, seed=1).key(0)]
+    # Batches of 32 images at 224 px (19 MB): with batches built in ordinary memory, tearing the
+    # loader down while the workers prefetch made most workers die of SIGABRT.
+    ds = _ProbeDataset(dataset_prefix, M2Tokenizer(tokenizer_model),
+                       train_transform(224, randaugment=(2, 7)), text_length=16, seed=5)
+    sampler = GlobalBatchSampler(len(ds), 32, 32, 0, 1, seed=1)
+    loader = build_loader(ds, sampler, num_workers=2)
+    it = iter(loader)
+    b = next(it)
+    assert b["images"].shape == (32, 3, 224, 224) and b["text_ids"].shape == (32, 16)
+    ref = ds[GlobalBatchSampler(len(ds), 32, 32, 0, 1, seed=1).key(0)]
     assert torch.equal(b["images"][0], ref["images"])
+    assert torch.equal(b["text_ids"][0], ref["text_ids"])
+    # The workers read the indexed files without importing megatron-core.
+    assert not b["megatron_loaded"].any()
+    next(it)
+
+    # Tear down while the workers are still prefetching: each exits cleanly.
+    workers = list(it._workers)
+    assert len(workers) == 2
+    del it, loader, b
+    gc.collect()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
     random.seed(0)
+
+
+def test_collate_builds_worker_batches_in_shared_memory(dataset_prefix, tokenizer_model,
+                                                        monkeypatch):
+    ds = _ds(dataset_prefix, tokenizer_model)
+    samples = [ds[(i, 0)] for i in range(3)]
+    batch = _collate(samples)
+    for k in samples[0]:
+        assert torch.equal(batch[k], torch.stack([s[k] for s in samples]))
+        assert not batch[k].is_shared()
+    # In a worker process the batch is stacked straight into shared memory, so that handing it
+    # to the result queue needs no copy (see _collate).
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    batch = _collate(samples)
+    for k in samples[0]:
+        assert torch.equal(batch[k], torch.stack([s[k] for s in samples]))
+        assert batch[k].is_shared()
