@@ -204,14 +204,16 @@ class WdsSample:
 
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Stack per key, as ``build_loader``'s collate does.
+    """Stack per key with ``default_collate``, as ``build_loader``'s collate does (inside a
+    worker it stacks straight into shared memory, so no copy is left for the result queue's
+    feeder thread when the loader shuts down).
 
     ``wds``'s ``map`` puts the sample's ``__key__`` back into the mapped dict; it is dropped so
     that both loaders yield the same batch.
     """
-    import torch
+    from torch.utils.data import default_collate
 
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]
+    return {k: default_collate([s[k] for s in samples]) for k in samples[0]
             if not k.startswith("__")}
 
 
@@ -317,13 +319,6 @@ def time_loader(loader, measured: int, expect, workers: int) -> Dict:
     t2, c2, w2 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
     worker_ms = (None if workers and (w1 is None or w2 is None or not pids)
                  else 1e3 * ((w2 or 0.0) - (w1 or 0.0)) / samples)
-    if workers:
-        # Let the workers finish the batches they prefetched before shutting them down: a
-        # build_loader worker stopped in the middle of a sample was seen to die with SIGABRT
-        # ("terminate called without an active exception"), which is noise, not a result.
-        # Each worker holds at most 2 batches (prefetch_factor), one takes workers x the
-        # per-batch time measured above.
-        time.sleep(min(10.0, 1.5 * 2 * workers * (t2 - t1) / max(measured, 1)))
     del it, first, loader  # shut the workers down before the other loader starts
     gc.collect()
     main_ms = 1e3 * (c2 - c1) / samples

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_bench_data_json():
     pytest.importorskip("webdataset")
-    # Loader workers 0: spawning workers costs seconds each (megatron-core import) and the
-    # worker path of the loaders has tests of its own; preprocessing still spawns its pool.
+    # Loader workers 0: spawning workers costs a torch import each and the worker path of the
+    # loaders has tests of its own; preprocessing still spawns its pool.
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_data.py"), "--samples", "24",
                           "--image-size", "32", "--batch", "4", "--workers", "0",
                           "--source-size", "64", "--json"],
