@@ -95,14 +95,16 @@ def _worker(rank, world, port, args, q):
 
 def analytic(nodes, gpus_per_node, batch, dim, bytes_per_el=2):
     """Per-rank loss-side traffic and logit memory of one step on a cluster (both embeddings,
-    forward gather + backward reduce-scatter; bf16)."""
+    forward gather + backward reduce-scatter; bf16). The byte formula is the planner's
+    (:func:`megatron_m2.planner.itc_bytes_per_rank`)."""
+    from megatron_m2.planner import itc_bytes_per_rank
+
     n, k = nodes * gpus_per_node, gpus_per_node
-    unit = 2 * 2 * batch * dim * bytes_per_el  # 2 embeddings x (fwd + bwd)
     return {
         "nodes": nodes, "gpus_per_node": gpus_per_node, "N": n, "k": k, "batch": batch,
         "dim": dim,
-        "global_bytes_per_rank": (n - 1) * unit,
-        "gba_bytes_per_rank": (k - 1) * unit,
+        "global_bytes_per_rank": itc_bytes_per_rank(n, batch, dim, bytes_per_el, embeddings=2),
+        "gba_bytes_per_rank": itc_bytes_per_rank(k, batch, dim, bytes_per_el, embeddings=2),
         "reduction": (n - 1) / (k - 1),
         "gba_inter_node_bytes": 0,
         "global_logits_bytes": batch * n * batch * 4,
