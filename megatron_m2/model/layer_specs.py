@@ -72,7 +72,11 @@ class M2VLEntryLayer(TransformerLayer):
             hidden_states = kwargs.pop("hidden_states")
         hidden_states = self.backbone_final_layernorm(hidden_states)
         self.backbone_output = hidden_states
-        return super().forward(hidden_states, *args, **kwargs)
+        output, context = super().forward(hidden_states, *args, **kwargs)
+        # Also returned as the layer's context: under full activation recomputation the layer
+        # runs inside megatron's checkpoint, whose outputs (hidden states, context) are the
+        # tensors that carry a graph, so the backbone heads get their gradient path through it.
+        return output, hidden_states if context is None else context
 
 
 def _layer_spec(linear_col, linear_row, norm, core_attention, shared: bool, entry: bool):

@@ -32,6 +32,9 @@ def to_transformer_config(
     params_dtype: torch.dtype = torch.float32,
     bf16: bool = False,
     use_cpu_initialization: Optional[bool] = None,
+    recompute_granularity: Optional[str] = None,
+    recompute_method: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
     **overrides,
 ) -> M2TransformerConfig:
     """Build the megatron-core config for ``cfg`` at the given TP/PP sizes.
@@ -39,8 +42,17 @@ def to_transformer_config(
     Weights are set by :mod:`megatron_m2.model.init` (deterministic and independent of the
     parallel layout). megatron's initialisation stays on, with no-op init methods, because it is
     also what tags tensor-parallel weights with their partition attributes.
+
+    ``recompute_granularity="full"`` with ``recompute_method`` (``"uniform"``/``"block"``) and
+    ``recompute_num_layers`` turns on megatron's activation recomputation of whole layers
+    (``TransformerBlock`` checkpoints layer inputs and re-runs the layers in the backward).
+    ``"selective"`` is refused: megatron's selective recompute checkpoints its own core
+    attention module, which the M2 layer does not use, so it would silently recompute nothing.
     """
     cfg.validate_parallel(tensor_parallel, pipeline_parallel)
+    if recompute_granularity not in (None, "full"):
+        raise ValueError(f"recompute_granularity={recompute_granularity!r}: only 'full' (whole "
+                         f"layers) applies to the M2 layer, whose attention is not megatron's")
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     kwargs = dict(
@@ -70,6 +82,9 @@ def to_transformer_config(
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
         init_method_std=cfg.init_method_std,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
         vision_seq_len=cfg.vision_seq_len,
         num_sep_layers=cfg.num_sep_layers,
         m2=cfg,

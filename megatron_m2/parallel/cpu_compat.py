@@ -12,7 +12,13 @@ explicit compatibility layer:
   argument-less ``Tensor.type()`` report ``torch.cuda.*Tensor`` names, which megatron's optimizer
   and gradient clipping assert on;
 * stubs for ``torch.cuda.current_device``, ``synchronize``, ``empty_cache``, ``default_stream`` and
-  ``Stream`` so that bookkeeping calls succeed.
+  ``Stream`` so that bookkeeping calls succeed;
+* the "CUDA" random generator mapped onto the CPU one (the generator that random ops rewritten
+  to CPU draw from): ``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed`` and
+  megatron's private ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, which its RNG tracker and
+  activation recomputation (``tensor_parallel.checkpoint``) use to replay a forward pass with the
+  random state it first ran with. Without them the getter raises (no CUDA) and megatron's setter
+  silently queues a callback that never runs.
 
 The layer is only ever activated by :func:`enable` when the process has no usable CUDA device and
 the backend is gloo; on GPUs it is never installed. ``tools/bench_train.py`` measures its cost.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -30,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 logger = logging.getLogger(__name__)
 
 _state = threading.local()
-_GLOBAL = {"enabled": False, "mode": None, "saved": {}}
+_GLOBAL = {"enabled": False, "mode": None, "saved": []}
 
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
@@ -91,9 +98,38 @@ class _NullStream:
         return None
 
 
+def _cpu_rng_state(*args, **kwargs) -> torch.Tensor:
+    """``torch.cuda.get_rng_state`` / megatron's ``_get_cuda_rng_state`` on CPU (any device
+    argument): the CPU generator's state."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
+    """``torch.cuda.set_rng_state`` / megatron's ``_set_cuda_rng_state`` on CPU."""
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    """``torch.cuda.manual_seed`` on CPU: seeds the generator the "CUDA" state stands for."""
+    torch.manual_seed(seed)
+
+
+def _patch(module, stubs, saved) -> None:
+    for name, stub in stubs.items():
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, stub)
+
+
 def _stub_cuda_functions():
-    saved = {}
-    stubs = {
+    with warnings.catch_warnings():
+        # megatron-core warns at import that TE/Apex are missing: the expected state on CPU.
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+        from megatron.core.tensor_parallel import random as mcore_random
+
+    saved = []
+    rng = {"get_rng_state": _cpu_rng_state, "set_rng_state": _set_cpu_rng_state,
+           "manual_seed": _cpu_manual_seed}
+    _patch(torch.cuda, {
         "current_device": lambda: 0,
         "synchronize": lambda *a, **k: None,
         "empty_cache": lambda: None,
@@ -101,10 +137,11 @@ def _stub_cuda_functions():
         "current_stream": lambda *a, **k: _NullStream(),
         "Stream": _NullStream,
         "stream": lambda *a, **k: contextlib.nullcontext(),
-    }
-    for name, stub in stubs.items():
-        saved[name] = getattr(torch.cuda, name)
-        setattr(torch.cuda, name, stub)
+        **rng,
+    }, saved)
+    _patch(torch.cuda.random, rng, saved)
+    _patch(mcore_random, {"_get_cuda_rng_state": _cpu_rng_state,
+                          "_set_cuda_rng_state": _set_cpu_rng_state}, saved)
     return saved
 
 
@@ -132,9 +169,9 @@ def disable() -> None:
     if not _GLOBAL["enabled"]:
         return
     _GLOBAL["mode"].__exit__(None, None, None)
-    for name, fn in _GLOBAL["saved"].items():
-        setattr(torch.cuda, name, fn)
-    _GLOBAL.update(enabled=False, mode=None, saved={})
+    for module, name, fn in reversed(_GLOBAL["saved"]):
+        setattr(module, name, fn)
+    _GLOBAL.update(enabled=False, mode=None, saved=[])
 
 
 @contextlib.contextmanager

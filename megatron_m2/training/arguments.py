@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..config import ConfigError
 from ..flavors import FLAVORS, get_flavor
 
 __all__ = ["build_parser", "parse_args", "validate_args", "parse_data_path", "parse_split",
-           "parse_randaugment"]
+           "parse_randaugment", "recompute_options"]
 
 
 def parse_data_path(items: List[str]) -> List[Tuple[float, str]]:
@@ -91,7 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=16)
     g.add_argument("--train-iters", type=int, default=100)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true", help="BF16 mixed precision")
+    g.add_argument("--bf16", action="store_true",
+                   help="BF16 mixed precision: bf16 weights, activations and gradients; fp32 "
+                        "gradient reduction, main weights and AdamW states")
+
+    g = p.add_argument_group("activation recomputation")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="shorthand for --recompute-granularity full --recompute-method uniform "
+                        "--recompute-num-layers 1 (every layer keeps only its input and is "
+                        "re-run in the backward). Unlike Megatron-LM this is not 'selective': "
+                        "megatron's selective recompute targets its own core attention, and "
+                        "the M2 layer has its own block-diagonal attention")
+    g.add_argument("--recompute-granularity", default=None, choices=["full"],
+                   help="'full': recompute whole transformer layers in the backward. With "
+                        "--itc-heads both the first VL layer must stay outside the recomputed "
+                        "layers (its input feeds the backbone heads): use the block method")
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
+                   help="uniform: checkpoint the input of every chunk of "
+                        "--recompute-num-layers layers; block: recompute only the first "
+                        "--recompute-num-layers layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="layers per recomputed chunk (uniform) or recomputed layers per "
+                        "pipeline stage (block)")
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--lr", type=float, default=1e-3)
@@ -177,6 +198,45 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def recompute_options(args: argparse.Namespace) -> Dict[str, object]:
+    """The megatron ``TransformerConfig`` recompute fields the flags ask for (empty: none)."""
+    if args.recompute_activations:
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    if args.recompute_granularity is None:
+        return {}
+    return {"recompute_granularity": args.recompute_granularity,
+            "recompute_method": args.recompute_method,
+            "recompute_num_layers": args.recompute_num_layers}
+
+
+def _validate_recompute(args: argparse.Namespace, cfg, pp: int) -> None:
+    explicit = [flag for flag, value in (
+        ("--recompute-granularity", args.recompute_granularity),
+        ("--recompute-method", args.recompute_method),
+        ("--recompute-num-layers", args.recompute_num_layers)) if value is not None]
+    if args.recompute_activations and explicit:
+        raise ConfigError(f"--recompute-activations is a shorthand for full/uniform/1 "
+                          f"recomputation; it excludes {', '.join(explicit)}")
+    if args.recompute_granularity is None:
+        if explicit:
+            raise ConfigError(f"{', '.join(explicit)} needs --recompute-granularity full")
+        if not args.recompute_activations:
+            return
+    elif args.recompute_method is None or args.recompute_num_layers is None:
+        raise ConfigError("--recompute-granularity full needs --recompute-method (uniform or "
+                          "block) and --recompute-num-layers")
+    opts = recompute_options(args)
+    method, n = opts["recompute_method"], opts["recompute_num_layers"]
+    per_stage = cfg.num_layers // pp
+    if not 1 <= n <= per_stage:
+        raise ConfigError(f"--recompute-num-layers ({n}) must be between 1 and the layers per "
+                          f"pipeline stage ({per_stage})")
+    if method == "uniform" and per_stage % n:
+        raise ConfigError(f"--recompute-method uniform: --recompute-num-layers ({n}) must "
+                          f"divide the layers per pipeline stage ({per_stage})")
+
+
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Raise :class:`ConfigError` with one clear message if the run cannot work."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -241,3 +301,4 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                 f"--itc-heads both needs the backbone/VL boundary on the last pipeline stage, "
                 f"but {pp} stages of {per_stage} layers put VL layers on earlier stages; "
                 f"use fewer stages or --itc-heads vl")
+    _validate_recompute(args, cfg, pp)

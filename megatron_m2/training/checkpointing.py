@@ -5,17 +5,20 @@ Layout of ``<save>/``::
     latest_checkpointed_iteration.txt     tracker: the newest *complete* checkpoint
     iter_0000100/
         meta.json                         step, consumed samples, scheduler, args, model config
-        model_pp000.safetensors           weights of pipeline stage 0 (canonical names, full)
-        optim_pp000.safetensors           AdamW states (and fp32 main weights) of stage 0
+        model_pp000.safetensors           fp32 weights of pipeline stage 0 (canonical names, full)
+        optim_pp000.safetensors           AdamW states of stage 0
         rng_rank00000.safetensors / .json per-rank RNG states
         tokenizer.model                   the run's tokenizer, when it has one
 
 Tensors are stored under their *canonical* names (the unsplit model's: global layer index) and
 full TP=1 shapes (vocabulary padding dropped), gathered over the tensor-parallel group and
 written by one rank per pipeline stage; distributed-optimizer states are first reassembled over
-the data-parallel group. Loading slices what each rank needs from whichever stage file holds
-it, so a checkpoint loads onto any TP / PP / DP layout. Everything is safetensors or JSON:
-loading never unpickles anything.
+the data-parallel group, so a checkpoint does not depend on whether the optimizer was
+distributed. Weights are fp32: under ``--bf16`` they are the optimizer's fp32 main weights (the
+bf16 parameters are their rounding), so bf16 and fp32 runs load each other's checkpoints.
+Loading slices what each rank needs from whichever stage file holds it, so a checkpoint loads
+onto any TP / PP / DP layout, with or without the distributed optimizer. Everything is
+safetensors or JSON: loading never unpickles anything.
 
 Atomicity: all ranks write into ``iter_N.tmp/``; after a barrier, rank 0 fsyncs, renames it to
 ``iter_N/`` and then rewrites the tracker (write + fsync + rename). A crash or kill at any
@@ -135,12 +138,46 @@ def _tp_gather(t: torch.Tensor, like: torch.nn.Parameter, tp_group) -> torch.Ten
     return torch.cat(parts, dim=like.partition_dim)
 
 
-def _dp_assemble(piece: torch.Tensor, mp: torch.nn.Parameter, rng, dp_group) -> torch.Tensor:
-    """Full (TP-local) tensor from each DP rank's flat shard (distributed optimizer)."""
-    flat = torch.zeros(mp.numel(), dtype=piece.dtype)
-    flat[rng[0]:rng[1]] = piece.detach().reshape(-1).cpu()
-    dist.all_reduce(flat, group=dp_group)  # shards are disjoint: the sum is the concatenation
-    return flat.view(mp.shape)
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(opt, DistributedOptimizer) for opt in _optimizers(optimizer))
+
+
+def _dp_assemble(mp: torch.nn.Parameter, holder, rng, state, dp_group
+                 ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Full (TP-local) main weight and AdamW states of ``mp`` from each DP rank's flat shard
+    (distributed optimizer); also the step. Every DP rank calls it for every parameter, in the
+    same order, whether or not its shard covers ``mp``.
+
+    One all-reduce (sum) of ``[exp_avg | exp_avg_sq | main | owners, with_state, step]``: the
+    shards are disjoint and zero elsewhere, so the sum is their concatenation, exactly.
+    """
+    n = mp.numel()
+    buf = torch.zeros(3 * n + 3, dtype=torch.float32)
+    if holder is not None:
+        lo, hi = rng
+        buf[3 * n] = 1.0
+        buf[2 * n + lo:2 * n + hi] = holder.detach().reshape(-1).float().cpu()
+        if state.get("exp_avg") is not None:
+            buf[lo:hi] = state["exp_avg"].detach().reshape(-1).float().cpu()
+            buf[n + lo:n + hi] = state["exp_avg_sq"].detach().reshape(-1).float().cpu()
+            buf[3 * n + 1] = 1.0
+            buf[3 * n + 2] = float(state.get("step", 0))
+    dist.all_reduce(buf, group=dp_group)
+    owners, with_state, step_sum = buf[3 * n:].tolist()
+    if not owners:
+        return {}, None
+    if with_state not in (0.0, owners):
+        raise RuntimeError(f"optimizer state of a parameter exists on {with_state:.0f} of the "
+                           f"{owners:.0f} data-parallel ranks holding its shards")
+    entries = {"main": buf[2 * n:3 * n].view(mp.shape)}
+    step = None
+    if with_state:
+        entries["exp_avg"] = buf[:n].view(mp.shape)
+        entries["exp_avg_sq"] = buf[n:2 * n].view(mp.shape)
+        step = torch.tensor(step_sum / with_state)
+    return entries, step
 
 
 def _full_name_map(model) -> Dict[int, str]:
@@ -178,28 +215,42 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
     cfg = model.model_cfg
     names = _full_name_map(model)
 
+    holders = {id(mp): (holder, rng, inner)
+               for mp, holder, rng, inner in _state_holders(optimizer)}
+    distributed = _is_distributed(optimizer)
+    optim, main = {}, {}
+    for mp in model.parameters():  # the same order on every rank: collectives match
+        name = names[id(mp)]
+        holder, rng, inner = holders.get(id(mp), (None, None, None))
+        state = inner.state.get(holder, {}) if holder is not None else {}
+        if distributed:
+            entries, adam_step = _dp_assemble(mp, holder, rng, state, dp_group)
+        elif holder is not None:
+            entries = {"exp_avg": state.get("exp_avg"), "exp_avg_sq": state.get("exp_avg_sq")}
+            if holder is not mp:
+                entries["main"] = holder
+            entries = {k: t.detach().cpu() for k, t in entries.items() if t is not None}
+            adam_step = torch.as_tensor(state["step"]) if "step" in state else None
+        else:
+            continue
+        for key, t in entries.items():
+            t = _strip_padding(name, _tp_gather(t, mp, tp_group), cfg).contiguous()
+            if key == "main":
+                main[name] = t
+            else:
+                optim[f"{key}/{name}"] = t
+        if adam_step is not None:
+            optim[f"step/{name}"] = adam_step.detach().float().cpu()
+    # The weights are the optimizer's fp32 main copies where it keeps them (--bf16: the model's
+    # bf16 parameters are their rounding), so any run, bf16 or fp32, loads the exact weights.
     weights = {}
     for p in model.parameters():
         name = names[id(p)]
-        weights[name] = _strip_padding(name, _tp_gather(p.detach().float().cpu(), p, tp_group),
-                                       cfg).contiguous()
-    optim = {}
-    for mp, holder, rng, inner in _state_holders(optimizer):
-        name = names.get(id(mp))
-        if name is None:
-            continue
-        state = inner.state.get(holder, {})
-        entries = {"exp_avg": state.get("exp_avg"), "exp_avg_sq": state.get("exp_avg_sq")}
-        if holder is not mp:
-            entries["main"] = holder.detach()
-        for key, t in entries.items():
-            if t is None:
-                continue
-            t = _dp_assemble(t, mp, rng, dp_group) if rng is not None else t.detach().cpu()
-            optim[f"{key}/{name}"] = _strip_padding(name, _tp_gather(t, mp, tp_group),
-                                                    cfg).contiguous()
-        if "step" in state:
-            optim[f"step/{name}"] = torch.as_tensor(state["step"]).detach().float().cpu()
+        if name in main:
+            weights[name] = main[name].float()
+        else:
+            weights[name] = _strip_padding(
+                name, _tp_gather(p.detach().float().cpu(), p, tp_group), cfg).contiguous()
 
     if writer:
         path = os.path.join(tmp, f"model_pp{pp:03d}.safetensors")
@@ -316,32 +367,35 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
             full = weights.get(names[id(p)])
             p.copy_(local_shard(full, p, tp_rank, tp_size).to(p.dtype))
 
-    if optimizer is not None and load_optimizer:
-        optim = _StageFiles(directory, "optim")
-        if not optim.where:
+    if optimizer is not None:
+        optim = _StageFiles(directory, "optim") if load_optimizer else None
+        if optim is not None and not optim.where:
             logger.warning("checkpoint %s has no optimizer state; starting it fresh", directory)
         for mp, holder, rng, inner in _state_holders(optimizer):
             name = names.get(id(mp))
-            if name is None or f"exp_avg/{name}" not in optim:
+            if name is None:
                 continue
 
-            def piece(key):
-                t = local_shard(optim.get(f"{key}/{name}"), mp, tp_rank, tp_size)
+            def piece(full):
+                t = local_shard(full, mp, tp_rank, tp_size)
                 if rng is not None:
                     t = t.reshape(-1)[rng[0]:rng[1]]
                 return t.to(holder.device).to(holder.dtype).reshape(holder.shape).clone()
 
+            if holder is not mp:
+                # fp32 main weights (mixed precision, distributed optimizer) follow the loaded
+                # weights at full precision, also with --no-load-optim: the next step would
+                # otherwise write the stale initial main weights back into the model.
+                with torch.no_grad():
+                    holder.copy_(piece(weights.get(name)))
+            if optim is None or f"exp_avg/{name}" not in optim:
+                continue
             state = inner.state.setdefault(holder, {})
-            state["exp_avg"], state["exp_avg_sq"] = piece("exp_avg"), piece("exp_avg_sq")
+            state["exp_avg"] = piece(optim.get(f"exp_avg/{name}"))
+            state["exp_avg_sq"] = piece(optim.get(f"exp_avg_sq/{name}"))
             if f"step/{name}" in optim:
                 state["step"] = optim.get(f"step/{name}").clone()
-            with torch.no_grad():
-                if f"main/{name}" in optim and holder is not mp:
-                    holder.copy_(piece("main"))
-                elif holder is not mp:
-                    src = mp.detach().reshape(-1)
-                    holder.copy_((src[rng[0]:rng[1]] if rng else src).view(holder.shape))
-        if scheduler is not None and "scheduler" in meta:
+        if load_optimizer and scheduler is not None and "scheduler" in meta:
             scheduler.load_state_dict(meta["scheduler"])
 
     layout = meta.get("layout", {})

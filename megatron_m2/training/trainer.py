@@ -77,9 +77,15 @@ def _run_model(model, batch):
     # The model's forward never asks for a CUDA device: skip the CPU layer's per-call hook.
     with cpu_compat.suspended():
         if unwrapped.pre_process:
-            return model(batch["images"], batch["text_ids"], batch["text_pad_mask"])
-        return model(text_pad_mask=batch["text_pad_mask"],
-                     split_position=unwrapped.config.vision_seq_len)
+            out = model(batch["images"], batch["text_ids"], batch["text_pad_mask"])
+        else:
+            out = model(text_pad_mask=batch["text_pad_mask"],
+                        split_position=unwrapped.config.vision_seq_len)
+    if isinstance(out, dict):
+        # Last stage: the loss runs in fp32 whatever the parameters' dtype (as megatron's
+        # Float16Module returns fp32 outputs under --bf16); a no-op for an fp32 model.
+        out = {k: v.float() for k, v in out.items()}
+    return out
 
 
 def _loss_step(data_iterator, model, heads: str, itc_group, poison: bool = False):
@@ -149,6 +155,7 @@ class Trainer:
         from ..model import build_model
         from ..parallel.distributed import initialize_model_parallel, set_seed
         from ..parallel.groups import create_itc_groups
+        from .arguments import recompute_options
         from .synthetic import SyntheticImageText
 
         self.args = args
@@ -170,9 +177,11 @@ class Trainer:
                              eos_token_id=self.tokenizer.eos_id,
                              cls_token_id=self.tokenizer.cls_id)
         self.cfg = cfg = get_flavor(args.flavor, **overrides)
-        dtype_kwargs = {"bf16": True} if args.bf16 else {}
+        # --bf16: bf16 weights and activations, fp32 main weights and states in the optimizer.
+        params_dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.model = build_model(cfg, tp, pp, seed=args.seed,
-                                 transformer_impl=args.transformer_impl, **dtype_kwargs)
+                                 transformer_impl=args.transformer_impl, bf16=args.bf16,
+                                 params_dtype=params_dtype, **recompute_options(args))
         n_params = sum(p.numel() for p in self.model.parameters())
         logger.info("flavor %s: TP=%d PP=%d DP=%d, ITC groups of k=%d (%d groups), %.2fM "
                     "parameters on this rank", args.flavor, tp, pp, self.dp, self.itc.size,
@@ -186,7 +195,7 @@ class Trainer:
         opt_config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.float32,
+            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=params_dtype,
             use_distributed_optimizer=args.use_distributed_optimizer)
         no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(name="m2_no_wd",
                                                                     fn=no_weight_decay))
@@ -312,8 +321,8 @@ class Trainer:
         grads: List[Dict[str, torch.Tensor]] = []
         losses: List[float] = []
         if self.is_last_stage:
-            scales = {"logit_scale": self.model.logit_scale,
-                      "logit_vl_scale": self.model.logit_vl_scale}
+            scales = {"logit_scale": self.model.logit_scale.float(),
+                      "logit_vl_scale": self.model.logit_vl_scale.float()}
             backward_scale = float(self.optimizer.get_loss_scale())
             loss, grads, _ = cached_feature_loss(feats, scales, group=self.itc.group,
                                                  heads=self.args.itc_heads,
