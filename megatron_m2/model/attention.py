@@ -46,8 +46,9 @@ def multiway_linear(spec, config, in_size: int, out_size: int, parallel_mode: st
     init_method = init_method or (lambda w: None)  # weights are set by model.init
 
     def factory():
+        # The keyword set both megatron's local linears and its TE linears accept.
         kwargs = dict(config=config, init_method=init_method, bias=True, skip_bias_add=False,
-                      tp_group=tp_group)
+                      is_expert=False, tp_group=tp_group)
         if parallel_mode == "column":
             return build_module(spec, in_size, out_size, gather_output=False, **kwargs)
         return build_module(spec, in_size, out_size, input_is_parallel=True, **kwargs)

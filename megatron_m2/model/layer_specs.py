@@ -109,13 +109,36 @@ def get_m2_layer_local_spec(shared: bool = False, entry: bool = False) -> Module
                        shared, entry)
 
 
-def get_m2_layer_te_spec(shared: bool = False, entry: bool = False) -> ModuleSpec:
-    """Transformer Engine M2 layer (FP8-capable linears). Requires Transformer Engine."""
-    if not HAVE_TE:
+def get_m2_layer_te_spec(shared: bool = False, entry: bool = False,
+                         require_te: bool = True) -> ModuleSpec:
+    """Transformer Engine M2 layer: FP8-capable TE column/row-parallel linears per branch.
+
+    Everything else is the local spec's, on purpose, so that the two specs have the same
+    parameters (names and shapes; TE linears add only ``_extra_state`` entries, their FP8
+    scaling metadata, which checkpoints skip) and checkpoints move between them:
+
+    * Sub-LN and the input LayerNorms stay :class:`TPLayerNorm`/:class:`MultiwayLayerNorm`:
+      the Sub-LN normalises over a width sharded across the TP group, which needs statistics
+      reduced across ranks (TE's norm kernels are per rank), and per-branch LayerNorms are
+      cheap next to the GEMMs;
+    * attention stays :class:`BlockDiagonalSDPA` (two ``scaled_dot_product_attention`` calls,
+      flash/cuDNN kernels on Hopper): the attention is block-diagonal per modality with a
+      text padding mask, and SDPA is not a GEMM that FP8 would speed up.
+
+    ``require_te=False`` builds the spec without Transformer Engine installed (the TE classes
+    come from megatron-core and fail only when instantiated), for inspection and tests.
+    """
+    if require_te and not HAVE_TE:
         raise RuntimeError(
             "the Transformer Engine layer spec was requested but transformer_engine is not "
             "installed; use --transformer-impl local, or run in the Docker image")
-    raise NotImplementedError("the Transformer Engine M2 layer spec is not implemented yet")
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, TPLayerNorm,
+                       BlockDiagonalSDPA, shared, entry)
 
 
 def get_m2_block_spec(num_sep_layers: int, num_vl_layers: int, layer_offset: int,

@@ -16,7 +16,7 @@ from ..config import ConfigError
 from ..flavors import FLAVORS, get_flavor
 
 __all__ = ["build_parser", "parse_args", "validate_args", "parse_data_path", "parse_split",
-           "parse_randaugment", "recompute_options"]
+           "parse_randaugment", "recompute_options", "fp8_options", "have_transformer_engine"]
 
 
 def parse_data_path(items: List[str]) -> List[Tuple[float, str]]:
@@ -94,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true",
                    help="BF16 mixed precision: bf16 weights, activations and gradients; fp32 "
                         "gradient reduction, main weights and AdamW states")
+
+    g = p.add_argument_group("FP8 (Transformer Engine; with --bf16 --transformer-impl te)")
+    g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"],
+                   help="FP8 GEMMs in the transformer layers' linears: e4m3 everywhere, or "
+                        "hybrid (e4m3 forward, e5m2 gradients). Embeddings and ITC heads stay "
+                        "BF16 on purpose (small GEMMs; the contrastive logits are "
+                        "precision-sensitive)")
+    g.add_argument("--fp8-recipe", default="delayed",
+                   choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
+                   help="scaling recipe (Hopper: delayed, tensorwise, blockwise; mxfp8 needs "
+                        "Blackwell)")
+    g.add_argument("--fp8-margin", type=int, default=0, help="scaling-factor margin (delayed)")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1,
+                   help="amax history length (delayed)")
+    g.add_argument("--fp8-amax-compute-algo", default="most_recent",
+                   choices=["most_recent", "max"], help="amax from the history (delayed)")
 
     g = p.add_argument_group("activation recomputation")
     g.add_argument("--recompute-activations", action="store_true",
@@ -237,6 +253,61 @@ def _validate_recompute(args: argparse.Namespace, cfg, pp: int) -> None:
                           f"divide the layers per pipeline stage ({per_stage})")
 
 
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine is importable (checked without importing it or torch)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+FP8_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
+"""FP8 GEMMs need every GEMM dimension divisible by this (per recipe)."""
+
+
+def fp8_options(args: argparse.Namespace) -> Dict[str, object]:
+    """megatron ``TransformerConfig`` FP8 fields of the run (empty without ``--fp8-format``)."""
+    if not getattr(args, "fp8_format", None):
+        return {}
+    return {"fp8": args.fp8_format, "fp8_recipe": args.fp8_recipe,
+            "fp8_margin": args.fp8_margin, "fp8_amax_history_len": args.fp8_amax_history_len,
+            "fp8_amax_compute_algo": args.fp8_amax_compute_algo}
+
+
+def _validate_fp8(args: argparse.Namespace, cfg) -> None:
+    """FP8 needs TE, the TE layer spec, BF16, and GEMM shapes FP8 kernels accept.
+
+    Token counts: each branch's linears see ``s_part × micro_batch`` rows (vision part
+    ``s_v = 1 + patches``, text part ``max_text_len``), which must be divisible by the recipe's
+    alignment, as must the hidden, FFN and head widths; a micro-batch size that is a multiple
+    of the alignment always works.
+    """
+    if not args.fp8_format:
+        return
+    if not have_transformer_engine():
+        raise ConfigError("--fp8-format needs Transformer Engine, which is not installed; run "
+                          "in the Docker image or train in BF16 (--bf16 without --fp8-format)")
+    if args.transformer_impl != "te":
+        raise ConfigError("--fp8-format needs --transformer-impl te (FP8 GEMMs are Transformer "
+                          "Engine linears)")
+    if not args.bf16:
+        raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs inside BF16 mixed precision)")
+    align = FP8_ALIGN[args.fp8_recipe]
+    tp = args.tensor_model_parallel_size
+    widths = {"hidden size": cfg.hidden_size, "FFN width / TP": cfg.ffn_hidden_size // tp,
+              "hidden size / TP": cfg.hidden_size // tp}
+    bad = [f"{k} {v}" for k, v in widths.items() if v % align]
+    if bad:
+        raise ConfigError(f"--fp8-recipe {args.fp8_recipe}: GEMM widths must be multiples of "
+                          f"{align}: {', '.join(bad)}")
+    mbs = args.micro_batch_size
+    rows = {"vision": cfg.vision_seq_len * mbs, "text": cfg.max_text_len * mbs}
+    bad = [f"{k} {n // mbs} tokens x {mbs} = {n}" for k, n in rows.items() if n % align]
+    if bad:
+        raise ConfigError(f"--fp8-format: each branch's GEMM rows must be a multiple of {align} "
+                          f"({'; '.join(bad)}); use a --micro-batch-size that is a multiple "
+                          f"of {align}")
+
+
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Raise :class:`ConfigError` with one clear message if the run cannot work."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -289,11 +360,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
         parse_split(args.split)
         parse_randaugment(args.randaugment)
-    if args.transformer_impl == "te":
-        from ..model.layer_specs import HAVE_TE
-        if not HAVE_TE:
-            raise ConfigError("--transformer-impl te needs Transformer Engine, which is not "
-                              "installed; use --transformer-impl local")
+    if args.transformer_impl == "te" and not have_transformer_engine():
+        raise ConfigError("--transformer-impl te needs Transformer Engine, which is not "
+                          "installed; use --transformer-impl local (or run in the Docker image)")
+    _validate_fp8(args, cfg)
     if pp > 1 and args.itc_heads == "both":
         per_stage = cfg.num_layers // pp
         if cfg.num_vl_layers > per_stage:

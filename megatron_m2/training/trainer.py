@@ -155,7 +155,7 @@ class Trainer:
         from ..model import build_model
         from ..parallel.distributed import initialize_model_parallel, set_seed
         from ..parallel.groups import create_itc_groups
-        from .arguments import recompute_options
+        from .arguments import fp8_options, recompute_options
         from .synthetic import SyntheticImageText
 
         self.args = args
@@ -179,9 +179,15 @@ class Trainer:
         self.cfg = cfg = get_flavor(args.flavor, **overrides)
         # --bf16: bf16 weights and activations, fp32 main weights and states in the optimizer.
         params_dtype = torch.bfloat16 if args.bf16 else torch.float32
+        if args.fp8_format and args.fp8_recipe == "mxfp8" and torch.cuda.is_available() and (
+                torch.cuda.get_device_capability()[0] < 10):
+            raise ConfigError(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability "
+                              f"10+); this is {torch.cuda.get_device_name()}: use delayed, "
+                              f"tensorwise or blockwise")
         self.model = build_model(cfg, tp, pp, seed=args.seed,
                                  transformer_impl=args.transformer_impl, bf16=args.bf16,
-                                 params_dtype=params_dtype, **recompute_options(args))
+                                 params_dtype=params_dtype, **recompute_options(args),
+                                 **fp8_options(args))
         n_params = sum(p.numel() for p in self.model.parameters())
         logger.info("flavor %s: TP=%d PP=%d DP=%d, ITC groups of k=%d (%d groups), %.2fM "
                     "parameters on this rank", args.flavor, tp, pp, self.dp, self.itc.size,

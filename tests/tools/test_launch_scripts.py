@@ -18,7 +18,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -155,15 +154,10 @@ def test_dry_run_args_validate(recipe, launcher, precision, data_root, monkeypat
     _, _, m2 = _split(_srun_line(out))
     parser = build_parser()
     if precision == "fp8":
-        if "--fp8-format" not in parser._option_string_actions:
-            pytest.skip("m2-pretrain does not know --fp8-format/--fp8-recipe yet: the FP8 "
-                        "command line is checked by test_dry_run_commands only")
         # Transformer Engine is a GPU-image dependency; what is checked here is the arguments.
-        name = "megatron_m2.model.layer_specs"
-        if name in sys.modules:
-            monkeypatch.setattr(sys.modules[name], "HAVE_TE", True)
-        else:
-            monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(HAVE_TE=True))
+        from megatron_m2.training import arguments
+
+        monkeypatch.setattr(arguments, "have_transformer_engine", lambda: True)
     args = parser.parse_args(m2)
     validate_args(args, NODES * GPUS_PER_NODE)
 
