@@ -37,7 +37,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     """
     env = discover_env()
     use_cuda = torch.cuda.is_available()
-    backend = backend or ("nccl" if use_cuda else "gloo")
+    # On GPUs: NCCL for CUDA tensors and gloo for the few CPU tensors that bookkeeping
+    # collectives use (loss flags, checkpoint assembly, evaluation counts).
+    backend = backend or ("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     else:

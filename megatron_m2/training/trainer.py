@@ -74,6 +74,10 @@ def _run_model(model, batch):
     from ..parallel import cpu_compat
 
     unwrapped = _unwrap(model)
+    # Batches come from the CPU (loader workers, synthetic set): move them to the model.
+    device = next(unwrapped.parameters()).device
+    if device.type != "cpu":
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     # The model's forward never asks for a CUDA device: skip the CPU layer's per-call hook.
     with cpu_compat.suspended():
         if unwrapped.pre_process:
