@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 NPROC=${NPROC:-2}
 TP=${TP:-1}
 PP=${PP:-1}
-ITERS=${ITERS:-500}
+ITERS=${ITERS:-600}
 OUT=${OUT:-runs/demo}
 PYTHON=${PYTHON:-python}
 DATA=${DATA:-data/emoji_demo}
@@ -29,7 +29,7 @@ train_args=(
   --lr 3e-3 --lr-warmup-iters 50 --lr-decay-style cosine --weight-decay 0.05 --clip-grad 1.0
 )
 log_args=(
-  --eval-interval 100 --log-interval 20 --save "$OUT" --log-json "$OUT/log.jsonl"
+  --eval-interval 200 --log-interval 20 --save "$OUT" --log-json "$OUT/log.jsonl"
   --tensorboard-dir "$OUT/tb"
 )
 
