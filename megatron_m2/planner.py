@@ -124,10 +124,9 @@ class Layout:
     ``micro_batch`` samples' worth of compute per step whatever TP and PP are, so layouts
     compare at equal work). ``itc_group_size``/``itc_aggregate_nodes`` behave as
     ``--itc-group-size``/``--itc-aggregate-nodes`` (neither: one node's DP ranks). With
-    ``recompute=True`` and ``recompute_num_layers=None`` the planner recomputes as many layers as
-    m2-pretrain allows: every layer (``--recompute-activations``) with ``itc_heads="vl"``, and
-    with ``"both"`` the layers of each stage before the first VL layer's slot
-    (``--recompute-method block``), since the backbone heads read that layer's input.
+    ``recompute=True`` and ``recompute_num_layers=None`` the planner recomputes every layer
+    (``--recompute-activations``: full, uniform, one layer per chunk); with
+    ``recompute_num_layers=N`` the first N layers of every stage (``--recompute-method block``).
     """
 
     tp: int = 1
@@ -397,23 +396,12 @@ def _recompute_setting(cfg: M2ModelConfig, layout: Layout, pp: int,
             errors.append("recompute_num_layers is set but recompute is off")
         return None
     per_stage = cfg.num_layers // pp
-    entry = cfg.num_sep_layers % per_stage
-    if layout.itc_heads == "vl":
-        if layout.recompute_num_layers is None:
-            return "uniform", 1
-        n = layout.recompute_num_layers
-        if not 1 <= n <= per_stage:
-            errors.append(f"--recompute-num-layers ({n}) must be between 1 and the layers per "
-                          f"pipeline stage ({per_stage})")
-            return None
-        return "block", n
-    n = entry if layout.recompute_num_layers is None else layout.recompute_num_layers
-    if entry == 0 or not 1 <= n <= entry:
-        fix = (f"--recompute-method block --recompute-num-layers N with N <= {entry}, or "
-               if entry else "")
-        errors.append(f"--itc-heads both with full recomputation: the first VL layer (layer "
-                      f"{entry} of its pipeline stage) must not be recomputed, because the "
-                      f"backbone heads read its input; use {fix}--itc-heads vl")
+    if layout.recompute_num_layers is None:
+        return "uniform", 1
+    n = layout.recompute_num_layers
+    if not 1 <= n <= per_stage:
+        errors.append(f"--recompute-num-layers ({n}) must be between 1 and the layers per "
+                      f"pipeline stage ({per_stage})")
         return None
     return "block", n
 
