@@ -64,6 +64,7 @@ from .training.checkpointing import (
     _fsync_file,
     _iter_dir,
     latest_iteration,
+    publish_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -416,8 +417,7 @@ def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
 
     from safetensors.torch import save_file
 
-    final = _iter_dir(root, step)
-    tmp = final + ".tmp"
+    tmp = _iter_dir(root, step) + ".tmp"
     os.makedirs(root, exist_ok=True)
     if os.path.exists(tmp):  # left by an interrupted write
         shutil.rmtree(tmp)
@@ -442,19 +442,7 @@ def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
     if tokenizer_bytes is not None:
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(tokenizer_bytes)
-    for fn in os.listdir(tmp):
-        _fsync_file(os.path.join(tmp, fn))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tracker_tmp, "w") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    _fsync_dir(root)
+    final = publish_checkpoint(root, step)
     logger.info("wrote checkpoint %s (layout tp=%d pp=%d, %d tensors%s)", final, tp, pp,
                 len(weights), ", with tokenizer.model" if tokenizer_bytes is not None else "")
     return final

@@ -154,7 +154,7 @@ def run_retrieval(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str
             continue
         mine = [keep[j] for j in _shard(len(keep), rank, world)]
         offset = _shard(len(keep), rank, world).start
-        images, captions, owner = [], [], []
+        captions, owner = [], []
         bs = args.batch_size
         img_emb = []
         it = _progress(range(0, len(mine), bs), -(-len(mine) // bs),
@@ -275,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     error = _validate(args)
     if error:
-        print(f"m2-eval: error: {error}", file=sys.stderr)
+        sys.stderr.write(f"m2-eval: error: {error}\n")
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
@@ -301,11 +301,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "results": results}
     if rank == 0:
         if args.json:
-            print(json.dumps(record, ensure_ascii=False))
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
             unit = "%" if args.task == "retrieval" else "% accuracy"
-            print(f"{args.task} on {record['data']} ({args.head} head, {unit}):")
-            print(_table(results, args.task))
+            sys.stdout.write(f"{args.task} on {record['data']} ({args.head} head, {unit}):\n"
+                             f"{_table(results, args.task)}\n")
         if args.output:
             with open(args.output, "w") as f:
                 json.dump(record, f, ensure_ascii=False, indent=1)

@@ -84,6 +84,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def publish_checkpoint(root: str, step: int) -> str:
+    """Make the fully written ``iter_N.tmp/`` the checkpoint of ``step``: fsync its files,
+    rename it to ``iter_N/`` and then atomically rewrite the tracker. A crash at any point
+    leaves the tracker naming the previous complete checkpoint. Returns the final dir."""
+    final, tmp = _iter_dir(root, step), _iter_dir(root, step) + ".tmp"
+    for fn in os.listdir(tmp):
+        _fsync_file(os.path.join(tmp, fn))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _fsync_dir(root)
+    return final
+
+
 def _maybe_inject_fault(step: int) -> None:
     spec = os.environ.get(FAULT_INJECTION_ENV, "")
     if spec == f"checkpoint_write:{step}":
@@ -285,19 +306,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
     dist.barrier()
     if rank == 0:
-        for fn in os.listdir(tmp):
-            _fsync_file(os.path.join(tmp, fn))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-        _fsync_dir(root)
+        publish_checkpoint(root, step)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
     return final
