@@ -14,14 +14,20 @@
 Worker processes are spawned. Each imports this module, torch, Pillow and SentencePiece, but not
 megatron-core (which takes seconds to import): the indexed files are read with numpy alone
 (:class:`~megatron_m2.data.indexed.ImageTextIndexedDataset`), mapped by each worker on first use.
-Batches are assembled in shared memory inside the worker (see :func:`_collate`), which is what
-lets a worker that is torn down in the middle of its prefetching exit cleanly.
+Batches are assembled in shared memory inside the worker (see :func:`_collate`), and a worker
+ends the way a forked one does, without finalising its interpreter (see :class:`_WorkerProcess`):
+together these let a worker that is torn down in the middle of its prefetching exit cleanly.
 """
 
 from __future__ import annotations
 
 import io
+import multiprocessing.context
+import multiprocessing.util
+import os
 import random
+import sys
+import traceback
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -201,14 +207,55 @@ def _collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     ``default_collate`` stacks straight into shared memory when called in a worker process, so
     the worker's result queue passes the batch on by file descriptor without copying it. A batch
     in ordinary memory would instead be copied into shared memory by the queue's feeder thread,
-    a daemon thread, in C++ with the GIL released (pybind11's ``gil_scoped_release``). A worker
-    shut down while prefetching does not wait for that thread (torch cancels the queue's join)
-    and, spawned, finalises its interpreter on exit; if the copy is still running, the feeder
-    thread is ended by ``pthread_exit`` as it takes the GIL back, inside the guard's
-    ``noexcept`` destructor: ``std::terminate`` ("terminate called without an active
-    exception") and SIGABRT.
+    a daemon thread, in C++ with the GIL released; a worker shut down in the middle of that copy
+    could not end cleanly (see :class:`_WorkerProcess` for how workers end).
     """
     return {k: torch.utils.data.default_collate([s[k] for s in samples]) for k in samples[0]}
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A spawned DataLoader worker that ends like a forked one: ``os._exit`` once its loop returns.
+
+    A spawned process otherwise returns to ``spawn_main``, which exits through a full interpreter
+    finalisation and the C and C++ exit handlers of every loaded library. A worker that is shut
+    down while prefetching has abandoned threads at that point (its result queue's feeder, whose
+    join torch cancels on shutdown), and a C++ destructor run during that teardown occasionally
+    calls ``std::terminate`` ("terminate called without an active exception"): the worker dies
+    of SIGABRT after having done all its work. A forked worker never gets there:
+    ``multiprocessing`` ends it with ``os._exit``. So does this class, after running the
+    ``multiprocessing`` finalizers (a result queue that was not abandoned is drained) and flushing
+    the standard streams: nothing the worker produced is lost that torch had not already chosen to
+    drop.
+    """
+
+    def run(self) -> None:
+        code = 1
+        try:
+            super().run()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - reported like multiprocessing does, then exit 1
+            traceback.print_exc()
+        finally:
+            # What multiprocessing itself runs after ``run``: the Python-level finalizers, which
+            # wait for the result queue to drain unless torch has cancelled that on shutdown.
+            try:
+                multiprocessing.util._exit_function()
+            except BaseException:  # noqa: BLE001 - the exit below must happen regardless
+                traceback.print_exc()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (AttributeError, OSError, ValueError):
+                    pass
+            os._exit(code)
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    """The spawn start method, with workers that end like :class:`_WorkerProcess`."""
+
+    Process = _WorkerProcess
 
 
 def build_loader(dataset, sampler: GlobalBatchSampler, num_workers: int = 2):
@@ -220,5 +267,5 @@ def build_loader(dataset, sampler: GlobalBatchSampler, num_workers: int = 2):
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
         persistent_workers=num_workers > 0,
-        multiprocessing_context="spawn" if num_workers > 0 else None,
+        multiprocessing_context=_WorkerContext() if num_workers > 0 else None,
         prefetch_factor=2 if num_workers > 0 else None)

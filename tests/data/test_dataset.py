@@ -4,6 +4,7 @@ worker processes."""
 import gc
 import io
 import random
+import signal
 import sys
 
 import numpy as np
@@ -160,6 +161,45 @@ def test_loader_with_workers(dataset_prefix, tokenizer_model):
         w.join(timeout=120)
     assert [w.exitcode for w in workers] == [0, 0]
     random.seed(0)
+
+
+class _AbortAtExitDataset(ImageTextDataset):
+    """In a worker, registers an exit handler that aborts, as a faulty library teardown would."""
+
+    def get(self, i, epoch=0):
+        if torch.utils.data.get_worker_info() is not None and not getattr(self, "_armed", False):
+            import atexit
+            import os
+
+            atexit.register(os.abort)
+            self._armed = True
+        return super().get(i, epoch)
+
+
+def test_workers_end_without_interpreter_teardown(dataset_prefix, tokenizer_model):
+    # A spawned process normally exits through interpreter finalisation and every library's exit
+    # handlers, where a C++ destructor occasionally aborts a worker that was shut down while
+    # prefetching. build_loader's workers end like forked ones (os._exit), so no handler runs.
+    ds = _AbortAtExitDataset(dataset_prefix, M2Tokenizer(tokenizer_model), eval_transform(32),
+                             text_length=16)
+
+    def exitcodes(make_loader):
+        loader = make_loader(GlobalBatchSampler(len(ds), 4, 4, 0, 1, seed=1))
+        it = iter(loader)
+        next(it)
+        workers = list(it._workers)
+        del it, loader  # no other reference: the workers are shut down here
+        gc.collect()
+        for w in workers:
+            w.join(timeout=120)
+        return [w.exitcode for w in workers]
+
+    # The handler does run in a plain spawned worker ...
+    assert exitcodes(lambda s: torch.utils.data.DataLoader(
+        ds, batch_sampler=s, num_workers=1, collate_fn=_collate,
+        multiprocessing_context="spawn")) == [-signal.SIGABRT]
+    # ... and not in build_loader's.
+    assert exitcodes(lambda s: build_loader(ds, s, num_workers=1)) == [0]
 
 
 def test_collate_builds_worker_batches_in_shared_memory(dataset_prefix, tokenizer_model,
