@@ -278,26 +278,19 @@ def layer_activation_bytes(cfg: M2ModelConfig, tp: int, tokens: int, batch: int,
     * attention: q, k, v and the output saved by SDPA ``8h/t``, its fp32 logsumexp ``4a/t``
       (fused kernels keep no s × s matrix, so Korthikanti et al.'s ``5as/h`` term is absent,
       and the block-diagonal split would make it ``a(s_v² + s_t²)/(s·h)`` anyway);
-    * TP=1: LNinner reads the attention output (already saved) and its output feeds Out:
-      ``2h``; the FFN saves the GELU input, the LNffn input and the FC2 input: ``6f``;
-    * TP>1: the sharded Sub-LNs compute in fp32 and save the centred input and the normalised
-      output (fp32) plus their bf16 output: ``10h/t`` for LNinner, and for the FFN the GELU
-      input + 10 per element: ``12f/t``;
-    * LayerNorm statistics: 8 bytes per token per unsharded LayerNorm, 4 (the fp32 rsqrt) per
-      sharded one.
+    * LNinner reads the attention output (already saved) and its output feeds Out: ``2h/t``;
+      the FFN saves the GELU input, the LNffn input and the FC2 input: ``6f/t``. Sharded or
+      not, a Sub-LN keeps only its input and two fp32 statistics per token
+      (:class:`~megatron_m2.model.multiway.TPLayerNorm`);
+    * LayerNorm statistics: 8 bytes (fp32 mean and rstd) per token per LayerNorm, four of them.
 
-    Per token: ``18h + 6f + 4a + 32`` at TP=1 and ``8h + (18h + 12f + 4a)/t + 24`` at TP>1
-    (for f = 4h: 42h vs 8h + 66h/t — the fp32 Sub-LN makes TP=2 save about as much as TP=1).
+    Per token: ``8h + (10h + 6f + 4a)/t + 32`` (for f = 4h: 42h at TP=1, 25h at TP=2).
     No dropout (probabilities are 0). The first VL layer adds the backbone's final LayerNorm:
     ``2h + 8``. ``tests/tools/test_plan.py`` checks the total against the bytes autograd
     actually saves for the tiny flavor at TP=1 and TP=2.
     """
     h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
-    if tp == 1:
-        per_token = 18 * h + 6 * f + 4 * a + 4 * LN_STATS_BYTES
-    else:
-        per_token = (8 * h + 18 * h // tp + 12 * f // tp + 4 * a // tp + 2 * LN_STATS_BYTES
-                     + 2 * FP32_BYTES)
+    per_token = 8 * h + (10 * h + 6 * f + 4 * a) // tp + 4 * LN_STATS_BYTES
     if entry:
         per_token += 2 * h + LN_STATS_BYTES
     return per_token * tokens * batch
@@ -712,8 +705,9 @@ def make_plan(model: M2ModelConfig, layout: Layout = Layout(), cluster: Cluster 
     d = cfg.hidden_size
     comm: Dict[str, object] = {}
     # TP: per layer, per part of the packed sequence: forward all-reduces after Out and FC2
-    # (bf16 [s_part, b, d]) and 2 fp32 statistics all-reduces in each sharded Sub-LN; backward
-    # all-reduces of the input gradients of Q, K, V and FC1 and again 2 per Sub-LN.
+    # (bf16 [s_part, b, d]) and 2 fp32 statistics all-reduces ([s_part, b, 1]) in each sharded
+    # Sub-LN; backward all-reduces of the input gradients of Q, K, V and FC1 and 1 per Sub-LN
+    # (its two partial sums together, [s_part, b, 2]).
     tp_stages = []
     for st_ in stages:
         n_rc = mem_stages[st_.index]["recomputed_layers"]
@@ -730,11 +724,13 @@ def make_plan(model: M2ModelConfig, layout: Layout = Layout(), cluster: Cluster 
                                     8 * st_.num_layers, 2 * big_fwd * st_.num_layers,
                                     ring_all_reduce_bytes(2 * big_fwd * st_.num_layers, tp),
                                     "intra-node", bw(False), latency))
-            rows.append(_collective("all_reduce Sub-LN statistics (fwd + bwd)",
-                                    8 * fwd_passes + 8 * st_.num_layers,
-                                    small * (fwd_passes + st_.num_layers),
-                                    ring_all_reduce_bytes(small * (fwd_passes
-                                                                   + st_.num_layers), tp),
+            rows.append(_collective("all_reduce Sub-LN statistics fwd", 8 * fwd_passes,
+                                    small * fwd_passes,
+                                    ring_all_reduce_bytes(small * fwd_passes, tp),
+                                    "intra-node", bw(False), latency))
+            rows.append(_collective("all_reduce Sub-LN statistics bwd", 4 * st_.num_layers,
+                                    small * st_.num_layers,
+                                    ring_all_reduce_bytes(small * st_.num_layers, tp),
                                     "intra-node", bw(False), latency))
             if st_.is_first:
                 emb = BF16_BYTES * cfg.max_text_len * b * d
@@ -748,7 +744,7 @@ def make_plan(model: M2ModelConfig, layout: Layout = Layout(), cluster: Cluster 
                           "count_per_step": m * sum(r["count"] for r in rows)})
     big_fwd, small = 2 * BF16_BYTES * s * b * d, 2 * 2 * FP32_BYTES * s * b
     per_layer = {"forward": {"count": 12, "payload_bytes": big_fwd + small},
-                 "backward": {"count": 16, "payload_bytes": 2 * big_fwd + small}}
+                 "backward": {"count": 12, "payload_bytes": 2 * big_fwd + small}}
     for v in per_layer.values():
         v["bytes_sent"] = ring_all_reduce_bytes(v["payload_bytes"], tp)
     comm["tp"] = {"group_size": tp, "link": "intra-node" if tp > 1 else None,

@@ -20,8 +20,7 @@ import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
-__all__ = ["SplitAware", "MultiwayWrapper", "TPLayerNorm", "MultiwayLayerNorm",
-           "all_reduce_with_grad"]
+__all__ = ["SplitAware", "MultiwayWrapper", "TPLayerNorm", "MultiwayLayerNorm"]
 
 
 class SplitAware:
@@ -89,35 +88,57 @@ class MultiwayWrapper(nn.Module, SplitAware):
         return torch.cat([_first(self.A(xa)), _first(self.B(xb))], dim=0)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over a process group in forward *and* backward.
+class _ShardedLayerNorm(torch.autograd.Function):
+    """LayerNorm over a feature dimension sharded across ``group``, saving little for backward.
 
-    Used for statistics that every rank consumes locally (LayerNorm mean/variance over a
-    TP-sharded dimension): rank r's contribution influences every rank's output, so the gradient
-    reaching it is the sum of all ranks' local gradients. megatron's
-    ``reduce_from_tensor_model_parallel_region`` has an identity backward, which is only right
-    when the reduced value is consumed identically on every rank afterwards.
+    Forward (fp32 arithmetic for bf16/fp16/fp32 inputs, fp64 for fp64): ``mean`` from
+    all-reduced partial sums, then the centred second moment the same way (two passes, as
+    accurate as a local LayerNorm), ``y = (x - mean) * rstd * w + b``.
+
+    Saved for backward: the input as given (bf16 under mixed precision) and the per-token
+    ``mean`` and ``rstd`` (fp32), as a fused LayerNorm kernel does. Autograd through the
+    elementwise ops would instead keep two fp32 copies of the shard (the centred input and the
+    normalised output), enough to make TP=2 save almost no activation memory.
+
+    Backward, with ``x̂ = (x - mean) * rstd``, ``g = dy * w`` and full-width means ``⟨·⟩``::
+
+        dx = rstd * (g - ⟨g⟩ - x̂ * ⟨g x̂⟩)      dw = Σ dy x̂      db = Σ dy
+
+    ``⟨g⟩`` and ``⟨g x̂⟩`` need the other ranks' features: one all-reduce of both partial sums.
     """
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        torch.distributed.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x, weight, bias, group, full_size: int, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        n = float(full_size)
+        s1 = xf.sum(-1, keepdim=True)
+        torch.distributed.all_reduce(s1, group=group)
+        mean = s1 / n
+        xc = xf - mean
+        s2 = (xc * xc).sum(-1, keepdim=True)
+        torch.distributed.all_reduce(s2, group=group)
+        rstd = torch.rsqrt(s2 / n + eps)
+        y = xc * rstd
+        out = (y * weight.to(xf.dtype) + bias.to(xf.dtype)).to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.group, ctx.full_size = group, full_size
+        ctx.bias_dtype = bias.dtype
+        return out
 
     @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce (sum) whose backward is also an all-reduce; identity for a group of one."""
-    if group is None or torch.distributed.get_world_size(group) == 1:
-        return x
-    return _AllReduceSum.apply(x, group)
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dyf = dy.to(mean.dtype)
+        xhat = (x.to(mean.dtype) - mean) * rstd
+        g = dyf * weight.to(mean.dtype)
+        sums = torch.cat([g.sum(-1, keepdim=True), (g * xhat).sum(-1, keepdim=True)], dim=-1)
+        torch.distributed.all_reduce(sums, group=ctx.group)
+        sums = sums / float(ctx.full_size)
+        dx = rstd * (g - sums[..., :1] - xhat * sums[..., 1:])
+        lead = tuple(range(dy.dim() - 1))
+        dw = (dyf * xhat).sum(lead)
+        db = dyf.sum(lead)
+        return dx.to(x.dtype), dw.to(weight.dtype), db.to(ctx.bias_dtype), None, None, None
 
 
 class TPLayerNorm(nn.Module):
@@ -125,10 +146,12 @@ class TPLayerNorm(nn.Module):
 
     With ``sharded=True`` each rank holds ``normalized_size / tp`` features of every token (the
     heads a rank owns, or its slice of the FFN hidden). Mean and variance are computed over the
-    full width by all-reducing partial sums across the TP group (two passes: mean, then the
-    centred second moment, which is as accurate as a local LayerNorm). Weight and bias are
-    sharded like the input and carry megatron's TP attributes (partition_dim 0), so checkpoints
-    and gradient-norm computation treat them like any TP-sharded parameter.
+    full width by all-reducing partial sums across the TP group, and the backward all-reduces
+    the two partial sums the input gradient needs (:class:`_ShardedLayerNorm`: two small fp32
+    all-reduces forward, one backward; it saves the input and two fp32 statistics per token).
+    Weight and bias are sharded like the input and carry megatron's TP attributes
+    (partition_dim 0), so checkpoints and gradient-norm computation treat them like any
+    TP-sharded parameter.
     """
 
     def __init__(self, normalized_size: int, eps: float, tp_group=None, sharded: bool = False,
@@ -152,14 +175,8 @@ class TPLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return nn.functional.layer_norm(x, (self.local_size,), self.weight, self.bias, self.eps)
-        dtype = x.dtype
-        xf = x.float()
-        n = float(self.full_size)
-        mean = all_reduce_with_grad(xf.sum(-1, keepdim=True), self.tp_group) / n
-        xc = xf - mean
-        var = all_reduce_with_grad((xc * xc).sum(-1, keepdim=True), self.tp_group) / n
-        y = xc * torch.rsqrt(var + self.eps)
-        return (y * self.weight.float() + self.bias.float()).to(dtype)
+        return _ShardedLayerNorm.apply(x, self.weight, self.bias, self.tp_group, self.full_size,
+                                       self.eps)
 
 
 class MultiwayLayerNorm(MultiwayWrapper):
