@@ -10,23 +10,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_m2.flavors import get_flavor
 from megatron_m2.planner import Cluster, Layout, make_plan
+from tests.helpers.tools import ROOT, load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "bench_gpu.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_gpu")
 
 
 def planner_flops(flavor: str, mbs: int, gbs: int) -> int:

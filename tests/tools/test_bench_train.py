@@ -5,28 +5,23 @@ the spec's reference forward (tests/model/test_official.py), and one tiny run ch
 figures and ``--check`` (the plain model's first step equals ours).
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers.tools import ROOT, load_tool
 from tests.model.test_official import CFG, _batch, official_shapes, random_official
 from tests.model.test_official import reference_forward as spec_forward
 
-ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "bench_train.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_train")
 
 
 def test_plain_model_has_the_official_layout(bench):

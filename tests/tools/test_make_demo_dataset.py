@@ -1,30 +1,19 @@
 """tools/make_demo_dataset.py: rendering, manifests, concept splits and determinism (no build)."""
 
 import argparse
-import importlib.util
 import json
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.tools import ROOT, load_tool
+
 LIMIT = 30
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_demo_dataset",
-                                                  ROOT / "tools" / "make_demo_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve the module through sys.modules while the class is created.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("make_demo_dataset")
 
 
 @pytest.fixture(scope="module")

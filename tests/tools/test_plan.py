@@ -9,11 +9,9 @@ no peers) in this process.
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +19,8 @@ from megatron_m2 import planner
 from megatron_m2.config import ConfigError
 from megatron_m2.flavors import FLAVORS, count_parameters, get_flavor
 from megatron_m2.planner import GB, Assumptions, Cluster, Layout, make_plan, recommend
+from tests.helpers.tools import ROOT, load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.filterwarnings("ignore:full scope is deprecated"),
               pytest.mark.filterwarnings("ignore:When using async grad allreduce")]
 C32 = Cluster(nodes=32, gpus_per_node=8)
@@ -33,10 +31,7 @@ def _plan(flavor="10b", cluster=C32, **layout):
 
 
 def _bench_itc():
-    spec = importlib.util.spec_from_file_location("bench_itc", ROOT / "tools" / "bench_itc.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_itc")
 
 
 # -- parameters and memory ------------------------------------------------------------------------
