@@ -33,9 +33,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.indexed import MODE_IMAGE, MODE_TO_LANG, Sample, decode_image_sequence
+from ..data.indexed import (
+    MODE_IMAGE,
+    MODE_TO_LANG,
+    DatasetError,
+    DatasetIndex,
+    Sample,
+    decode_image_sequence,
+    read_index,
+)
 from ..data.tokenizer import DEFAULT_MAX_LENGTH
-from .merge_datasets import DatasetError, DatasetIndex, read_index
 
 __all__ = ["dataset_stats", "format_stats", "read_sample", "find_cjk_font", "sheet_size",
            "contact_sheet", "build_parser", "main"]

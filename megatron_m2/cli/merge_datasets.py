@@ -24,11 +24,9 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from ..data.indexed import DatasetError, DatasetIndex, ImageTextWriter, read_index
+from ..data.indexed import DatasetError, ImageTextWriter, read_index
 
-# The index parser lives in :mod:`megatron_m2.data.indexed`; its names stay importable from here.
-__all__ = ["DatasetError", "DatasetIndex", "read_index", "merge_datasets", "build_parser",
-           "main"]
+__all__ = ["merge_datasets", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 

@@ -210,7 +210,7 @@ def _collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     a daemon thread, in C++ with the GIL released; a worker shut down in the middle of that copy
     could not end cleanly (see :class:`_WorkerProcess` for how workers end).
     """
-    return {k: torch.utils.data.default_collate([s[k] for s in samples]) for k in samples[0]}
+    return torch.utils.data.default_collate(samples)
 
 
 class _WorkerProcess(multiprocessing.context.SpawnProcess):

@@ -41,7 +41,7 @@ import numpy as np
 
 __all__ = ["MODE_TEXT_EN", "MODE_IMAGE", "MODE_TEXT_ZH", "MODE_TEXT_OTHER", "LANG_TO_MODE",
            "MODE_TO_LANG", "encode_image_sequence", "decode_image_sequence", "Sample",
-           "ImageTextWriter", "ImageTextIndexedDataset", "dataset_exists", "DatasetError",
+           "ImageTextWriter", "ImageTextIndexedDataset", "DatasetError",
            "DatasetNotFoundError", "DatasetIndex", "read_index"]
 
 MODE_TEXT_EN, MODE_IMAGE, MODE_TEXT_ZH, MODE_TEXT_OTHER = 0, 1, 2, 3
@@ -78,11 +78,6 @@ class Sample:
 
 def _paths(prefix: str) -> Tuple[str, str]:
     return prefix + ".bin", prefix + ".idx"
-
-
-def dataset_exists(prefix: str) -> bool:
-    """Whether both files of ``prefix`` exist."""
-    return all(os.path.exists(p) for p in _paths(prefix))
 
 
 class ImageTextWriter:
@@ -192,9 +187,7 @@ class DatasetIndex:
 
     def data(self) -> np.ndarray:
         """The ``.bin`` file as a read-only int32 memory map (empty array for an empty file)."""
-        if self.bin_bytes == 0:
-            return np.zeros(0, dtype="<i4")
-        return np.memmap(self.prefix + ".bin", dtype="<i4", mode="r")
+        return self.data_bytes().view("<i4")
 
     def data_bytes(self) -> np.ndarray:
         """The ``.bin`` file as a read-only uint8 memory map (empty array for an empty file)."""

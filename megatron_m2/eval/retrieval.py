@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "zero_shot_accuracy", "format_table"]
+__all__ = ["retrieval_metrics", "chance_recall", "zero_shot_accuracy", "format_table"]
 
 _IDX_MAX = 2**32 - 1
 """Largest global gallery index the 64-bit ranking key can hold."""
@@ -300,13 +300,25 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor
     del ranked
     hits = comm.all_reduce(torch.stack(i2t + t2i_hits).to(torch.int64)).cpu().tolist()
 
-    out = {}
-    for j, kk in enumerate(ks):
-        out[f"i2t_r{kk}"] = 100.0 * hits[j] / n_images
-    for j, kk in enumerate(ks):
-        out[f"t2i_r{kk}"] = 100.0 * hits[len(ks) + j] / n_texts
+    return _recall_row(ks, [100.0 * h / n_images for h in hits[:len(ks)]],
+                       [100.0 * h / n_texts for h in hits[len(ks):]])
+
+
+def _recall_row(ks: Tuple[int, ...], i2t: Sequence[float], t2i: Sequence[float]
+                ) -> Dict[str, float]:
+    """The metrics dict: ``i2t_r{k}`` then ``t2i_r{k}`` (percentages) and their mean."""
+    out = {f"i2t_r{k}": v for k, v in zip(ks, i2t)}
+    out.update({f"t2i_r{k}": v for k, v in zip(ks, t2i)})
     out["mean_recall"] = sum(out.values()) / len(out)
     return out
+
+
+def chance_recall(n: int, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """What :func:`retrieval_metrics` reports for a random ranking of ``n`` images with one
+    caption each: R@k = 100 · min(k, n) / n in both directions."""
+    ks = _check_ks(ks)
+    recalls = [100.0 * min(k, n) / n for k in ks]
+    return _recall_row(ks, recalls, recalls)
 
 
 def zero_shot_accuracy(image_emb: Tensor, class_emb: Tensor, labels: Tensor,

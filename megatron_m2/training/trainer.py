@@ -384,17 +384,13 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """Held-out retrieval per language (every rank gets the same figures)."""
-        from ..eval.retrieval import format_table
+        from ..eval.retrieval import chance_recall, format_table
 
         results = self.evaluator.evaluate()
         rows = dict(results)
         sizes = {len(idx) for _, idx in self.evaluator.sets.values()}
         if len(sizes) == 1:  # one caption per image: R@k of a random ranking is k / N
-            n = sizes.pop()
-            chance = {f"{d}_r{k}": 100.0 * min(k, n) / n for d in ("i2t", "t2i")
-                      for k in (1, 5, 10)}
-            chance["mean_recall"] = sum(chance.values()) / len(chance)
-            rows["chance"] = chance
+            rows["chance"] = chance_recall(sizes.pop())
         logger.info("held-out retrieval at step %d (VL head, %%):\n%s", self.step,
                     format_table(rows))
         return results
