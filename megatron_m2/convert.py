@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .config import ConfigError, M2ModelConfig
+from .model.init import _layer_index
 from .model.official import (
     TEXT_EMBED_KEY,
     StateDictKeyError,
@@ -88,7 +89,6 @@ PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-_LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.")
 _REFUSED_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
@@ -219,9 +219,9 @@ def pipeline_stage_layers(cfg: M2ModelConfig, pp: int, tp: int = 1) -> List[rang
 
 
 def _stage_of(key: str, layer_stage: Mapping[int, int], pp: int) -> int:
-    m = _LAYER_RE.match(key)
-    if m:
-        return layer_stage[int(m.group(1))]
+    layer = _layer_index(key)
+    if layer is not None:
+        return layer_stage[layer]
     if key.startswith("embeddings."):
         return 0
     return pp - 1  # ITC heads, logit scales, the VL stack's final LayerNorm
@@ -537,7 +537,8 @@ def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None
             raise ConversionError(f"{path}: official checkpoints carry no model config; give a "
                                   f"flavor or a model config")
         official = load_official(path)
-        shapes = {off: expected_shapes(cfg)[ours] for ours, off in key_mapping(cfg)}
+        expected = expected_shapes(cfg)
+        shapes = {off: expected[ours] for ours, off in key_mapping(cfg)}
         try:
             state_dict = from_official(official, cfg)
         except StateDictKeyError as exc:
@@ -553,8 +554,7 @@ def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None
         validate_state_dict(state_dict, cfg, path)
         return state_dict, cfg, None, {}
     if fmt == "ours":
-        state_dict, cfg, tokenizer, meta = read_checkpoint(path)
-        return state_dict, cfg, tokenizer, meta
+        return read_checkpoint(path)
     if fmt == "single":
         state_dict, cfg, tokenizer = load_single_file(path)
         return state_dict, cfg, tokenizer, {}
@@ -723,8 +723,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.src == "official" and cfg is None:
             parser.error("--from official needs --flavor or --model-config (official "
                          "checkpoints carry no architecture)")
-        if args.dst == "ours" and cfg is not None:
-            cfg.validate_parallel(args.tp, args.pp)
         _check_output(args)
         tokenizer = None
         if args.tokenizer_model:

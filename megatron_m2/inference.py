@@ -176,7 +176,7 @@ class M2Encoder:
                               ("cuda" if torch.cuda.is_available() else "cpu"))
         ensure_model_parallel()
         with _cpu_layer_while_building():
-            model = build_model(cfg, 1, 1)
+            model = build_model(cfg, 1, 1, initialize=False)  # every weight is loaded next
         load_model_weights(model, state, source=str(path))
         model = model.to(device=device, dtype=dtype).eval()
         logger.info("M2Encoder: %s on %s (%s), %d parameters", path, device, dtype,

@@ -600,7 +600,7 @@ class Plan:
                             world_size=self.cluster.world_size),
             "layout": dataclasses.asdict(self.layout),
             "assumptions": dataclasses.asdict(self.assumptions),
-            "valid": self.valid, "fits": self.fits if self.valid else False,
+            "valid": self.valid, "fits": self.fits,
             "errors": list(self.errors), "warnings": list(self.warnings),
             "derived": derived,
             "training_args": self.training_args(),
@@ -708,12 +708,11 @@ def make_plan(model: M2ModelConfig, layout: Layout = Layout(), cluster: Cluster 
     # (bf16 [s_part, b, d]) and 2 fp32 statistics all-reduces ([s_part, b, 1]) in each sharded
     # Sub-LN; backward all-reduces of the input gradients of Q, K, V and FC1 and 1 per Sub-LN
     # (its two partial sums together, [s_part, b, 2]).
+    big_fwd, small = 2 * BF16_BYTES * s * b * d, 2 * 2 * FP32_BYTES * s * b
     tp_stages = []
     for st_ in stages:
         n_rc = mem_stages[st_.index]["recomputed_layers"]
         fwd_passes = st_.num_layers + n_rc  # recomputed layers run their forward twice
-        big_fwd = 2 * BF16_BYTES * s * b * d
-        small = 2 * 2 * FP32_BYTES * s * b
         rows = []
         if tp > 1:
             rows.append(_collective("all_reduce fwd (Out, FC2)", 4 * fwd_passes,
@@ -742,7 +741,6 @@ def make_plan(model: M2ModelConfig, layout: Layout = Layout(), cluster: Cluster 
                           "time_s_per_micro_batch": sum(r["time_s"] for r in rows),
                           "bytes_sent_per_step": m * sum(r["bytes_sent"] for r in rows),
                           "count_per_step": m * sum(r["count"] for r in rows)})
-    big_fwd, small = 2 * BF16_BYTES * s * b * d, 2 * 2 * FP32_BYTES * s * b
     per_layer = {"forward": {"count": 12, "payload_bytes": big_fwd + small},
                  "backward": {"count": 12, "payload_bytes": 2 * big_fwd + small}}
     for v in per_layer.values():

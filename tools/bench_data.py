@@ -204,17 +204,11 @@ class WdsSample:
 
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Stack per key with ``default_collate``, as ``build_loader``'s collate does (inside a
-    worker it stacks straight into shared memory, so no copy is left for the result queue's
-    feeder thread when the loader shuts down).
+    """``build_loader``'s collate, after dropping the ``__key__`` that ``wds``'s ``map`` puts
+    back into the mapped dict, so that both loaders yield the same batch."""
+    from megatron_m2.data.dataset import _collate
 
-    ``wds``'s ``map`` puts the sample's ``__key__`` back into the mapped dict; it is dropped so
-    that both loaders yield the same batch.
-    """
-    from torch.utils.data import default_collate
-
-    return {k: default_collate([s[k] for s in samples]) for k in samples[0]
-            if not k.startswith("__")}
+    return _collate([{k: v for k, v in s.items() if not k.startswith("__")} for s in samples])
 
 
 def wds_pipeline(urls: List[str], mapper: WdsSample, batch: int):

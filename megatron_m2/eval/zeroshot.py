@@ -206,12 +206,13 @@ def load_templates(lang: str = "en", path: Optional[Union[str, os.PathLike]] = N
     if path is None:
         return list(_read_bundled(_TEMPLATES_FILE)[lang])
     templates = _read_user_file(path, lang, "template")
-    if not os.fspath(path).lower().endswith(".json"):
-        for n, t in enumerate(templates, 1):
-            if PLACEHOLDER not in t:
-                raise ValueError(f"{os.fspath(path)}:{n}: template {t!r} has no {PLACEHOLDER} "
-                                 f"placeholder")
-    return _check_templates(templates, os.fspath(path))
+    if os.fspath(path).lower().endswith(".json"):
+        return _check_templates(templates, os.fspath(path))
+    for n, t in enumerate(templates, 1):  # one per line: the error names the line
+        if PLACEHOLDER not in t:
+            raise ValueError(f"{os.fspath(path)}:{n}: template {t!r} has no {PLACEHOLDER} "
+                             f"placeholder")
+    return list(templates)
 
 
 # -- classifier weights -------------------------------------------------------------------------

@@ -7,8 +7,13 @@ __all__ = ["M2EncoderModel", "initialize_model", "build_model"]
 
 
 def build_model(model_cfg, tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
-                transformer_impl: str = "local", vp_stage=None, **config_overrides):
-    """Build and initialise this rank's stage of the model (model-parallel groups must exist)."""
+                transformer_impl: str = "local", vp_stage=None, initialize: bool = True,
+                **config_overrides):
+    """Build and initialise this rank's stage of the model (model-parallel groups must exist).
+
+    ``initialize=False`` skips the seeded initialisation, for callers that overwrite every
+    parameter right away (loading weights).
+    """
     from megatron.core import parallel_state
 
     from .transformer_config import to_transformer_config
@@ -20,5 +25,6 @@ def build_model(model_cfg, tensor_parallel: int = 1, pipeline_parallel: int = 1,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
         transformer_impl=transformer_impl, vp_stage=vp_stage)
-    initialize_model(model, seed)
+    if initialize:
+        initialize_model(model, seed)
     return model
