@@ -64,8 +64,8 @@ from .training.checkpointing import (
     _fsync_dir,
     _fsync_file,
     _iter_dir,
-    latest_iteration,
     publish_checkpoint,
+    resolve_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -347,14 +347,8 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, 
     """
     from safetensors.torch import load_file
 
-    directory = path
-    if os.path.exists(os.path.join(path, TRACKER)):
-        directory = _iter_dir(path, latest_iteration(path))
+    directory, meta = resolve_checkpoint(path)
     meta_path = os.path.join(directory, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{directory} is not a checkpoint (no meta.json, no {TRACKER})")
-    with open(meta_path) as f:
-        meta = json.load(f)
     if not isinstance(meta.get("model_config"), dict):
         raise ConversionError(f"{meta_path}: no model_config")
     try:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from .config import M2ModelConfig
+from .training.checkpointing import load_model_weights
 
 logger = logging.getLogger(__name__)
 
@@ -81,29 +82,6 @@ def ensure_model_parallel() -> None:
     with _cpu_layer_while_building():
         ps.initialize_model_parallel(tensor_model_parallel_size=1,
                                      pipeline_model_parallel_size=1)
-
-
-def load_model_weights(model, state_dict: Dict[str, torch.Tensor], source: str = "weights"):
-    """Copy canonical full tensors (TP=1 names and shapes, vocabulary unpadded) into this
-    rank's stage of ``model``, slicing them for its tensor-parallel rank."""
-    from megatron.core import parallel_state as ps
-
-    from .model.init import canonical_name, local_shard
-
-    tp_size = ps.get_tensor_model_parallel_world_size()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    names = {id(p): canonical_name(n, model.layer_offset) for n, p in model.named_parameters()}
-    missing = sorted(n for n in names.values() if n not in state_dict)
-    if missing:
-        raise KeyError(f"{source} lacks {len(missing)} weight(s) of the model, e.g. "
-                       f"{missing[:3]}")
-    with torch.no_grad():
-        for p in model.parameters():
-            name = names[id(p)]
-            try:
-                p.copy_(local_shard(state_dict[name].to(p.dtype), p, tp_rank, tp_size))
-            except (ValueError, RuntimeError) as e:
-                raise ValueError(f"{source}: weight {name!r}: {e}") from None
 
 
 def _read(path: Union[str, os.PathLike]):
@@ -288,16 +266,11 @@ class M2Encoder:
     # -- export ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Canonical weights (TP=1 names, vocabulary unpadded), on the CPU."""
-        from .model.init import canonical_name
+        from .model.init import iter_canonical_params
+        from .training.checkpointing import _strip_padding
 
-        sd = {}
-        for n, p in self.model.named_parameters():
-            name = canonical_name(n, self.model.layer_offset)
-            t = p.detach().cpu()
-            if name == "embeddings.text_embed.weight":
-                t = t[:self.cfg.vocab_size]
-            sd[name] = t.contiguous()
-        return sd
+        return {name: _strip_padding(name, p.detach().cpu(), self.cfg).contiguous()
+                for _, name, p in iter_canonical_params(self.model)}
 
     def save_single_file(self, path: Union[str, os.PathLike],
                          dtype: Optional[torch.dtype] = None) -> Path:

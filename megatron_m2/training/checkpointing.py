@@ -33,7 +33,7 @@ import logging
 import os
 import random
 import shutil
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_iteration", "TRACKER",
-           "FAULT_INJECTION_ENV"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "resolve_checkpoint",
+           "latest_iteration", "TRACKER", "FAULT_INJECTION_ENV"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -335,6 +335,49 @@ class _StageFiles:
     def get(self, key: str) -> torch.Tensor:
         return self._handles[self.where[key]].get_tensor(key)
 
+    __getitem__ = get
+
+
+def resolve_checkpoint(path: str) -> Tuple[str, Dict]:
+    """``(directory, meta)`` of the checkpoint at ``path``: an ``iter_N`` directory, or a save
+    root whose tracker names one. Raises FileNotFoundError when there is no ``meta.json``."""
+    directory = path
+    if os.path.exists(os.path.join(path, TRACKER)):
+        directory = _iter_dir(path, latest_iteration(path))
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{directory} is not a checkpoint (no meta.json, no {TRACKER})")
+    with open(meta_path) as f:
+        return directory, json.load(f)
+
+
+def load_model_weights(model, weights: Mapping[str, torch.Tensor],
+                       source: str = "weights") -> None:
+    """Copy canonical full tensors (TP=1 names and shapes, vocabulary unpadded) into this
+    rank's stage of ``model``, slicing them for its tensor-parallel rank.
+
+    ``weights`` needs ``in`` and ``[]`` only (a state dict, or a checkpoint's stage files read
+    tensor by tensor); ``source`` names it in errors.
+    """
+    from megatron.core import parallel_state as ps
+
+    from ..model.init import local_shard
+
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    names = _full_name_map(model)
+    missing = sorted(n for n in names.values() if n not in weights)
+    if missing:
+        raise KeyError(f"{source} lacks {len(missing)} weight(s) of this stage, e.g. "
+                       f"{missing[:3]}")
+    with torch.no_grad():
+        for p in model.parameters():
+            name = names[id(p)]
+            try:
+                p.copy_(local_shard(weights[name].to(p.dtype), p, tp_rank, tp_size))
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"{source}: weight {name!r}: {e}") from None
+
 
 def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
                     load_optimizer: bool = True, load_rng: bool = True) -> Dict:
@@ -348,14 +391,7 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
 
     from ..model.init import local_shard
 
-    directory = path
-    if os.path.exists(os.path.join(path, TRACKER)):
-        step = latest_iteration(path)
-        directory = _iter_dir(path, step)
-    meta_path = os.path.join(directory, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{directory} is not a checkpoint (no meta.json)")
-    meta = json.load(open(meta_path))
+    directory, meta = resolve_checkpoint(path)
     cfg = model.model_cfg
     saved_cfg = meta.get("model_config", {})
     for key in ("hidden_size", "num_attention_heads", "ffn_hidden_size", "num_sep_layers",
@@ -365,16 +401,9 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
                              f"match this run's {getattr(cfg, key)}")
     tp_group = ps.get_tensor_model_parallel_group()
     tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    names = _full_name_map(model)
     weights = _StageFiles(directory, "model")
-    missing = [n for n in names.values() if n not in weights]
-    if missing:
-        raise KeyError(f"checkpoint {directory} lacks {len(missing)} weight(s) of this stage, "
-                       f"e.g. {missing[:3]}")
-    with torch.no_grad():
-        for p in model.parameters():
-            full = weights.get(names[id(p)])
-            p.copy_(local_shard(full, p, tp_rank, tp_size).to(p.dtype))
+    load_model_weights(model, weights, source=f"checkpoint {directory}")
+    names = _full_name_map(model)
 
     if optimizer is not None:
         optim = _StageFiles(directory, "optim") if load_optimizer else None
