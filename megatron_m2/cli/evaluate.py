@@ -146,32 +146,36 @@ def run_retrieval(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str
     if args.max_samples:
         n_total = min(n_total, args.max_samples)
     results: Dict[str, Dict[str, float]] = {}
+    embedded: Dict[int, torch.Tensor] = {}  # sample -> image embedding, shared by the languages
     for lang in args.lang:
         # Images with at least one caption in the language; every such caption is a query.
         keep = [i for i in range(n_total) if lang in reader.caption_languages(i)]
         if not keep:
             logger.warning("%s: no %s captions; skipped", args.data, lang)
             continue
-        mine = [keep[j] for j in _shard(len(keep), rank, world)]
-        offset = _shard(len(keep), rank, world).start
+        part = _shard(len(keep), rank, world)
+        mine, offset = keep[part.start:part.stop], part.start
         captions, owner = [], []
         bs = args.batch_size
-        img_emb = []
         it = _progress(range(0, len(mine), bs), -(-len(mine) // bs),
                        f"{lang} images", rank == 0 and not args.no_progress)
         for lo in it:
-            batch = []
-            for j, i in enumerate(mine[lo:lo + bs]):
-                sample = reader[i]
-                with Image.open(io.BytesIO(sample.image)) as im:
-                    batch.append(enc.transform(im))
+            chunk = mine[lo:lo + bs]
+            samples = [reader[i] for i in chunk]
+            todo = [(i, sample) for i, sample in zip(chunk, samples) if i not in embedded]
+            if todo:
+                batch = []
+                for _, sample in todo:
+                    with Image.open(io.BytesIO(sample.image)) as im:
+                        batch.append(enc.transform(im))
+                embedded.update(zip((i for i, _ in todo), enc.encode_image(torch.stack(batch))))
+            for j, sample in enumerate(samples):
                 for cl, ids in sample.captions:
                     if cl == lang:
                         captions.append(ids.tolist())
                         owner.append(offset + lo + j)
-            img_emb.append(enc.encode_image(torch.stack(batch)) if batch else
-                           torch.empty(0, enc.embed_dim))
-        images = torch.cat(img_emb) if img_emb else torch.empty(0, enc.embed_dim)
+        images = (torch.stack([embedded[i] for i in mine]) if mine
+                  else torch.empty(0, enc.embed_dim))
         texts = enc.encode_tokens(captions) if captions else torch.empty(0, enc.embed_dim)
         m = retrieval_metrics(images, texts, torch.tensor(owner, dtype=torch.long),
                               chunk_size=args.chunk_size, group=group)
