@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,8 @@ from .model.official import (
     _is_extra_state,
     from_official,
     key_mapping,
+    resize_release_positions,
+    summarize_unused_keys,
     to_official,
     unwrap_official,
 )
@@ -266,14 +269,43 @@ def _atomic_write(path: str, write) -> None:
 
 
 # -- official ------------------------------------------------------------------------------------
+# The release's config is a sacred config; a Lightning checkpoint keeps the module's init arguments
+# under "hyper_parameters", so a run that hands sacred's read-only config to the module pickles
+# these container classes there. They are read as the plain dict / list they wrap: the restricted
+# unpickler resolves the names to the builtins, sacred is never imported, and every other global
+# is still refused. (torch >= 2.6 maps a pickled name onto another callable; before, refused.)
+_PLAIN_CONTAINER_ALIASES = ((dict, "sacred.config.custom_containers.ReadOnlyDict"),
+                            (list, "sacred.config.custom_containers.ReadOnlyList"))
+
+
+def _restricted_torch_load(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with :data:`_PLAIN_CONTAINER_ALIASES`."""
+    aliases = contextlib.nullcontext()
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is not None and _torch_version() >= (2, 6):
+        aliases = safe_globals(list(_PLAIN_CONTAINER_ALIASES))
+    with aliases:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _torch_version() -> Tuple[int, ...]:
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 def load_official(path: str) -> Dict[str, torch.Tensor]:
     """The flat official state dict of a release checkpoint, read without unpickling code.
 
     ``.safetensors`` files are read with safetensors; anything else (``.pt``, ``.pth``,
     ``.ckpt``, ``.bin``) with ``torch.load(path, map_location="cpu", weights_only=True)``.
-    Wrappers, the ``_forward_module.`` prefix and the training-only ``visual_tokenizer.*``
-    weights are removed (:func:`~megatron_m2.model.official.unwrap_official`); non-tensor
-    entries next to the weights (an epoch counter, hyper-parameters) are ignored.
+    Wrappers and the ``_forward_module.`` prefix are removed
+    (:func:`~megatron_m2.model.official.unwrap_official`): a plain state dict, a Lightning
+    checkpoint (``state_dict`` beside epoch, optimizer, scheduler, callback and loop states and
+    ``hyper_parameters``) or a DeepSpeed ``mp_rank_00_model_states.pt`` (``module`` beside
+    ``param_shapes``, ``ds_config``, ... and Lightning's client state). Non-tensor entries next to
+    the weights are ignored. The weights the release defines but inference does not use
+    (:data:`~megatron_m2.model.official.RELEASE_UNUSED_KEYS`) are kept and logged at INFO;
+    :func:`~megatron_m2.model.official.from_official` skips them.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -289,7 +321,7 @@ def load_official(path: str) -> Dict[str, torch.Tensor]:
         obj: Any = load_file(path)
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _restricted_torch_load(path)
         except pickle.UnpicklingError as exc:
             text = str(exc)
             found = _REFUSED_GLOBAL_RE.search(text)
@@ -309,6 +341,11 @@ def load_official(path: str) -> Dict[str, torch.Tensor]:
         logger.info("%s: ignored %d non-tensor entr(y/ies): %s", path, len(ignored),
                     _first_few(ignored, 4))
     logger.info("read %d tensors from official checkpoint %s", len(weights), path)
+    unused = summarize_unused_keys(weights)
+    if unused["count"]:
+        logger.info("%s: %d tensor(s) that the release's module defines but inference does not "
+                    "use (skipped on conversion): %s", path, unused["count"],
+                    ", ".join(f"{group}.* ({n})" for group, n in unused["groups"].items()))
     return weights
 
 
@@ -524,29 +561,35 @@ def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None
     """Read ``path`` in format ``fmt`` into ``(canonical state dict, cfg, tokenizer, info)``.
 
     ``cfg`` is required for (and only used with) ``official`` inputs, which carry none.
-    ``info`` holds what the source says about itself (``meta.json`` for ours).
+    ``info`` holds what the source says about itself (``meta.json`` for ours); for official
+    inputs, what reading it involved: ``unused_official_keys`` (the release's weights that
+    inference does not use, skipped: :func:`~megatron_m2.model.official.summarize_unused_keys`)
+    and ``resized`` (``{key: [rows before, rows after]}`` for a vision position table fitted to
+    ``cfg``'s resolution, :func:`~megatron_m2.model.official.resize_release_positions`).
     """
     if fmt == "official":
         if cfg is None:
             raise ConversionError(f"{path}: official checkpoints carry no model config; give a "
                                   f"flavor or a model config")
         official = load_official(path)
-        expected = expected_shapes(cfg)
-        shapes = {off: expected[ours] for ours, off in key_mapping(cfg)}
         try:
+            official, resized = resize_release_positions(official, cfg)
             state_dict = from_official(official, cfg)
         except StateDictKeyError as exc:
             raise StateDictKeyError(f"{path}: not an official M2 checkpoint of this config",
                                     exc.missing, exc.unexpected) from None
         except ValueError as exc:
             raise ConversionError(f"{path}: {exc}") from None
-        wrong = [f"{k} {tuple(official[k].shape)} (expected {shape})"
-                 for k, shape in shapes.items() if tuple(official[k].shape) != shape]
+        expected = expected_shapes(cfg)
+        wrong = [f"{off} {tuple(official[off].shape)} (expected {expected[ours]})"
+                 for ours, off in key_mapping(cfg)
+                 if tuple(official[off].shape) != expected[ours]]
         if wrong:
             raise ConversionError(f"{path}: {len(wrong)} shape mismatch(es) with the model "
                                   f"config (wrong flavor or config?): {_first_few(wrong, 4)}")
         validate_state_dict(state_dict, cfg, path)
-        return state_dict, cfg, None, {}
+        info = {"unused_official_keys": summarize_unused_keys(official), "resized": resized}
+        return state_dict, cfg, None, info
     if fmt == "ours":
         return read_checkpoint(path)
     if fmt == "single":
@@ -563,7 +606,14 @@ def convert(src: str, dst: str, input_path: str, output_path: str,
 
     ``cfg`` is needed for official inputs only. ``tokenizer_bytes`` replaces the input's
     tokenizer (ours and single carry one; official cannot). ``tp``/``pp`` apply to ``dst ==
-    "ours"``, ``dtype`` to single and official outputs. Returns a summary dict.
+    "ours"``, ``dtype`` to single and official outputs.
+
+    Returns:
+        A summary dict (``m2-convert`` prints it as JSON): ``from``, ``to``, ``input``,
+        ``output``, ``tensors``, ``parameters``, ``tokenizer``, with ``tp``/``pp`` for ours
+        outputs; for official inputs also ``unused_official_keys`` (``{"count": N, "groups":
+        {module: n}}``, the release's weights that inference does not use, skipped) and
+        ``resized`` (``{key: [rows before, rows after]}``, empty when nothing was resized).
     """
     for name, fmt in (("source", src), ("destination", dst)):
         if fmt not in FORMATS:
@@ -591,11 +641,15 @@ def convert(src: str, dst: str, input_path: str, output_path: str,
                                source=f"{src}:{os.path.abspath(input_path)}")
     else:
         save_single_file(output_path, state_dict, cfg, tokenizer, dtype)
-    return {"from": src, "to": dst, "input": input_path, "output": output_path,
-            "tensors": len(state_dict),
-            "parameters": sum(t.numel() for t in state_dict.values()),
-            "tokenizer": tokenizer is not None and dst != "official",
-            **({"tp": tp, "pp": pp} if dst == "ours" else {})}
+    summary = {"from": src, "to": dst, "input": input_path, "output": output_path,
+               "tensors": len(state_dict),
+               "parameters": sum(t.numel() for t in state_dict.values()),
+               "tokenizer": tokenizer is not None and dst != "official",
+               **({"tp": tp, "pp": pp} if dst == "ours" else {})}
+    if src == "official":  # what was skipped or adapted on the way in
+        summary.update(unused_official_keys=info["unused_official_keys"],
+                       resized=info["resized"])
+    return summary
 
 
 # -- command line --------------------------------------------------------------------------------

@@ -20,26 +20,33 @@ Layout differences handled here:
   :func:`to_official` skips them; :func:`from_official` takes them from ``target`` so that a strict
   ``model.load_state_dict(from_official(ckpt, cfg, target=model.state_dict()))`` succeeds.
 
-Official checkpoints are plain ``torch.save`` pickles, possibly wrapped (``state_dict``,
-``module``, ``model``), with a ``_forward_module.`` key prefix and training-only
-``visual_tokenizer.*`` weights; :func:`unwrap_official` removes all of that.
+Official checkpoints are ``torch.save`` pickles, possibly wrapped (``state_dict``, ``module``,
+``model``) and with a ``_forward_module.`` key prefix; :func:`unwrap_official` removes both. The
+release's module also defines weights that our inference graph does not use
+(:data:`RELEASE_UNUSED_KEYS`: ``norm``, ``pooler.dense``, the training-only ``visual_tokenizer``);
+:func:`from_official` accepts and skips them (:func:`unused_official_keys` lists them), and refuses
+any key the release never defines. Release *training* checkpoints may hold a vision position table
+for another resolution; :func:`resize_release_positions` adapts it as the release's loader does.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import string
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.nn import functional as F
 
 from ..config import M2ModelConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StateDictKeyError", "GLOBAL_KEYS", "LAYER_KEYS", "LAYER_STACKS", "key_mapping",
-           "unwrap_official", "to_official", "from_official"]
+           "RELEASE_UNUSED_KEYS", "unused_official_keys", "summarize_unused_keys",
+           "resize_release_positions", "unwrap_official", "to_official", "from_official"]
 
 # -- the mapping table ---------------------------------------------------------------------------
 # Placeholders: {X} multiway branch, {p} weight/bias, {h} ITC head, {g} our global layer index,
@@ -88,7 +95,22 @@ LAYER_STACKS: Tuple[Tuple[str, str, str], ...] = (
 """Layer prefixes of the two official stacks: ``backbone`` (the ``L_sep`` multiway layers) and
 ``backbone_vl`` (the ``L_vl`` shared layers, numbered from 0 again)."""
 
+RELEASE_UNUSED_KEYS: Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...] = (
+    # (official key pattern, shape in units of the config: "d" = hidden size). A pattern ending in
+    # ".*" covers every key below that module, whatever its shape.
+    ("norm.{p}", ("d",)),                 # VLMo.norm, LayerNorm(d): built, never applied
+    ("pooler.dense.weight", ("d", "d")),  # heads.Pooler, Linear(d, d) + tanh: no ITC path uses it
+    ("pooler.dense.bias", ("d",)),
+    ("visual_tokenizer.*", None),         # BEiT-v2 VQ-KD tokenizer of the masked-image objective,
+                                          # built for training only (absent when test_only)
+)
+"""Keys the release's ``VLMo`` module defines that our inference graph does not use. A release
+checkpoint may hold them; they are accepted (``norm``/``pooler`` shapes checked), skipped and
+listed, grouped by module (``norm``, ``pooler.dense``, ``visual_tokenizer``)."""
+
 TEXT_EMBED_KEY = "embeddings.text_embed.weight"
+VISION_POS_KEY = "backbone.encoder.embed_positions.A.weight"
+_VISION_POS_PREFIX_ROWS = 3  # fairseq's 2 offset rows + the CLS position precede the patch grid
 
 _EXTRA_STATE_SUFFIX = "_extra_state"
 
@@ -150,44 +172,150 @@ def key_mapping(cfg: M2ModelConfig) -> List[Tuple[str, str]]:
     return pairs
 
 
+# -- keys of the release that inference does not use ---------------------------------------------
+def _unused_exact_and_prefixes() -> Tuple[Dict[str, Tuple[str, ...]], Tuple[str, ...]]:
+    exact: Dict[str, Tuple[str, ...]] = {}
+    prefixes = []
+    for pattern, dims in RELEASE_UNUSED_KEYS:
+        if pattern.endswith(".*"):
+            prefixes.append(pattern[:-1])
+        else:
+            exact.update((key, dims) for key, _ in _expand(pattern, pattern, {}))
+    return exact, tuple(prefixes)
+
+
+_UNUSED_EXACT, _UNUSED_PREFIXES = _unused_exact_and_prefixes()
+
+
+def _unused_group(key: str) -> Optional[str]:
+    """The module of :data:`RELEASE_UNUSED_KEYS` that ``key`` belongs to, or None."""
+    if key in _UNUSED_EXACT:
+        return key.rsplit(".", 1)[0]
+    prefix = next((p for p in _UNUSED_PREFIXES if key.startswith(p)), None)
+    return None if prefix is None else prefix[:-1]
+
+
+def unused_official_keys(keys: Iterable[str]) -> List[str]:
+    """The keys among ``keys`` that the release defines but our inference graph does not use
+    (:data:`RELEASE_UNUSED_KEYS`), sorted. Decided by name only: shapes are checked by
+    :func:`from_official`."""
+    return sorted(k for k in keys if _unused_group(k) is not None)
+
+
+def summarize_unused_keys(keys: Iterable[str]) -> Dict[str, Any]:
+    """A short report of unused release keys: ``{"count": N, "groups": {module: n}}``.
+
+    Keys not in :data:`RELEASE_UNUSED_KEYS` are not counted. The report has at most one entry per
+    table module, however large the checkpoint.
+    """
+    groups: Dict[str, int] = {}
+    for key in keys:
+        group = _unused_group(key)
+        if group is not None:
+            groups[group] = groups.get(group, 0) + 1
+    return {"count": sum(groups.values()), "groups": dict(sorted(groups.items()))}
+
+
+def _check_unused_shapes(official: Mapping[str, Any], cfg: M2ModelConfig) -> None:
+    size = {"d": cfg.hidden_size}
+    wrong = []
+    for key, dims in _UNUSED_EXACT.items():
+        if key in official:
+            expected = tuple(size[d] for d in dims)
+            shape = tuple(getattr(official[key], "shape", ()))
+            if shape != expected:
+                wrong.append(f"{key} {shape} (expected {expected})")
+    if wrong:
+        raise ValueError(f"from_official: {len(wrong)} shape mismatch(es) in weights the release "
+                         f"defines but inference does not use (wrong config?): "
+                         f"{_first_few(wrong, 4)}")
+
+
+# -- the vision position table of release training checkpoints -----------------------------------
+def resize_release_positions(official: Mapping[str, Any], cfg: M2ModelConfig
+                             ) -> Tuple[Dict[str, Any], Dict[str, List[int]]]:
+    """Fit the vision position table to ``cfg``'s resolution, as the release's loader does.
+
+    The release trains at a lower resolution than it evaluates, so its training checkpoints may
+    hold a vision position table (``backbone.encoder.embed_positions.A.weight``) with fewer rows
+    than ``cfg.vision_pos_table``. Like the release's ``convert_pl_ckpt``, the first 3 rows (2
+    offset rows and the CLS position) are kept and the square patch grid behind them is resized
+    with ``F.interpolate(mode="area")`` in float32 (then cast back); a larger table is truncated to
+    its first rows. (The release's DeepSpeed path area-resizes a larger square grid instead;
+    training below the evaluation resolution, as the release does, only makes smaller tables.)
+
+    Returns:
+        ``(state dict, resized)``: a new dict (the same tensors but the resized one) and
+        ``{key: [rows before, rows after]}``, empty when nothing was resized.
+
+    Raises:
+        ValueError: a smaller table whose rows past the first 3 do not form a square grid.
+    """
+    table = official.get(VISION_POS_KEY)
+    want = cfg.vision_pos_table
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] == want:
+        return dict(official), {}  # absent or not a table: the key and shape checks report it
+    rows = table.shape[0]
+    if rows > want:
+        resized = table[:want]
+    else:
+        patches = rows - _VISION_POS_PREFIX_ROWS
+        side, target = math.isqrt(max(patches, 0)), cfg.image_size // cfg.patch_size
+        if patches <= 0 or side * side != patches:
+            raise ValueError(
+                f"{VISION_POS_KEY} has {rows} rows; expected {want} (3 + {cfg.num_patches} "
+                f"patches), or 3 + a square patch grid to resize from (a release training "
+                f"checkpoint at another resolution)")
+        dim = table.shape[1]
+        grid = table[_VISION_POS_PREFIX_ROWS:].float().reshape(1, side, side, dim)
+        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(target, target), mode="area")
+        grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(-1, dim)
+        resized = torch.cat([table[:_VISION_POS_PREFIX_ROWS], grid], dim=0)
+    logger.info("resized %s from %d to %d rows (%s)", VISION_POS_KEY, rows, want,
+                "truncated" if rows > want else "patch grid area-interpolated")
+    out = dict(official)
+    out[VISION_POS_KEY] = resized
+    return out, {VISION_POS_KEY: [rows, want]}
+
+
 # -- unwrapping a release checkpoint -------------------------------------------------------------
 _WRAPPER_KEYS = ("state_dict", "module", "model")
 _OFFICIAL_PREFIX = "_forward_module."
-_TRAINING_ONLY_PREFIXES = ("visual_tokenizer.",)
 
 
 def unwrap_official(obj: Any) -> Dict[str, Any]:
     """The flat official state dict inside a loaded release checkpoint.
 
-    Descends through ``state_dict`` / ``module`` / ``model`` wrappers (in that order of
-    preference, repeatedly, as Lightning and DeepSpeed nest them), strips the
-    ``_forward_module.`` key prefix, and drops the training-only ``visual_tokenizer.*`` weights
-    (the BEiT tokenizer of the masked-image-modelling objective). A flat state dict is returned
-    as a new dict with the same tensors.
+    Descends into the first of ``state_dict`` (Lightning), ``module`` (DeepSpeed), ``model`` that
+    is present, as the release's loader does, repeatedly (wrappers may nest), and strips the
+    ``_forward_module.`` key prefix (Lightning's DeepSpeed wrapper). Everything beside the chosen
+    wrapper (epoch, optimizer and scheduler states, hyper-parameters) is left behind. A flat state
+    dict is returned as a new dict with the same values. Keys are not filtered: the release's
+    unused keys (:data:`RELEASE_UNUSED_KEYS`) are kept for :func:`from_official` to check and skip.
+
+    Raises:
+        ValueError: not a mapping, a wrapper entry that holds no mapping, a non-string key, or a
+            key present both with and without the prefix.
     """
     while isinstance(obj, Mapping):
-        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        wrapper = next((k for k in _WRAPPER_KEYS if k in obj), None)
         if wrapper is None:
             break
+        if not isinstance(obj[wrapper], Mapping):
+            raise ValueError(f"the checkpoint's {wrapper!r} entry holds "
+                             f"{type(obj[wrapper]).__name__}, not a state dict")
         obj = obj[wrapper]
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a (possibly wrapped) state dict, got {type(obj).__name__}")
     out: Dict[str, Any] = {}
-    dropped = 0
     for key, value in obj.items():
         if not isinstance(key, str):
             raise ValueError(f"state dict keys must be strings, got {key!r}")
         name = key[len(_OFFICIAL_PREFIX):] if key.startswith(_OFFICIAL_PREFIX) else key
-        if name.startswith(_TRAINING_ONLY_PREFIXES):
-            dropped += 1
-            continue
         if name in out:
             raise ValueError(f"key {name!r} occurs both with and without the "
                              f"{_OFFICIAL_PREFIX!r} prefix")
         out[name] = value
-    if dropped:
-        logger.info("dropped %d training-only key(s) (%s)", dropped,
-                    ", ".join(_TRAINING_ONLY_PREFIXES))
     return out
 
 
@@ -247,6 +375,12 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
                   ) -> Dict[str, Any]:
     """Rename an official M2-Encoder checkpoint to our full (TP=1, PP=1) layout.
 
+    The keys of :data:`RELEASE_UNUSED_KEYS` (``norm.*``, ``pooler.dense.*``,
+    ``visual_tokenizer.*``) are accepted and skipped (``norm``/``pooler`` shapes checked; see
+    :func:`unused_official_keys` to list them); any other key the mapping does not know is refused.
+    A vision position table of another resolution is resized first
+    (:func:`resize_release_positions`).
+
     Args:
         state_dict: the official weights, possibly still wrapped as released (see
             :func:`unwrap_official`, applied here).
@@ -266,13 +400,19 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
     Raises:
         StateDictKeyError: an official weight is missing or a key is unknown, or ``target`` holds
             weights this mapping does not know (or lacks some it produces).
-        ValueError: the text embedding does not have ``cfg.vocab_size`` rows, or a shape differs
-            from ``target``'s.
+        ValueError: the text embedding does not have ``cfg.vocab_size`` rows, an unused
+            ``norm``/``pooler`` weight or the vision position table has an impossible shape, or
+            a shape differs from ``target``'s.
     """
-    official = unwrap_official(state_dict)
+    official, _ = resize_release_positions(unwrap_official(state_dict), cfg)
+    unused = unused_official_keys(official)
+    _check_unused_shapes(official, cfg)
     mapping = key_mapping(cfg)
     _check_keys("from_official: the checkpoint does not match the official M2 layout",
-                official, (off for _, off in mapping))
+                set(official) - set(unused), (off for _, off in mapping))
+    if unused:
+        logger.debug("from_official: skipped %d key(s) inference does not use: %s", len(unused),
+                     summarize_unused_keys(unused)["groups"])
     out: Dict[str, Any] = {ours: official[off] for ours, off in mapping}
     rows = out[TEXT_EMBED_KEY].shape[0]
     if rows != cfg.vocab_size:

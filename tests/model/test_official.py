@@ -1,8 +1,9 @@
 """Tests of the official-checkpoint adapter (:mod:`megatron_m2.model.official`).
 
 Single process: torch.distributed with gloo and a world of one, megatron model parallel 1×1.
-The official layout and the forward equations are written out here from DESIGN.md §2, not taken
-from the code under test, so that the adapter and the model are checked against the spec.
+The official layout and the forward equations are written out here from the release's module
+tree, not taken from the code under test, so that the adapter and the model are checked against
+the spec.
 """
 
 
@@ -13,10 +14,14 @@ from torch.nn import functional as F
 from megatron_m2.config import M2ModelConfig
 from megatron_m2.model import build_model
 from megatron_m2.model.official import (
+    RELEASE_UNUSED_KEYS,
     StateDictKeyError,
     from_official,
     key_mapping,
+    resize_release_positions,
+    summarize_unused_keys,
     to_official,
+    unused_official_keys,
     unwrap_official,
 )
 
@@ -35,7 +40,7 @@ def _model(seed: int = 1234):
     return build_model(CFG, seed=seed).eval()
 
 
-# -- the official layout, from DESIGN.md §2 ------------------------------------------------------
+# -- the official layout, from the release's module tree ------------------------------------------
 def official_shapes(cfg: M2ModelConfig) -> dict:
     """Every key of an official checkpoint for ``cfg`` with its shape."""
     d, f, e, p = cfg.hidden_size, cfg.ffn_hidden_size, cfg.embed_dim, cfg.patch_size
@@ -91,7 +96,7 @@ def random_official(cfg: M2ModelConfig, seed: int = 0) -> dict:
     return out
 
 
-# -- reference forward, from DESIGN.md §2 --------------------------------------------------------
+# -- reference forward, from the release's equations ---------------------------------------------
 def _ln(x, sd, name):
     return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], 1e-5)
 
@@ -234,23 +239,142 @@ def test_text_embedding_padding(dist_env):
         from_official(dict(official, **{"backbone.text_embed.weight": table[:-1]}), CFG)
 
 
+def release_unused(cfg: M2ModelConfig, seed: int = 0) -> dict:
+    """Weights the release's module defines beside the official layout: ``norm`` (LayerNorm d),
+    ``pooler.dense`` (Linear d x d) and a few training-only ``visual_tokenizer`` entries."""
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.hidden_size
+    shapes = {"norm.weight": (d,), "norm.bias": (d,), "pooler.dense.weight": (d, d),
+              "pooler.dense.bias": (d,), "visual_tokenizer.encoder.cls_token": (1, 1, 8),
+              "visual_tokenizer.quantize.embedding.weight": (16, 4),
+              "visual_tokenizer.quantize.embedding.initted": (1,)}
+    return {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+
+
 def test_unwrap_release_wrappers():
     official = random_official(CFG)
     prefixed = {f"_forward_module.{k}": v for k, v in official.items()}
     prefixed["_forward_module.visual_tokenizer.encoder.weight"] = torch.zeros(2)
     prefixed["visual_tokenizer.quantize.embedding"] = torch.zeros(2)
-    for wrapped in (official, {"state_dict": official, "epoch": 3}, {"module": official},
-                    {"model": official}, {"model": {"module": prefixed}},
-                    {"state_dict": prefixed, "optimizer_states": [{}]}):
+    training_only = {"visual_tokenizer.encoder.weight", "visual_tokenizer.quantize.embedding"}
+    for wrapped, extra in ((official, set()), ({"state_dict": official, "epoch": 3}, set()),
+                           ({"module": official}, set()), ({"model": official}, set()),
+                           ({"model": {"module": prefixed}}, training_only),
+                           ({"state_dict": prefixed, "optimizer_states": [{}]}, training_only)):
         flat = unwrap_official(wrapped)
-        assert set(flat) == set(official)
+        # unwrapping removes wrappers and the prefix only; the unused keys are from_official's
+        assert set(flat) == set(official) | extra
         assert all(flat[k] is official[k] for k in official)
     back = to_official(from_official({"state_dict": prefixed}, CFG), CFG)
     assert all(torch.equal(back[k], official[k]) for k in official)
+    # The first of state_dict / module / model present wins, as in the release's loader.
+    other = {"logit_scale": torch.zeros(())}
+    assert unwrap_official({"model": other, "module": official, "state_dict": prefixed}).keys() \
+        == set(official) | training_only
+    assert set(unwrap_official({"model": other, "module": official})) == set(official)
+    with pytest.raises(ValueError, match="'module' entry holds NoneType"):
+        unwrap_official({"module": None, "model": official})
     with pytest.raises(ValueError, match="both with and without"):
         unwrap_official({"logit_scale": torch.ones(()), "_forward_module.logit_scale": 1})
     with pytest.raises(ValueError, match="state dict"):
         unwrap_official([1, 2])
+
+
+def test_release_unused_keys_are_accepted_and_listed(dist_env):
+    official = random_official(CFG)
+    unused = release_unused(CFG)
+    full = dict(official, **unused)
+    assert unused_official_keys(full) == sorted(unused)
+    assert summarize_unused_keys(full) == {
+        "count": 7, "groups": {"norm": 2, "pooler.dense": 2, "visual_tokenizer": 3}}
+    assert summarize_unused_keys(official) == {"count": 0, "groups": {}}
+    ours = from_official({"state_dict": {f"_forward_module.{k}": v for k, v in full.items()}},
+                         CFG)
+    assert set(ours) == {o for o, _ in key_mapping(CFG)}
+    back = to_official(ours, CFG)
+    assert set(back) == set(official)
+    assert all(torch.equal(back[k], official[k]) for k in official)
+    # The table: one pattern per unused module of the release, nothing that our graph maps.
+    assert [p for p, _ in RELEASE_UNUSED_KEYS] == ["norm.{p}", "pooler.dense.weight",
+                                                   "pooler.dense.bias", "visual_tokenizer.*"]
+    assert not unused_official_keys(off for _, off in key_mapping(CFG))
+
+
+def test_release_unused_shapes_and_unknown_keys_are_checked(dist_env):
+    official = dict(random_official(CFG), **release_unused(CFG))
+    d = CFG.hidden_size
+    for key, shape in (("norm.weight", (d + 1,)), ("pooler.dense.weight", (d, 2 * d)),
+                       ("pooler.dense.bias", (d, 1))):
+        with pytest.raises(ValueError, match=rf"{key} .* \(expected") as err:
+            from_official(dict(official, **{key: torch.zeros(shape)}), CFG)
+        assert isinstance(err.value, ValueError) and not isinstance(err.value, KeyError)
+    # Keys the release's module never defines (with its config: no output projection, no
+    # embedding LayerNorm, no relative position bias) are refused, named, in the usual message.
+    for key in ("pooler.extra.weight", "norm.running_mean", "backbone.encoder.output_projection"
+                ".weight", "backbone.encoder.layernorm_embedding.A.weight",
+                "backbone.encoder.relative_position.relative_attention_bias.weight",
+                "visual_tokenizer"):
+        with pytest.raises(StateDictKeyError) as err:
+            from_official(dict(official, **{key: torch.zeros(1)}), CFG)
+        assert err.value.unexpected == [key]
+        assert str(err.value) == ("from_official: the checkpoint does not match the official M2 "
+                                  f"layout: 1 unexpected key(s): {key}")
+
+
+def _area_reference(grid: torch.Tensor, out: int) -> torch.Tensor:
+    """Area interpolation of a ``[n, n, d]`` grid to ``[out, out, d]``, written out: output cell
+    ``i`` averages the input cells ``floor(i*n/out) .. ceil((i+1)*n/out) - 1`` of each axis."""
+    n = grid.shape[0]
+    res = torch.empty(out, out, grid.shape[2], dtype=torch.float64)
+    for i in range(out):
+        r0, r1 = (i * n) // out, -((-(i + 1) * n) // out)
+        for j in range(out):
+            c0, c1 = (j * n) // out, -((-(j + 1) * n) // out)
+            res[i, j] = grid[r0:r1, c0:c1].double().mean(dim=(0, 1))
+    return res
+
+
+def test_resize_release_positions():
+    # CFG: 32-pixel images in 16-pixel patches, a 2x2 grid (7 rows). Use 64 pixels, a 4x4 grid.
+    cfg = M2ModelConfig(**dict(CFG.to_dict(), image_size=64))
+    d, want = cfg.hidden_size, cfg.vision_pos_table
+    assert want == 3 + 16
+    key = "backbone.encoder.embed_positions.A.weight"
+    g = torch.Generator().manual_seed(0)
+    for side in (2, 3):  # 2x2 -> 4x4 replicates each cell; 3x3 -> 4x4 averages overlaps
+        table = torch.randn(3 + side * side, d, generator=g)
+        other = torch.randn(2, 2)
+        out, resized = resize_release_positions({key: table, "x": other}, cfg)
+        assert resized == {key: [3 + side * side, want]} and out["x"] is other
+        assert out[key].shape == (want, d)
+        assert torch.equal(out[key][:3], table[:3])
+        expected = _area_reference(table[3:].reshape(side, side, d), 4).reshape(16, d)
+        torch.testing.assert_close(out[key][3:].double(), expected, rtol=0, atol=1e-6)
+        if side == 2:
+            assert torch.equal(out[key][3:].reshape(4, 4, d),
+                               table[3:].reshape(2, 2, d).repeat_interleave(2, 0)
+                               .repeat_interleave(2, 1))
+    # bf16 tables are resized in float32 and cast back, as the release does
+    table = torch.randn(3 + 9, d, generator=g).to(torch.bfloat16)
+    out, _ = resize_release_positions({key: table}, cfg)
+    assert out[key].dtype == torch.bfloat16
+    # a larger table is truncated; the right size is left alone (same tensor)
+    table = torch.randn(want + 6, d, generator=g)
+    out, resized = resize_release_positions({key: table}, cfg)
+    assert torch.equal(out[key], table[:want]) and resized == {key: [want + 6, want]}
+    table = torch.randn(want, d, generator=g)
+    out, resized = resize_release_positions({key: table}, cfg)
+    assert out[key] is table and resized == {}
+    # not 3 + a square grid: a clear shape error naming the key
+    for rows in (3 + 7, 3, 2):
+        with pytest.raises(ValueError, match=rf"{key} has {rows} rows; expected {want}"):
+            resize_release_positions({key: torch.zeros(rows, d)}, cfg)
+    # from_official resizes too, so a training checkpoint loads into the model directly
+    official = random_official(cfg)
+    small = dict(official, **{key: official[key][:3 + 4]})
+    ours = from_official(small, cfg)
+    assert torch.equal(ours["embeddings.embed_positions.A.weight"],
+                       resize_release_positions(small, cfg)[0][key])
 
 
 def test_strict_keys(dist_env):

@@ -1,17 +1,20 @@
 """Checkpoint conversion (``megatron_m2.convert``, ``tools/convert_checkpoint.py``).
 
-The official-layout source is written from the key table of DESIGN.md §2 by
+The official-layout source is written from the release's key layout by
 ``tests/model/test_official.py`` (random values, non-trivial LayerNorms), independently of the
 code under test, and wrapped the way releases are. One conversion chain through the command
 line (official → ours at TP=2 PP=2 → single → official) is shared by the round-trip and the
 loading tests.
 """
 
+import collections
 import json
+import logging
 import os
 import pickle
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from megatron_m2.convert import (
     ConversionError,
     StateDictKeyError,
     UnsafeCheckpointError,
+    _torch_version,
     expected_shapes,
     load_official,
     load_single_file,
@@ -33,13 +37,14 @@ from megatron_m2.convert import (
     write_model_checkpoint,
 )
 from megatron_m2.flavors import get_flavor
-from megatron_m2.model.official import from_official
+from megatron_m2.model.official import from_official, key_mapping, unused_official_keys
 from tests.helpers.distributed import run_distributed
 from tests.model.common import gather_full, make_batch
 from tests.model.test_official import official_shapes, random_official
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "convert_checkpoint.py"
+RELEASE_KEYS = ROOT / "tests" / "fixtures" / "official_release" / "tiny_release_keys.json"
 CFG = get_flavor("tiny")
 TOKENIZER = b"\x0a\x0bnot a real SentencePiece model, carried as opaque bytes\x00\xff"
 
@@ -90,6 +95,10 @@ def test_cli_round_trip_is_exact(chain):
     assert not unequal, unequal[:5]
     assert all(v.dtype == torch.float32 for v in back.values())
     assert [s["tensors"] for s in chain["summaries"]] == [len(official)] * 3
+    assert chain["summaries"][0]["unused_official_keys"] == {
+        "count": 1, "groups": {"visual_tokenizer": 1}}
+    assert chain["summaries"][0]["resized"] == {}
+    assert "unused_official_keys" not in chain["summaries"][1]  # only official inputs have it
 
     # The intermediate checkpoint is in our format: tracker, meta.json, one file per stage.
     ckpt = d / "ours" / "iter_0000000"
@@ -303,3 +312,232 @@ def test_layout_must_divide(tmp_path, capsys):
     assert code == 1
     assert "must divide num_attention_heads" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+# -- 5. release files as the official training code writes them -----------------------------------
+VISION_POS = "backbone.encoder.embed_positions.A.weight"
+
+
+def _release_shapes():
+    """``{key: shape}`` of the release's own module at our tiny dimensions (see the fixture's
+    README: built from the release's code, training mode, so the visual tokenizer is there)."""
+    data = json.loads(RELEASE_KEYS.read_text())
+    return data, {k: tuple(v) for k, v in data["shapes"].items()}
+
+
+def _random_release(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return collections.OrderedDict((k, torch.randn(s, generator=g)) for k, s in shapes.items())
+
+
+def _lightning_file(weights, **extra_hparams):
+    """Everything a Lightning 1.9 ``trainer.save_checkpoint`` writes for the release's module
+    (which calls ``save_hyperparameters()``), around a plain (unprefixed) state dict."""
+    config = {"exp_name": "m2_pretrain", "loss_names": {"itc": 1, "imagemlm": 1, "mvlm": 0},
+              "datasets": ["laion", "wukong"], "image_size": 224, "reclip_image_size": 112,
+              "resume_from": None, "lr": 1e-4, "test_only": False, **extra_hparams}
+    return {
+        "epoch": 3, "global_step": 2000, "pytorch-lightning_version": "1.9.2",
+        "state_dict": weights,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {
+                      "_batches_that_stepped": 2000},
+                  "epoch_progress": {"total": {"ready": 4, "started": 4, "processed": 3,
+                                               "completed": 3}}},
+                  "validate_loop": {"state_dict": {}}},
+        "callbacks": {"ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': "
+                      "2000, 'every_n_epochs': 0, 'train_time_interval': None}": {
+                          "monitor": None, "best_model_score": None, "best_model_path": "",
+                          "current_score": None, "dirpath": "/ckpt", "best_k_models": {},
+                          "kth_best_model_path": "", "kth_value": torch.tensor(float("inf")),
+                          "last_model_path": "/ckpt/last.ckpt"}},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(2000.0),
+                                            "exp_avg": torch.zeros(3),
+                                            "exp_avg_sq": torch.zeros(3)}},
+                              "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-8,
+                                                "weight_decay": 0.01, "amsgrad": False,
+                                                "foreach": None, "params": [0]}]}],
+        "lr_schedulers": [{"base_lrs": [1e-4], "last_epoch": 2000, "_step_count": 2001,
+                           "_last_lr": [1e-4], "lr_lambdas": [None]}],
+        "native_amp_scaling_state": {"scale": 65536.0, "growth_factor": 2.0,
+                                     "backoff_factor": 0.5, "growth_interval": 2000,
+                                     "_growth_tracker": 10},
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"config": config},
+    }
+
+
+def _deepspeed_file(weights):
+    """A DeepSpeed ``mp_rank_00_model_states.pt`` as Lightning's DeepSpeed strategy writes it:
+    ``module`` keys prefixed ``_forward_module.``, DeepSpeed's bookkeeping (``torch.Size``
+    shapes in OrderedDicts, a set, the config) and Lightning's client state beside it."""
+    prefixed = collections.OrderedDict((f"_forward_module.{k}", v) for k, v in weights.items())
+    frozen = [k for k in prefixed if ".visual_tokenizer." in k]
+    state = {
+        "module": prefixed,
+        "buffer_names": ["_forward_module.visual_tokenizer.quantize.cluster_size",
+                         "_forward_module.visual_tokenizer.quantize.embedding.initted"],
+        "optimizer": None,
+        "param_shapes": [collections.OrderedDict((k, v.shape) for k, v in prefixed.items()
+                                                 if k not in frozen)],
+        "frozen_param_shapes": collections.OrderedDict((k, prefixed[k].shape) for k in frozen),
+        "shared_params": {}, "frozen_param_fragments": None, "lr_scheduler": None,
+        "data_sampler": None, "random_ltd": None, "sparse_tensor_module_names": set(),
+        "skipped_steps": 0, "global_steps": 2000, "global_samples": 2048000,
+        "dp_world_size": 64, "mp_world_size": 1,
+        "ds_config": {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": 3.0,
+                      "zero_optimization": {"stage": 2, "contiguous_gradients": True},
+                      "bf16": {"enabled": True}},
+        "ds_version": "0.9.5",
+    }
+    client = _lightning_file(weights)
+    for key in ("state_dict", "optimizer_states"):  # Lightning keeps these out of client state
+        del client[key]
+    state.update(client)
+    return state
+
+
+def _convert(tmp_path, capsys, src, name="back.pt"):
+    out = tmp_path / name
+    code = main(["--from", "official", "--to", "official", "--flavor", "tiny", "--input",
+                 str(src), "--output", str(out)])
+    captured = capsys.readouterr()
+    return code, captured, out
+
+
+def test_release_fixture_is_the_official_layout():
+    data, shapes = _release_shapes()
+    rel = data["release_config"]
+    assert (rel["encoder_embed_dim"], rel["encoder_attention_heads"], rel["encoder_layers"],
+            rel["beit3_vl_layers"], rel["out_embed_dim"], rel["image_size"], rel["patch_size"],
+            rel["vocab_size"], rel["test_only"]) == (
+        CFG.hidden_size, CFG.num_attention_heads, CFG.num_sep_layers, CFG.num_vl_layers,
+        CFG.embed_dim, CFG.image_size, CFG.patch_size, CFG.vocab_size, False)
+    d = CFG.hidden_size
+    unused = {"norm.weight": (d,), "norm.bias": (d,), "pooler.dense.weight": (d, d),
+              "pooler.dense.bias": (d,)}
+    beside_tokenizer = {k: v for k, v in shapes.items() if not k.startswith("visual_tokenizer.")}
+    # Every other key of the release's module is one our mapping knows, or norm / pooler.
+    assert set(beside_tokenizer) == {off for _, off in key_mapping(CFG)} | set(unused)
+    assert beside_tokenizer == dict(official_shapes(CFG), **unused)
+    tokenizer = [k for k in shapes if k.startswith("visual_tokenizer.")]
+    assert len(tokenizer) > 20
+    assert unused_official_keys(shapes) == sorted(tokenizer + list(unused))
+
+
+@pytest.mark.parametrize("wrapping", ["lightning", "deepspeed"])
+def test_release_files_convert(tmp_path, capsys, caplog, wrapping):
+    _, shapes = _release_shapes()
+    weights = _random_release(shapes, seed=6)
+    path = tmp_path / ("m2.ckpt" if wrapping == "lightning" else "mp_rank_00_model_states.pt")
+    torch.save(_lightning_file(weights) if wrapping == "lightning" else _deepspeed_file(weights),
+               path)
+    # The restricted reader takes the whole file (optimizer states, torch.Size, a set, ...).
+    torch.load(path, map_location="cpu", weights_only=True)
+    caplog.set_level(logging.INFO, logger="megatron_m2.convert")
+
+    code, captured, out = _convert(tmp_path, capsys, path)
+    assert code == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    n_tokenizer = sum(k.startswith("visual_tokenizer.") for k in shapes)
+    assert summary["unused_official_keys"] == {
+        "count": 4 + n_tokenizer,
+        "groups": {"norm": 2, "pooler.dense": 2, "visual_tokenizer": n_tokenizer}}
+    assert summary["resized"] == {}
+    assert summary["tensors"] == len(key_mapping(CFG))
+    assert any("inference does not use" in r.getMessage() and "visual_tokenizer.*" in
+               r.getMessage() for r in caplog.records), caplog.text
+    back = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(back) == {off for _, off in key_mapping(CFG)}
+    unequal = [k for k in back if not torch.equal(back[k], weights[k])]
+    assert not unequal, unequal[:5]
+
+
+def test_release_file_with_unknown_keys_is_refused(tmp_path, capsys):
+    _, shapes = _release_shapes()
+    weights = _random_release(shapes)
+    weights["pooler.extra.weight"] = torch.zeros(2)
+    weights["backbone.encoder.output_projection.weight"] = torch.zeros(2)
+    torch.save(_deepspeed_file(weights), tmp_path / "mp_rank_00_model_states.pt")
+    code, captured, out = _convert(tmp_path, capsys, tmp_path / "mp_rank_00_model_states.pt")
+    assert code == 1 and not out.exists()
+    assert ("not an official M2 checkpoint of this config: 2 unexpected key(s): "
+            "backbone.encoder.output_projection.weight, pooler.extra.weight") in captured.err
+
+    # norm / pooler of the wrong width: a config mismatch, named
+    weights = _random_release(shapes)
+    weights["pooler.dense.weight"] = torch.zeros(CFG.hidden_size, 2 * CFG.hidden_size)
+    torch.save(_lightning_file(weights), tmp_path / "m2.ckpt")
+    code, captured, _ = _convert(tmp_path, capsys, tmp_path / "m2.ckpt")
+    assert code == 1 and "pooler.dense.weight (128, 256) (expected (128, 128))" in captured.err
+
+
+def test_release_training_position_table_is_resized(tmp_path, capsys):
+    """A training checkpoint at half the resolution (2x2 patches for the tiny 4x4 grid): the
+    patch grid is area-interpolated to 4x4, i.e. each position replicated over a 2x2 block."""
+    _, shapes = _release_shapes()
+    weights = _random_release(shapes, seed=2)
+    d = CFG.hidden_size
+    small = weights[VISION_POS][:3 + 4].clone()
+    weights[VISION_POS] = small
+    torch.save(_lightning_file(weights), tmp_path / "reclip.ckpt")
+    code, captured, out = _convert(tmp_path, capsys, tmp_path / "reclip.ckpt")
+    assert code == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["resized"] == {VISION_POS: [7, CFG.vision_pos_table]}
+    back = torch.load(out, map_location="cpu", weights_only=True)
+    expected = torch.cat([small[:3], small[3:].reshape(2, 2, d).repeat_interleave(2, 0)
+                          .repeat_interleave(2, 1).reshape(16, d)])
+    assert torch.equal(back[VISION_POS], expected)
+    assert all(torch.equal(back[k], weights[k]) for k in back if k != VISION_POS)
+
+    # 3 + a non-square number of patch rows cannot be resized: a shape error naming the key
+    weights[VISION_POS] = small[:3 + 3]
+    torch.save(_lightning_file(weights), tmp_path / "odd.ckpt")
+    code, captured, _ = _convert(tmp_path, capsys, tmp_path / "odd.ckpt", name="odd.pt")
+    assert code == 1 and f"{VISION_POS} has 6 rows; expected 19" in captured.err
+
+
+def _fake_module_classes(monkeypatch):
+    """Stand-ins for sacred's read-only config containers, pickled under sacred's names (sacred
+    itself is not needed): they reduce to ``(class, (plain copy,))`` as sacred's do."""
+    name = "sacred.config.custom_containers"
+    module = types.ModuleType(name)
+
+    class ReadOnlyDict(dict):
+        def __reduce__(self):
+            return type(self), (dict(self),)
+
+    class ReadOnlyList(list):
+        def __reduce__(self):
+            return type(self), (list(self),)
+
+    for cls in (ReadOnlyDict, ReadOnlyList):
+        cls.__module__, cls.__qualname__ = name, cls.__name__
+        setattr(module, cls.__name__, cls)
+    for mod in ("sacred", "sacred.config"):
+        monkeypatch.setitem(sys.modules, mod, types.ModuleType(mod))
+    monkeypatch.setitem(sys.modules, name, module)
+    return ReadOnlyDict, ReadOnlyList
+
+
+@pytest.mark.skipif(_torch_version() < (2, 6), reason="needs torch >= 2.6 (safe_globals names)")
+def test_sacred_hyper_parameters_are_read_as_plain_containers(tmp_path, monkeypatch):
+    official = random_official(CFG, seed=7)
+    with monkeypatch.context() as m:
+        ReadOnlyDict, ReadOnlyList = _fake_module_classes(m)
+        ckpt = _lightning_file(official)  # the module was handed sacred's config as it is
+        ckpt["hyper_parameters"]["config"] = ReadOnlyDict(
+            loss_names=ReadOnlyDict(itc=1), datasets=ReadOnlyList(["coco"]), load_path="")
+        torch.save(ckpt, tmp_path / "sacred.ckpt")
+        torch.save(_lightning_file(official, counts=collections.defaultdict(int)),
+                   tmp_path / "defaultdict.ckpt")
+    assert "sacred.config.custom_containers" not in sys.modules
+    weights = load_official(str(tmp_path / "sacred.ckpt"))
+    assert set(weights) == set(official)
+    assert "sacred.config.custom_containers" not in sys.modules  # nothing was imported
+    # Any other class is still refused, and the aliases do not outlive the read.
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_official(str(tmp_path / "defaultdict.ckpt"))
+    assert err.value.refused_global == "collections.defaultdict"
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "sacred.ckpt", weights_only=True)
