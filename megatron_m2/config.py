@@ -13,10 +13,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .errors import UserError
+
 __all__ = ["M2ModelConfig", "ConfigError"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 

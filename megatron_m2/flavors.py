@@ -24,7 +24,7 @@ FLAVORS: Dict[str, M2ModelConfig] = {
                           num_sep_layers=3, num_vl_layers=3, embed_dim=128, image_size=64,
                           patch_size=16, max_text_len=32, vocab_size=8192, eos_token_id=2,
                           cls_token_id=3),
-    # Official dimensions (DESIGN.md §2).
+    # The official release's dimensions (its configs/Encoder_{0.4B,1B,10B}.json).
     "0.4b": M2ModelConfig(hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072,
                           num_sep_layers=9, num_vl_layers=3, embed_dim=768),
     "1b": M2ModelConfig(hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,

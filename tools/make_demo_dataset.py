@@ -5,7 +5,7 @@ Every fully-qualified emoji that the ``emoji`` package names in both English and
 that the installed Noto Color Emoji font can draw as one glyph, is rendered with Pillow, composited
 onto a plain background and resized to ``--image-size`` px. Each image gets one English and one
 Chinese caption built from its names. The set is split **by concept** into train / validation /
-test, so the validation and test images *and* names never occur in training (see DESIGN.md §7).
+test, so the validation and test images *and* names never occur in training.
 
 Steps:
 
@@ -414,8 +414,9 @@ def write_docs(out_dir: Path, stats: dict, args) -> None:
     built = not args.skip_build
     files = (["`tokenizer.model`: SentencePiece model trained on the train captions only",
               "`{train,validation,test}.bin/.idx`: Megatron indexed datasets (tokenised captions "
-              "and encoded images)", "`{split}.rejects.jsonl`: records the preprocessing "
-              "rejected"] if built else
+              "and encoded images)", "`{split}.meta.json`: dataset cards (the tokenizer, text "
+              "style and text length the captions were made with)",
+              "`{split}.rejects.jsonl`: records the preprocessing rejected"] if built else
              [f"(built with `--skip-build`: the images and `{{split}}.jsonl` manifests are in "
               f"the work dir `{args.work_dir}`, no indexed dataset here)"])
     files += ["`stats.json`: counts, skips, seed and tool/font versions", "`LICENSE.md`"]

@@ -144,7 +144,7 @@ m2_launch() {
   local precision_args
   case $PRECISION in
     bf16) precision_args=(--bf16) ;;
-    # FP8 needs Hopper or newer and the Transformer Engine layers (DESIGN.md section 8).
+    # FP8 needs Hopper or newer and the Transformer Engine layers (docs/training.md).
     fp8) precision_args=(--bf16 --fp8-format hybrid --fp8-recipe delayed --transformer-impl te) ;;
     *) m2_die "PRECISION=$PRECISION: use bf16 or fp8" ;;
   esac

@@ -6,6 +6,8 @@ Examples::
     m2-inspect-dataset --input data/train --json              # the same as one JSON object
     m2-inspect-dataset --input data/train --tokenizer-model tok.model \
         --contact-sheet train.png --samples 16 --seed 0       # plus a PNG grid of samples
+    m2-inspect-dataset --input data/old --tokenizer-model tok.model --write-card
+                                                              # check ids, write the card
 
 Counts, caption lengths and image byte sizes come from the index (and one word per image from
 the data file), so they cover the whole dataset; image dimensions are measured by decoding a
@@ -17,6 +19,12 @@ tile holding the image scaled to fit 128 px and its captions, one per language-p
 decoded with ``--tokenizer-model`` (token ids without one). Chinese needs a CJK font: Noto Sans
 CJK (Debian/Ubuntu ``fonts-noto-cjk``) and a few other common ones are looked for, ``--font``
 names another; without any, Pillow's default font draws Chinese as boxes.
+
+``--write-card`` adds the dataset card (``PREFIX.meta.json``, see
+:mod:`megatron_m2.data.identity`) to a dataset that has none (made by an older version or
+another tool) or replaces it: every caption is first checked against ``--tokenizer-model``
+(framed by its ``[CLS]`` and ``<|endoftext|>``, every id inside its vocabulary), so the card
+never vouches for ids another tokenizer made.
 """
 
 from __future__ import annotations
@@ -43,9 +51,12 @@ from ..data.indexed import (
     read_index,
 )
 from ..data.tokenizer import DEFAULT_MAX_LENGTH
+from .common import ArgumentParser, run_cli
 
 __all__ = ["dataset_stats", "format_stats", "read_sample", "find_cjk_font", "sheet_size",
-           "contact_sheet", "build_parser", "main"]
+           "contact_sheet", "check_token_ids", "build_parser", "main"]
+
+PROG = "m2-inspect-dataset"
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +136,9 @@ def dataset_stats(prefix: str, image_sample: int = 1000, seed: int = 0) -> dict:
         stats["caption_tokens"]["all"] = _token_summary(lengths[is_caption])
 
     stats["images"] = _image_stats(index, data, image_sample, seed)
+    from ..data.identity import read_card
+
+    stats["card"] = read_card(prefix)
     return stats
 
 
@@ -214,6 +228,15 @@ def format_stats(stats: dict) -> str:
     if im["formats"]:
         lines.append("  formats          " + ", ".join(f"{k} {v}"
                                                        for k, v in im["formats"].items()))
+    card = stats.get("card")
+    lines.append("")
+    if card:
+        tok = card["tokenizer"]
+        lines.append(f"card               tokenizer sha256 {str(tok.get('sha256'))[:12]}…, "
+                     f"vocab {tok.get('vocab_size')}, text style {tok.get('text_style')}, "
+                     f"text length {card['text_length']}")
+    else:
+        lines.append("card               none (m2-inspect-dataset --write-card adds one)")
     return "\n".join(lines)
 
 
@@ -474,9 +497,57 @@ def contact_sheet(prefix: str, out_path: str, tokenizer_model: Optional[str] = N
 # Command line
 
 
+def check_token_ids(index: DatasetIndex, data: np.ndarray, tokenizer) -> None:
+    """Check that every caption of the dataset could come from ``tokenizer``: framed by its
+    ``[CLS]`` ... ``<|endoftext|>`` and every id in ``[0, vocab_size)`` (vectorised over the
+    whole data file).
+
+    Raises:
+        DatasetMismatchError: naming the first offending sample and what is wrong.
+    """
+    from ..data.identity import DatasetMismatchError
+
+    modes, lengths = np.asarray(index.modes), np.asarray(index.lengths)
+    starts = np.asarray(index.pointers) // 4
+    caps = np.flatnonzero(modes != MODE_IMAGE)
+    if not caps.size:
+        return
+    first, last = data[starts[caps]], data[starts[caps] + lengths[caps] - 1]
+    # Min and max of every sequence (image sequences included, then dropped): one pass.
+    bounds = np.asarray(starts, dtype=np.int64)
+    lo = np.minimum.reduceat(data, bounds)[caps]
+    hi = np.maximum.reduceat(data, bounds)[caps]
+    bad = (first != tokenizer.cls_id) | (last != tokenizer.eos_id) | (lo < 0) | (
+        hi >= tokenizer.vocab_size)
+    if bad.any():
+        j = int(caps[np.argmax(bad)])
+        sample = int(np.searchsorted(np.asarray(index.document_indices), j, side="right") - 1)
+        raise DatasetMismatchError(
+            f"dataset {index.prefix!r}: {int(bad.sum())} caption(s) were not made by "
+            f"{tokenizer.model_path} (first: sample {sample}, ids {int(data[starts[j]])} ... "
+            f"{int(data[starts[j] + lengths[j] - 1])}, range [{int(lo[np.argmax(bad)])}, "
+            f"{int(hi[np.argmax(bad)])}]; that tokenizer frames captions as "
+            f"{tokenizer.cls_id} ... {tokenizer.eos_id} with ids below {tokenizer.vocab_size})")
+
+
+def write_card_for(prefix: str, tokenizer_model: str, text_style: Optional[str] = None,
+                   text_length: int = DEFAULT_MAX_LENGTH) -> str:
+    """Check ``prefix``'s token ids against the tokenizer and write its dataset card."""
+    from ..data.identity import make_card, tokenizer_identity, write_card
+    from ..data.tokenizer import M2Tokenizer
+
+    tokenizer = M2Tokenizer(tokenizer_model, text_style=text_style)
+    index = read_index(prefix)
+    check_token_ids(index, index.data(), tokenizer)
+    return write_card(prefix, make_card(prefix, tokenizer_identity(tokenizer), text_length,
+                                        source={"card_written_by": PROG}))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="m2-inspect-dataset", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..data.tokenizer import TEXT_STYLES
+
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--input", required=True, metavar="PREFIX",
                    help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--json", action="store_true", help="print one JSON object, not a table")
@@ -484,34 +555,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images decoded for the width/height statistics")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the decoded-image sample and of the contact-sheet samples")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece model: decodes captions on the contact sheet (token ids "
+                        "without it); required by --write-card")
     g = p.add_argument_group("contact sheet")
     g.add_argument("--contact-sheet", default=None, metavar="OUT.png",
                    help="write a PNG grid of randomly chosen samples")
     g.add_argument("--samples", type=int, default=16, help="samples on the contact sheet")
     g.add_argument("--columns", type=int, default=COLUMNS, help="tiles per row")
-    g.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece model to decode captions (token ids without it)")
     g.add_argument("--font", default=None,
                    help="TrueType/OpenType font for captions (default: a CJK font if found)")
+    g = p.add_argument_group("dataset card")
+    g.add_argument("--write-card", action="store_true",
+                   help="check every caption against --tokenizer-model and write "
+                        "PREFIX.meta.json")
+    g.add_argument("--text-style", default=None, choices=TEXT_STYLES,
+                   help="text style the captions were made in (default: the tokenizer's)")
+    g.add_argument("--text-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help="the model's text length, recorded in the card")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.samples < 1 or args.columns < 1:
-        sys.stderr.write("m2-inspect-dataset: error: --samples and --columns must be >= 1\n")
-        return 2
-    try:
-        stats = dataset_stats(args.input, image_sample=args.image_sample, seed=args.seed)
-        if args.contact_sheet:
-            stats["contact_sheet"] = contact_sheet(
-                args.input, args.contact_sheet, tokenizer_model=args.tokenizer_model,
-                samples=args.samples, seed=args.seed, columns=args.columns,
-                font_path=args.font)
-    except (DatasetError, OSError) as exc:
-        sys.stderr.write(f"m2-inspect-dataset: error: {exc}\n")
-        return 2
+        parser.error("--samples and --columns must be >= 1")
+    if args.write_card and not args.tokenizer_model:
+        parser.error("--write-card needs --tokenizer-model")
+    card = None
+    if args.write_card:  # first, so that the statistics show the card just written
+        card = write_card_for(args.input, args.tokenizer_model, args.text_style,
+                              args.text_length)
+    stats = dataset_stats(args.input, image_sample=args.image_sample, seed=args.seed)
+    if card:
+        stats["card_written"] = card
+    if args.contact_sheet:
+        stats["contact_sheet"] = contact_sheet(
+            args.input, args.contact_sheet, tokenizer_model=args.tokenizer_model,
+            samples=args.samples, seed=args.seed, columns=args.columns, font_path=args.font)
     if args.json:
         sys.stdout.write(json.dumps(stats, ensure_ascii=False) + "\n")
     else:
@@ -520,8 +603,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cs = stats["contact_sheet"]
             text += (f"\ncontact sheet      {cs['path']} ({len(cs['samples'])} samples, "
                      f"{cs['width']}x{cs['height']} px, font {cs['font']})")
+        if "card_written" in stats:
+            text += f"\ncard written       {stats['card_written']}"
         sys.stdout.write(text + "\n")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``m2-inspect-dataset``."""
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = ["MODE_TEXT_EN", "MODE_IMAGE", "MODE_TEXT_ZH", "MODE_TEXT_OTHER", "LANG_TO_MODE",
            "MODE_TO_LANG", "encode_image_sequence", "decode_image_sequence", "Sample",
            "ImageTextWriter", "ImageTextIndexedDataset", "DatasetError",
@@ -157,7 +159,7 @@ _DTYPE_NAMES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "f
 _VALID_MODES = frozenset(MODE_TO_LANG) | {MODE_IMAGE}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset is missing, or its files are not an image–text dataset this package wrote."""
 
 

@@ -11,16 +11,30 @@ Because the pad id equals the EOS id, padding cannot be recovered from the ids a
 therefore comes with an explicit padding mask: ``pad_mask[b, s]`` is True at padding positions, the
 real tokens being ``[CLS]``, the pieces and the *first* ``<|endoftext|>``.
 
-Text normalisation is deliberately not part of :meth:`M2Tokenizer.encode`, which stays identical to
-``SentencePieceProcessor.encode`` so that official token ids are reproduced bit for bit; data
-preprocessing calls :func:`normalize_caption` before tokenizing.
+Two *text styles* turn raw text into pieces (:data:`TEXT_STYLES`):
+
+``official``
+    Exactly what the release's ``GLMChineseTokenizer`` (a Hugging Face slow tokenizer) does,
+    id for id: the literal special tokens ``[CLS]``, ``<|endoftext|>``, ``[MASK]``, ``[UNK]`` are
+    never split (whitespace around them is dropped), runs of 2-10 spaces become the
+    ``<|blank_n|>`` pieces, no Unicode normalisation happens beyond the model's own, and an
+    over-long caption is truncated on the **left** (the last pieces are kept).
+``normalized``
+    :func:`normalize_caption` (Unicode NFC, whitespace runs collapsed, stripped), then the plain
+    SentencePiece encoding; an over-long caption keeps its **first** pieces. Better for training
+    new models: the beginning of a caption usually says what the image shows, and whitespace
+    noise of web captions does not reach the model.
+
+The default follows the SentencePiece model (:func:`default_text_style`): ``official`` for the
+release's GLM model (recognised by its ``<|blank_2|>`` ... ``<|blank_10|>`` pieces), ``normalized``
+for every other model (e.g. one from :func:`train_tokenizer`). Datasets and checkpoints record the
+style they were made with, and the tools that read them use that record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import random
@@ -31,6 +45,8 @@ from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 import sentencepiece as spm
+
+from ..errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +62,28 @@ UNK_PIECE = "[UNK]"
 # same special pieces in the same relative order.
 SPECIAL_PIECES: Tuple[str, ...] = (EOT_PIECE, SEP_PIECE, CLS_PIECE, MASK_PIECE, UNK_PIECE)
 DEFAULT_MAX_LENGTH = 52
-MANIFEST_SUFFIXES = (".jsonl", ".ndjson")
+
+TEXT_STYLES: Tuple[str, ...] = ("official", "normalized")
+"""Ways of turning raw text into pieces (see the module docstring)."""
+# The release's tokenizer (transformers' slow tokenizer, tokenizer_config.json of the release)
+# declares these as special tokens: it never splits them out of a text, and strips the whitespace
+# around them. [SEP] is not among them, so SentencePiece itself handles it.
+NO_SPLIT_PIECES: Tuple[str, ...] = (EOT_PIECE, CLS_PIECE, MASK_PIECE, UNK_PIECE)
+BLANK_PIECES: Tuple[str, ...] = tuple(f"<|blank_{n}|>" for n in range(2, 11))
+"""The GLM model's pieces for runs of 2..10 spaces (the release's ``encode_whitespaces``)."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file cannot be used: not a SentencePiece model, or required pieces missing.
+    The message names the file."""
+
+
+def encode_whitespaces(text: str) -> str:
+    """The release's ``encode_whitespaces``: each run of 2-10 spaces becomes ``<|blank_n|>``
+    (longer runs are cut greedily from 10 down: 13 spaces give ``<|blank_10|><|blank_3|>``)."""
+    for n in range(10, 1, -1):
+        text = text.replace(" " * n, f"<|blank_{n}|>")
+    return text
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -72,20 +109,33 @@ class M2Tokenizer:
             ``<|endoftext|>`` (the official ``glm_sp.model`` or one from :func:`train_tokenizer`).
         max_length: default framed length (``[CLS]`` + pieces + ``<|endoftext|>`` + padding); the
             official models use 52.
+        text_style: ``"official"`` or ``"normalized"`` (see :data:`TEXT_STYLES`); None picks
+            :func:`default_text_style` of the model.
 
     Raises:
-        ValueError: if a required special piece is missing from the model, or ``max_length < 2``.
+        TokenizerError: the file is missing or not a SentencePiece model, or a required special
+            piece is missing from the model.
+        ValueError: ``max_length < 2`` or an unknown ``text_style``.
     """
 
     def __init__(self, model_path: PathLike, max_length: int = DEFAULT_MAX_LENGTH,
-                 model_proto: Optional[bytes] = None):
+                 model_proto: Optional[bytes] = None, text_style: Optional[str] = None):
         self._model_path = str(model_path)
         self._max_length = self._check_length(max_length)
         self._proto = model_proto
-        if model_proto is not None:
-            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        else:
-            self._sp = spm.SentencePieceProcessor(model_file=self._model_path)
+        try:
+            if model_proto is not None:
+                self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+            else:
+                if not os.path.exists(self._model_path):
+                    raise TokenizerError(f"tokenizer model {self._model_path}: no such file")
+                if os.path.isdir(self._model_path):
+                    raise TokenizerError(f"tokenizer model {self._model_path} is a directory, "
+                                         "not a SentencePiece .model file")
+                self._sp = spm.SentencePieceProcessor(model_file=self._model_path)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"tokenizer model {self._model_path}: not a SentencePiece "
+                                 f"model ({str(e).splitlines()[0] if str(e) else e!r})") from None
         self._sha256: Optional[str] = None
         self._specials: Dict[str, int] = {}
         for piece in SPECIAL_PIECES:
@@ -94,21 +144,25 @@ class M2Tokenizer:
                 self._specials[piece] = pid
         for required in (CLS_PIECE, EOT_PIECE):
             if required not in self._specials:
-                raise ValueError(
+                raise TokenizerError(
                     f"SentencePiece model {self._model_path!r} has no piece {required!r}; "
                     f"M2Tokenizer needs {CLS_PIECE!r} and {EOT_PIECE!r} (train one with "
                     "megatron_m2.data.tokenizer.train_tokenizer)")
         # Ids never shown by decode(): the framing specials plus SentencePiece's control pieces.
         self._skip_ids = frozenset(self._specials.values()) | frozenset(
             i for i in range(self.vocab_size) if self._sp.is_control(i))
+        self._text_style = self._check_style(text_style) if text_style else \
+            default_text_style(self._sp)
+        no_split = [p for p in NO_SPLIT_PIECES if p in self._specials]
+        self._no_split_re = re.compile("|".join(re.escape(p) for p in no_split))
 
     @classmethod
     def from_bytes(cls, model_proto: bytes, max_length: int = DEFAULT_MAX_LENGTH,
-                   name: str = "<bytes>") -> "M2Tokenizer":
+                   name: str = "<bytes>", text_style: Optional[str] = None) -> "M2Tokenizer":
         """A tokenizer from a serialized SentencePiece model (e.g. one stored inside a
         checkpoint file); ``name`` stands in for the model path in messages and
         :meth:`to_dict`."""
-        return cls(name, max_length, model_proto=bytes(model_proto))
+        return cls(name, max_length, model_proto=bytes(model_proto), text_style=text_style)
 
     def model_bytes(self) -> bytes:
         """The serialized SentencePiece model (to store it next to weights)."""
@@ -118,6 +172,13 @@ class M2Tokenizer:
         # piece_to_id answers unk_id for unknown pieces, so confirm the round trip.
         pid = self._sp.piece_to_id(piece)
         return pid if self._sp.id_to_piece(pid) == piece else None
+
+    @staticmethod
+    def _check_style(text_style: str) -> str:
+        if text_style not in TEXT_STYLES:
+            raise ValueError(f"text_style must be one of {', '.join(TEXT_STYLES)}, got "
+                             f"{text_style!r}")
+        return text_style
 
     @staticmethod
     def _check_length(max_length: int) -> int:
@@ -174,6 +235,12 @@ class M2Tokenizer:
         return self._max_length
 
     @property
+    def text_style(self) -> str:
+        """``"official"`` or ``"normalized"``: how raw text becomes pieces and which end of an
+        over-long caption is kept (see :data:`TEXT_STYLES`)."""
+        return self._text_style
+
+    @property
     def sp(self) -> spm.SentencePieceProcessor:
         """The underlying ``SentencePieceProcessor``."""
         return self._sp
@@ -181,22 +248,58 @@ class M2Tokenizer:
     # ----------------------------------------------------------------------------------------
     # Encoding
 
-    def encode(self, text: str) -> List[int]:
-        """Piece ids of ``text``, exactly ``SentencePieceProcessor.encode(text)`` (no framing).
+    def normalize(self, text: str) -> str:
+        """The text as this style hands it to the encoder: :func:`normalize_caption` in the
+        normalized style, unchanged in the official one. Empty means "no caption"."""
+        return normalize_caption(text) if self._text_style == "normalized" else text
 
-        No normalisation happens here beyond the model's own; call :func:`normalize_caption` first
-        when preprocessing raw captions.
+    def encode(self, text: str) -> List[int]:
+        """Piece ids of ``text`` (no framing), in this tokenizer's text style.
+
+        ``normalized``: ``SentencePieceProcessor.encode(normalize_caption(text))``.
+        ``official``: the release's ``GLMChineseTokenizer.tokenize`` + ``convert_tokens_to_ids``:
+        the text is cut at the literal special tokens (kept as their ids, whitespace around them
+        dropped), every other part has its space runs turned into ``<|blank_n|>`` pieces and is
+        encoded by SentencePiece on its own.
         """
-        return self._sp.encode(text)
+        if self._text_style == "normalized":
+            return self._sp.encode(normalize_caption(text))
+        ids: List[int] = []
+        pos, parts = 0, []
+        for m in self._no_split_re.finditer(text) if self._no_split_re.pattern else ():
+            parts += [text[pos:m.start()], m.group()]
+            pos = m.end()
+        parts.append(text[pos:])
+        # parts alternate: text, special, text, ..., text. As transformers' slow tokenizers do
+        # for special tokens given as plain strings, strip the whitespace next to each special.
+        for i in range(1, len(parts), 2):
+            parts[i - 1] = parts[i - 1].rstrip()
+            parts[i + 1] = parts[i + 1].lstrip()
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self._specials[part])
+            elif part:
+                ids.extend(self._sp.encode(encode_whitespaces(part)))
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """:meth:`encode` for many texts at once."""
-        return self._sp.encode(list(texts))
+        if self._text_style == "normalized":
+            return self._sp.encode([normalize_caption(t) for t in texts])
+        return [self.encode(t) for t in texts]
+
+    def _truncate(self, pieces: Sequence[int], keep: int) -> Sequence[int]:
+        """``keep`` pieces of an over-long caption: the first ones (normalized style) or the
+        last ones (official style, the release's ``truncation_side="left"``)."""
+        if len(pieces) <= keep:
+            return pieces
+        return pieces[len(pieces) - keep:] if self._text_style == "official" else pieces[:keep]
 
     def frame(self, piece_ids: Sequence[int], max_length: Optional[int] = None) -> List[int]:
-        """``[CLS] + pieces + <|endoftext|>`` with the pieces truncated to fit; no padding."""
+        """``[CLS] + pieces + <|endoftext|>`` with the pieces truncated to fit (which end is kept
+        depends on the text style); no padding."""
         length = self._max_length if max_length is None else self._check_length(max_length)
-        pieces = [int(i) for i in piece_ids[: length - 2]]
+        pieces = [int(i) for i in self._truncate(piece_ids, length - 2)]
         return [self.cls_id] + pieces + [self.eos_id]
 
     def __call__(self, texts: Union[str, Sequence[str]],
@@ -222,7 +325,8 @@ class M2Tokenizer:
 
         Each sequence must start with ``[CLS]`` and end with ``<|endoftext|>`` (as :meth:`frame`
         makes them); sequences longer than ``max_length`` are truncated the same way
-        :meth:`frame` truncates, keeping the final ``<|endoftext|>``.
+        :meth:`frame` truncates (per text style), keeping ``[CLS]`` and the final
+        ``<|endoftext|>``.
 
         Returns:
             ``(ids, pad_mask)`` as :meth:`__call__` does. The mask is built from each
@@ -248,7 +352,7 @@ class M2Tokenizer:
                     f"<|endoftext|>({self.eos_id}): starts {seq[:3].tolist()}, "
                     f"ends {seq[-3:].tolist()}")
             if seq.size > length:
-                seq = np.concatenate([seq[: length - 1], seq[-1:]])
+                seq = np.concatenate([seq[:1], self._truncate(seq[1:-1], length - 2), seq[-1:]])
             ids[row, : seq.size] = torch.from_numpy(seq)
             pad_mask[row, : seq.size] = False
         return ids, pad_mask
@@ -284,57 +388,60 @@ class M2Tokenizer:
             "eos_id": self.eos_id,
             "pad_id": self.pad_id,
             "specials": self.special_ids,
+            "text_style": self._text_style,
         }
 
     def __repr__(self) -> str:
         return (f"M2Tokenizer({self._model_path!r}, vocab_size={self.vocab_size}, "
-                f"max_length={self._max_length}, cls_id={self.cls_id}, eos_id={self.eos_id})")
+                f"max_length={self._max_length}, cls_id={self.cls_id}, eos_id={self.eos_id}, "
+                f"text_style={self._text_style!r})")
+
+
+def default_text_style(sp: spm.SentencePieceProcessor) -> str:
+    """``"official"`` for the release's GLM SentencePiece model (it has every ``<|blank_n|>``
+    piece the release's whitespace encoding needs), ``"normalized"`` for any other model."""
+    def has(piece: str) -> bool:
+        return sp.id_to_piece(sp.piece_to_id(piece)) == piece
+
+    return "official" if all(has(p) for p in BLANK_PIECES) else "normalized"
 
 
 # --------------------------------------------------------------------------------------------
 # Corpus reading
 
 
-def _record_captions(record: dict) -> Iterator[str]:
-    for cap in record.get("captions") or ():
-        text = cap.get("text") if isinstance(cap, dict) else cap
-        if isinstance(text, str):
-            yield text
-    for key in ("caption_en", "caption_zh"):
-        if isinstance(record.get(key), str):
-            yield record[key]
-
-
-def read_caption_file(path: PathLike) -> Iterator[str]:
+def read_caption_file(path: PathLike, reader=None) -> Iterator[str]:
     """Normalised, non-empty caption texts of a corpus file.
 
-    ``*.jsonl`` / ``*.ndjson`` files are manifests: one JSON object per line, whose captions are
-    every ``captions[i]["text"]`` plus ``caption_en`` and ``caption_zh`` when present. Any other
-    file is plain text with one caption per line.
+    Every layout preprocessing reads (JSONL manifests, webdataset shards, Chinese-CLIP, CSV;
+    :func:`megatron_m2.data.records.iter_captions`, with ``reader`` its
+    :class:`~megatron_m2.data.records.ReaderOptions`) gives the captions preprocessing would
+    read from it (image data is not read); any other file (e.g. ``.txt``) is plain text with one
+    caption per line. Records that preprocessing would reject for their structure are skipped.
 
     Raises:
-        ValueError: on a manifest line that is not a JSON object.
+        megatron_m2.data.records.InputError: a table without the caption column, and the like.
     """
-    path = Path(path)
-    manifest = path.suffix.lower() in MANIFEST_SUFFIXES
+    from .records import InputError, ReaderOptions, detect_format, iter_captions
+
+    path = str(path)
+    reader = reader or ReaderOptions()
+    try:
+        detect_format(path, reader)
+        texts: Iterable[str] = (text for _, text in iter_captions(path, reader))
+    except InputError:
+        if reader.input_format != "auto":
+            raise
+        texts = _plain_lines(path)  # not a record layout: one caption per line
+    for text in texts:
+        text = normalize_caption(text)
+        if text:
+            yield text
+
+
+def _plain_lines(path: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if manifest:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
-                texts: Iterable[str] = _record_captions(record)
-            else:
-                texts = (line,)
-            for text in texts:
-                text = normalize_caption(text)
-                if text:
-                    yield text
+        yield from f
 
 
 def _iter_corpus(texts_or_files: Iterable[Union[str, os.PathLike]]) -> Iterator[str]:

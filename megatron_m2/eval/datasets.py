@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from ..data.transforms import to_rgb
+from ..errors import UserError
 from .zeroshot import load_classnames
 
 __all__ = [
@@ -62,11 +63,11 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif
 """File extensions (lower case) that :class:`ImageFolder` reads by default."""
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(UserError, ValueError):
     """A malformed IDX file; the message names the file."""
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image file Pillow cannot decode; ``path`` is the file, the message names it too."""
 
     def __init__(self, path: str, reason: str):

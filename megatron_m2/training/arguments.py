@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--flavor", default="tiny", choices=sorted(FLAVORS),
-                   help="architecture preset (DESIGN §2)")
+                   help="architecture preset (`python -m megatron_m2.flavors` describes them)")
     g.add_argument("--transformer-impl", default="local", choices=["local", "te"],
                    help="layer implementation: pure torch or Transformer Engine")
     g.add_argument("--vocab-size", type=int, default=None,

@@ -190,7 +190,7 @@ def test_bad_input_corpus_every_record_accounted(tmp_path, tokenizer_model):
     log = out / "rejects.jsonl"
     out.mkdir()
     cfg = _cfg(tokenizer_model, max_image_pixels=10_000, max_caption_chars=50, workers=2,
-               chunk_size=3)
+               chunk_size=3, max_reject_fraction=1.0)
     s = preprocess([str(manifest), str(shard)], str(out / "ds"), cfg, reject_log=str(log))
     assert s.records == s.written + s.rejected
     assert (s.records, s.written) == (14, 2)
@@ -207,7 +207,7 @@ def test_bad_input_corpus_every_record_accounted(tmp_path, tokenizer_model):
     after = [p for p in _tree(tmp_path) if not p.startswith("out")]
     assert after == [p for p in before if not p.startswith("out")]
     assert not list(tmp_path.parent.rglob("evil.png")) and not Path("/abs.png").exists()
-    assert sorted(os.listdir(out)) == ["ds.bin", "ds.idx", "rejects.jsonl"]
+    assert sorted(os.listdir(out)) == ["ds.bin", "ds.idx", "ds.meta.json", "rejects.jsonl"]
 
 
 def test_interrupted_run_resumes_without_duplicates(tmp_path, tokenizer_model):
@@ -219,7 +219,7 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, tokenizer_model):
     rows.insert(3, "{broken")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(rows) + "\n")
-    cfg = _cfg(tokenizer_model, chunk_size=2)
+    cfg = _cfg(tokenizer_model, chunk_size=2, max_reject_fraction=0.2)
 
     class Kill(Exception):
         pass
@@ -252,7 +252,8 @@ def test_cli_prints_summary(tmp_path, tokenizer_model):
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, str(root / "tools" / "preprocess_data.py"), "--input",
                           str(m), "--output-prefix", str(tmp_path / "ds"), "--tokenizer-model",
-                          tokenizer_model, "--reject-log", str(tmp_path / "rej.jsonl")],
+                          tokenizer_model, "--reject-log", str(tmp_path / "rej.jsonl"),
+                          "--max-reject-fraction", "0.5"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"records": 2, "written": 1,

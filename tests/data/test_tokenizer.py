@@ -21,6 +21,7 @@ from megatron_m2.data.tokenizer import (
 
 ROOT = Path(__file__).resolve().parents[2]
 GLM_MODEL = Path(__file__).resolve().parents[3] / "shared" / "assets" / "glm_sp.model"
+GLM_IDS = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "glm_official_ids.jsonl"
 SPECIALS = ("<|endoftext|>", "[SEP]", "[CLS]", "[MASK]", "[UNK]")
 
 
@@ -30,6 +31,11 @@ def glm():
         pytest.skip(f"official GLM SentencePiece model not found at {GLM_MODEL} "
                     "(compatibility asset, not shipped with the project)")
     return M2Tokenizer(GLM_MODEL)
+
+
+@pytest.fixture(scope="module")
+def glm_normalized(glm):
+    return M2Tokenizer(GLM_MODEL, text_style="normalized")
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +95,74 @@ def test_glm_batch_and_decode(glm):
     assert glm.decode(ids[1]) == "一张狗的照片"
 
 
-def test_truncation_keeps_cls_and_final_eot(glm, glm_sp):
-    text = " ".join(["a very long caption about cats and 很多猫"] * 20)
+def test_truncation_keeps_cls_and_final_eot(glm, glm_normalized, glm_sp):
+    """Normalized style keeps the first pieces; official style (the release's
+    ``truncation_side="left"``) the last ones. Both keep [CLS] and the final <|endoftext|>."""
+    text = " ".join(["a very long caption about cats and 很多猫"] * 20) + " the end"
     pieces = glm_sp.encode(text)
     assert len(pieces) > 60
-    ids, mask = glm(text)
-    assert ids[0].tolist() == [50002] + pieces[:50] + [50000]
-    assert not mask.any()
-    ids8, mask8 = glm(text, max_length=8)
-    assert ids8[0].tolist() == [50002] + pieces[:6] + [50000]
-    assert not mask8.any()
-    assert glm.frame(pieces, max_length=5) == [50002] + pieces[:3] + [50000]
+    for tok, kept in ((glm_normalized, lambda n: pieces[:n]), (glm, lambda n: pieces[-n:])):
+        ids, mask = tok(text)
+        assert ids[0].tolist() == [50002] + kept(50) + [50000]
+        assert not mask.any()
+        ids8, mask8 = tok(text, max_length=8)
+        assert ids8[0].tolist() == [50002] + kept(6) + [50000]
+        assert not mask8.any()
+        assert tok.frame(pieces, max_length=5) == [50002] + kept(3) + [50000]
+        # pre-tokenized, untruncated captions (indexed datasets) are cut the same way
+        framed = tok.frame(pieces, max_length=1 << 20)
+        assert tok.pad([framed], max_length=8)[0][0].tolist() == [50002] + kept(6) + [50000]
+
+
+def test_official_ids_equal_the_release_tokenizer(glm):
+    """Ids and attention masks of the release's GLMChineseTokenizer (transformers 4.17, called
+    as the release calls it: padding to 52, truncation) for 32 strings: whitespace runs,
+    combining marks, full-width forms, emoji, literal special tokens, over-long captions.
+    Checked on both paths: raw text, and untruncated framing then padding (preprocessing)."""
+    if not GLM_IDS.exists():
+        pytest.skip(f"release token-id fixture not found at {GLM_IDS}")
+    rows = [json.loads(line) for line in GLM_IDS.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 32
+    assert glm.text_style == "official"  # the default for the release's model
+    ids, pad = glm([r["text"] for r in rows])
+    framed_ids, framed_pad = glm.pad([glm.frame(glm.encode(r["text"]), max_length=1 << 30)
+                                      for r in rows])
+    for i, r in enumerate(rows):
+        assert ids[i].tolist() == r["input_ids"], r["text"]
+        assert (~pad[i]).int().tolist() == r["attention_mask"], r["text"]
+        assert framed_ids[i].tolist() == r["input_ids"], r["text"]
+        assert torch.equal(framed_pad[i], pad[i])
+
+
+def test_normalized_style_on_the_release_model(glm_normalized, glm_sp):
+    """The normalized style is today's behaviour: NFC + collapsed whitespace, then plain
+    SentencePiece; it differs from the release on whitespace runs and literal specials."""
+    text = "  two   spaces  [MASK] cafe\u0301 "
+    assert glm_normalized.encode(text) == glm_sp.encode(normalize_caption(text))
+    assert glm_normalized.text_style == "normalized"
+    assert glm_normalized.to_dict()["text_style"] == "normalized"
+
+
+def test_text_style_defaults_by_model(glm, tokenizer_model):
+    assert glm.text_style == "official"
+    trained = M2Tokenizer(tokenizer_model)
+    assert trained.text_style == "normalized"
+    assert M2Tokenizer(tokenizer_model, text_style="official").text_style == "official"
+    with pytest.raises(ValueError, match="text_style"):
+        M2Tokenizer(tokenizer_model, text_style="nfc")
+
+
+def test_not_a_sentencepiece_model_is_named(tmp_path):
+    from megatron_m2.data.tokenizer import TokenizerError
+
+    bogus = tmp_path / "tok.model"
+    bogus.write_text("not a model")
+    with pytest.raises(TokenizerError, match=f"{bogus}.*not a SentencePiece model"):
+        M2Tokenizer(bogus)
+    with pytest.raises(TokenizerError, match="no such file"):
+        M2Tokenizer(tmp_path / "missing.model")
+    with pytest.raises(TokenizerError, match="is a directory"):
+        M2Tokenizer(tmp_path)
 
 
 def test_empty_string(glm):
@@ -108,16 +171,21 @@ def test_empty_string(glm):
     assert mask[0].tolist() == [False, False] + [True] * 50
 
 
-def test_pad_framed_lists(glm):
+@pytest.mark.parametrize("style,kept", [("normalized", range(100, 108)),
+                                         ("official", range(152, 160))])
+def test_pad_framed_lists(style, kept):
     import numpy as np
 
+    if not GLM_MODEL.exists():
+        pytest.skip(f"official GLM SentencePiece model not found at {GLM_MODEL}")
+    glm = M2Tokenizer(GLM_MODEL, text_style=style)
     framed = [[50002, 10, 11, 50000], np.array([50002, 50000]), [50002] + list(range(100, 160))
               + [50000]]
     ids, mask = glm.pad(framed, max_length=10)
     assert ids.tolist() == [
         [50002, 10, 11, 50000] + [50000] * 6,
         [50002, 50000] + [50000] * 8,
-        [50002] + list(range(100, 108)) + [50000],
+        [50002] + list(kept) + [50000],
     ]
     assert (~mask).sum(1).tolist() == [4, 2, 10]
     # same as tokenizing the text directly
@@ -148,7 +216,7 @@ def test_normalize_caption():
     assert normalize_caption(" \n ") == ""
 
 
-def test_read_caption_file(tmp_path):
+def test_read_caption_file(tmp_path, caplog):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join([
         json.dumps({"image": "a.jpg", "captions": [{"text": " a  cat ", "lang": "en"},
@@ -163,8 +231,9 @@ def test_read_caption_file(tmp_path):
     assert list(read_caption_file(txt)) == ["first line", "第二行"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"caption_en": "ok"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
-        list(read_caption_file(bad))
+    with caplog.at_level("WARNING"):
+        assert list(read_caption_file(bad)) == ["ok"]
+    assert "skipped 1 unusable record(s), e.g. " in caplog.text and "bad.jsonl:2" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

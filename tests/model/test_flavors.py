@@ -10,7 +10,7 @@ from megatron_m2.config import ConfigError, M2ModelConfig
 from megatron_m2.flavors import FLAVORS, count_parameters, get_flavor
 
 # Counts of the official inference graph (both branches of both stacks, embeddings, position
-# tables, four ITC heads, two scales), DESIGN.md §2.
+# tables, four ITC heads, two scales), as the release's configurations define them.
 OFFICIAL = {"0.4b": 262.7e6, "1b": 729.4e6, "10b": 10.17e9}
 
 
