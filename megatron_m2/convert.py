@@ -28,12 +28,12 @@ containers only; a file that needs any other global is refused
 (:class:`UnsafeCheckpointError`) before that global is imported or called. Everything else is
 safetensors or JSON.
 
-Command line: ``m2-convert`` / ``tools/convert_checkpoint.py`` (:func:`main`).
+Command line: ``m2-convert`` / ``tools/convert_checkpoint.py``
+(:mod:`megatron_m2.cli.convert`).
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import json
@@ -42,12 +42,12 @@ import os
 import pickle
 import re
 import shutil
-import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .config import ConfigError, M2ModelConfig
+from .errors import UserError
 from .model.init import _layer_index
 from .model.official import (
     TEXT_EMBED_KEY,
@@ -63,13 +63,13 @@ from .model.official import (
 )
 from .training.checkpointing import (
     FORMAT_VERSION,
-    TRACKER,
     _fsync_dir,
     _fsync_file,
-    _iter_dir,
+    iter_dir,
     publish_checkpoint,
     resolve_checkpoint,
 )
+from .utils.files import apply_umask
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ __all__ = [
     "SINGLE_FILE_FORMAT", "SINGLE_FILE_VERSION", "FORMATS", "PICKLE_EXTENSIONS",
     "expected_shapes", "canonicalize", "validate_state_dict", "pipeline_stage_layers",
     "load_official", "save_official", "read_checkpoint", "write_model_checkpoint",
-    "save_single_file", "load_single_file", "read_any", "convert", "build_parser", "main",
+    "save_single_file", "load_single_file", "read_any", "convert",
 ]
 
 SINGLE_FILE_FORMAT = "megatron_m2.single_file"
@@ -95,7 +95,7 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 _REFUSED_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint cannot be read or written as asked; the message names the file."""
 
 
@@ -253,13 +253,27 @@ def _parse_dtype(dtype: Union[None, str, torch.dtype]) -> torch.dtype:
     raise ConversionError(f"unsupported dtype {dtype!r}; choose fp32, bf16 or fp16")
 
 
+def _tokenizer_record(tokenizer_bytes: Optional[bytes], text_style: Optional[str]
+                      ) -> Optional[Dict[str, Any]]:
+    """The identity of a tokenizer kept with weights (SHA-256, vocabulary, special ids and its
+    text style: ``text_style`` or the model's default); None without a tokenizer."""
+    if tokenizer_bytes is None:
+        return None
+    from .data.identity import tokenizer_identity
+    from .data.tokenizer import M2Tokenizer
+
+    return tokenizer_identity(M2Tokenizer.from_bytes(tokenizer_bytes, text_style=text_style))
+
+
 def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)``, fsync, then rename onto ``path``."""
+    """``write(tmp_path)``, fsync, then rename onto ``path`` (with the process umask's
+    permissions: some writers create files private to their owner)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = path + ".tmp"
     try:
         write(tmp)
+        apply_umask(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
@@ -415,7 +429,8 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, 
 def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
                            cfg: M2ModelConfig, pp: int = 1, tp: int = 1,
                            tokenizer_bytes: Optional[bytes] = None, step: int = 0, *,
-                           flavor: Optional[str] = None, source: Optional[str] = None) -> str:
+                           flavor: Optional[str] = None, source: Optional[str] = None,
+                           text_style: Optional[str] = None) -> str:
     """Write a model-only checkpoint in our format under save root ``root``; returns its dir.
 
     The result is what ``save_checkpoint`` writes minus optimizer and RNG states:
@@ -432,6 +447,8 @@ def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
         state_dict: canonical weights, or a full model's ``state_dict()`` (see
             :func:`canonicalize`).
         flavor, source: recorded in ``meta.json`` (``flavor``; ``args.converted_from``).
+        text_style: the tokenizer's text style, recorded with it in ``meta.json``
+            (``tokenizer``); None: the model's default.
 
     Raises:
         ConfigError: ``tp`` does not divide the heads or the FFN width, or ``pp`` the layers.
@@ -448,7 +465,7 @@ def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
 
     from safetensors.torch import save_file
 
-    tmp = _iter_dir(root, step) + ".tmp"
+    tmp = iter_dir(root, step) + ".tmp"
     os.makedirs(root, exist_ok=True)
     if os.path.exists(tmp):  # left by an interrupted write
         shutil.rmtree(tmp)
@@ -467,12 +484,15 @@ def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
             "step": step,
             "format_version": FORMAT_VERSION,
             "layout": {"tp": tp, "pp": pp},
-            "has_optimizer": None}
+            "has_optimizer": None,
+            "tokenizer": _tokenizer_record(tokenizer_bytes, text_style)}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     if tokenizer_bytes is not None:
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(tokenizer_bytes)
+    for fn in os.listdir(tmp):
+        apply_umask(os.path.join(tmp, fn))
     final = publish_checkpoint(root, step)
     logger.info("wrote checkpoint %s (layout tp=%d pp=%d, %d tensors%s)", final, tp, pp,
                 len(weights), ", with tokenizer.model" if tokenizer_bytes is not None else "")
@@ -482,14 +502,16 @@ def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
 # -- single file ---------------------------------------------------------------------------------
 def save_single_file(path: str, state_dict: Mapping[str, torch.Tensor], cfg: M2ModelConfig,
                      tokenizer_bytes: Optional[bytes] = None,
-                     dtype: Union[None, str, torch.dtype] = None) -> None:
+                     dtype: Union[None, str, torch.dtype] = None,
+                     text_style: Optional[str] = None) -> None:
     """Write the serving checkpoint: one safetensors file with weights, config and tokenizer.
 
     Tensors are stored under their canonical names (TP=1, PP=1, vocabulary unpadded) in
     ``dtype`` (fp32 by default; bf16 or fp16). Metadata (str → str): ``format``
     (:data:`SINGLE_FILE_FORMAT`), ``format_version`` (:data:`SINGLE_FILE_VERSION`),
     ``model_config`` (JSON of ``cfg``) and, with a tokenizer, ``tokenizer_model_b64`` (the
-    SentencePiece model, base64). The write is atomic.
+    SentencePiece model, base64) and ``tokenizer_text_style`` (``text_style``, or the model's
+    default). The write is atomic; the file gets the process umask's permissions.
     """
     from safetensors.torch import save_file
 
@@ -500,6 +522,8 @@ def save_single_file(path: str, state_dict: Mapping[str, torch.Tensor], cfg: M2M
                 "model_config": json.dumps(cfg.to_dict(), sort_keys=True)}
     if tokenizer_bytes is not None:
         metadata["tokenizer_model_b64"] = base64.b64encode(tokenizer_bytes).decode("ascii")
+        metadata["tokenizer_text_style"] = _tokenizer_record(tokenizer_bytes,
+                                                             text_style)["text_style"]
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     logger.info("wrote single-file checkpoint %s (%d tensors, %s%s)", path, len(tensors),
                 str(cast).replace("torch.", ""),
@@ -510,7 +534,15 @@ def load_single_file(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig,
                                          Optional[bytes]]:
     """Read a file written by :func:`save_single_file`: ``(state_dict, cfg, tokenizer_bytes)``.
 
-    Tensors keep their stored dtype.
+    Tensors keep their stored dtype (:func:`read_any` also returns the file's metadata).
+    """
+    state_dict, cfg, tokenizer, _ = _read_single(path)
+    return state_dict, cfg, tokenizer
+
+
+def _read_single(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, Optional[bytes],
+                                     Dict[str, str]]:
+    """:func:`load_single_file`, plus the file's metadata.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -552,7 +584,7 @@ def load_single_file(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig,
             raise ConversionError(f"{path}: invalid tokenizer_model_b64: {exc}") from None
     validate_state_dict(state_dict, cfg, path)
     logger.info("read %d tensors from single-file checkpoint %s", len(state_dict), path)
-    return state_dict, cfg, tokenizer
+    return state_dict, cfg, tokenizer, metadata
 
 
 # -- conversion ----------------------------------------------------------------------------------
@@ -561,7 +593,9 @@ def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None
     """Read ``path`` in format ``fmt`` into ``(canonical state dict, cfg, tokenizer, info)``.
 
     ``cfg`` is required for (and only used with) ``official`` inputs, which carry none.
-    ``info`` holds what the source says about itself (``meta.json`` for ours); for official
+    ``info`` holds what the source says about itself (``meta.json`` for ours), with
+    ``text_style``: the recorded text style of the tokenizer (None when the source records
+    none; ours and single files written by this version do); for official
     inputs, what reading it involved: ``unused_official_keys`` (the release's weights that
     inference does not use, skipped: :func:`~megatron_m2.model.official.summarize_unused_keys`)
     and ``resized`` (``{key: [rows before, rows after]}`` for a vision position table fitted to
@@ -591,22 +625,26 @@ def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None
         info = {"unused_official_keys": summarize_unused_keys(official), "resized": resized}
         return state_dict, cfg, None, info
     if fmt == "ours":
-        return read_checkpoint(path)
+        state_dict, cfg, tokenizer, meta = read_checkpoint(path)
+        style = (meta.get("tokenizer") or {}).get("text_style")
+        return state_dict, cfg, tokenizer, dict(meta, text_style=style)
     if fmt == "single":
-        state_dict, cfg, tokenizer = load_single_file(path)
-        return state_dict, cfg, tokenizer, {}
+        state_dict, cfg, tokenizer, metadata = _read_single(path)
+        return state_dict, cfg, tokenizer, {"text_style": metadata.get("tokenizer_text_style")}
     raise ConversionError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
 def convert(src: str, dst: str, input_path: str, output_path: str,
             cfg: Optional[M2ModelConfig] = None, tokenizer_bytes: Optional[bytes] = None,
             tp: int = 1, pp: int = 1, dtype: Union[None, str, torch.dtype] = None,
-            flavor: Optional[str] = None) -> Dict[str, Any]:
+            flavor: Optional[str] = None, text_style: Optional[str] = None) -> Dict[str, Any]:
     """Convert ``input_path`` (format ``src``) to ``output_path`` (format ``dst``).
 
     ``cfg`` is needed for official inputs only. ``tokenizer_bytes`` replaces the input's
     tokenizer (ours and single carry one; official cannot). ``tp``/``pp`` apply to ``dst ==
-    "ours"``, ``dtype`` to single and official outputs.
+    "ours"``, ``dtype`` to single and official outputs. ``text_style`` is recorded with the
+    tokenizer (default: what the input records when its tokenizer is kept, else the tokenizer
+    model's default, :func:`~megatron_m2.data.tokenizer.default_text_style`).
 
     Returns:
         A summary dict (``m2-convert`` prints it as JSON): ``from``, ``to``, ``input``,
@@ -629,6 +667,8 @@ def convert(src: str, dst: str, input_path: str, output_path: str,
     state_dict, cfg, tokenizer, info = read_any(src, input_path, cfg)
     if tokenizer_bytes is not None:
         tokenizer = tokenizer_bytes
+    elif text_style is None:
+        text_style = info.get("text_style")
     if flavor is None:
         flavor = info.get("flavor")
     if dst == "official":
@@ -638,153 +678,18 @@ def convert(src: str, dst: str, input_path: str, output_path: str,
     elif dst == "ours":
         write_model_checkpoint(output_path, state_dict, cfg, pp=pp, tp=tp,
                                tokenizer_bytes=tokenizer, flavor=flavor,
-                               source=f"{src}:{os.path.abspath(input_path)}")
+                               source=f"{src}:{os.path.abspath(input_path)}",
+                               text_style=text_style)
     else:
-        save_single_file(output_path, state_dict, cfg, tokenizer, dtype)
+        save_single_file(output_path, state_dict, cfg, tokenizer, dtype, text_style=text_style)
     summary = {"from": src, "to": dst, "input": input_path, "output": output_path,
                "tensors": len(state_dict),
                "parameters": sum(t.numel() for t in state_dict.values()),
                "tokenizer": tokenizer is not None and dst != "official",
+               "text_style": (_tokenizer_record(tokenizer, text_style)["text_style"]
+                              if tokenizer is not None and dst != "official" else None),
                **({"tp": tp, "pp": pp} if dst == "ours" else {})}
     if src == "official":  # what was skipped or adapted on the way in
         summary.update(unused_official_keys=info["unused_official_keys"],
                        resized=info["resized"])
     return summary
-
-
-# -- command line --------------------------------------------------------------------------------
-_EPILOG = """\
-formats:
-  official  a release checkpoint of the official M2-Encoder (torch.save pickle: .pt .pth .ckpt
-            .bin, or .safetensors); read with torch.load(weights_only=True) only: a pickle that
-            needs anything but tensors and plain containers is refused. Carries no config: give
-            --flavor or --model-config.
-  ours      our training checkpoint: a save root (tracker + iter_N/) or an iter_N directory.
-            Written model-only, loadable onto any TP/PP layout; --tp/--pp pick the layout
-            recorded and the per-stage files.
-  single    one safetensors file for serving: canonical TP=1 tensors, model config and
-            tokenizer in its metadata.
-
-examples:
-  m2-convert --from official --to ours --flavor 0.4b --input m2_encoder_0.4b.ckpt \\
-      --output ckpt/m2-0.4b --tokenizer-model glm_sp.model --tp 2 --pp 2
-  m2-convert --from ours --to single --input ckpt/m2-0.4b --output m2-0.4b.safetensors \\
-      --dtype bf16
-  m2-convert --from single --to official --input m2-0.4b.safetensors --output m2-0.4b.pt
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``m2-convert`` argument parser."""
-    p = argparse.ArgumentParser(
-        prog="m2-convert",
-        description="Convert M2-Encoder checkpoints between the official release format, our "
-                    "training checkpoints and a single serving file.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="src", required=True, choices=FORMATS,
-                   help="format of --input")
-    p.add_argument("--to", dest="dst", required=True, choices=FORMATS,
-                   help="format of --output")
-    p.add_argument("--input", required=True, help="checkpoint to read")
-    p.add_argument("--output", required=True,
-                   help="file (official, single) or save root directory (ours) to write")
-    p.add_argument("--flavor", help="architecture of an official input (tiny, 0.4b, 1b, 10b)")
-    p.add_argument("--model-config", metavar="JSON",
-                   help="architecture of an official input: a JSON object or a .json file of "
-                        "M2ModelConfig fields; with --flavor, overrides of its fields")
-    p.add_argument("--tokenizer-model", metavar="PATH",
-                   help="SentencePiece model to attach (replaces the input's; ours and single "
-                        "outputs store it)")
-    p.add_argument("--tp", type=int, default=1,
-                   help="--to ours: tensor-parallel size recorded in the layout (default 1)")
-    p.add_argument("--pp", type=int, default=1,
-                   help="--to ours: pipeline stages, one weight file each (default 1)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
-                   help="--to single/official: tensor dtype (default fp32 for single, "
-                        "unchanged for official)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite an existing output file, or write into a save root that "
-                        "already holds a checkpoint")
-    p.add_argument("--quiet", action="store_true", help="only warnings and errors")
-    return p
-
-
-def _config_from_args(args) -> Optional[M2ModelConfig]:
-    if args.flavor is None and args.model_config is None:
-        return None
-    overrides: Dict[str, Any] = {}
-    if args.model_config is not None:
-        text = args.model_config
-        if not text.lstrip().startswith("{"):
-            with open(text) as f:
-                text = f.read()
-        try:
-            overrides = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConversionError(f"--model-config: invalid JSON: {exc}") from None
-        if not isinstance(overrides, dict):
-            raise ConversionError("--model-config: expected a JSON object")
-        overrides = overrides.get("model_config", overrides)  # a meta.json works too
-    if args.flavor is not None:
-        from .flavors import get_flavor
-
-        try:
-            return get_flavor(args.flavor, **overrides)
-        except KeyError as exc:
-            raise ConversionError(str(exc.args[0])) from None
-    return M2ModelConfig.from_dict(overrides)
-
-
-def _check_output(args) -> None:
-    out = args.output
-    if os.path.abspath(out) == os.path.abspath(args.input):
-        raise ConversionError(f"--output {out} is the input")
-    if args.force:
-        return
-    if args.dst == "ours":
-        if os.path.exists(os.path.join(out, TRACKER)) or \
-                os.path.exists(os.path.join(out, "meta.json")):
-            raise ConversionError(f"{out} already holds a checkpoint; use --force to add one "
-                                  f"(the tracker will name the new one)")
-        if os.path.isfile(out):
-            raise ConversionError(f"{out} is a file; --to ours writes a save root directory")
-    elif os.path.exists(out):
-        raise ConversionError(f"{out} exists; use --force to overwrite it")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``m2-convert``: convert a checkpoint; prints a JSON summary line. Returns the exit code
-    (0 done, 1 refused or failed, 2 usage error)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="m2-convert: %(message)s", stream=sys.stderr)
-    if args.src != "official" and (args.flavor or args.model_config):
-        parser.error("--flavor/--model-config describe official inputs; ours and single "
-                     "checkpoints carry their own config")
-    if args.dst != "ours" and (args.tp, args.pp) != (1, 1):
-        parser.error("--tp/--pp apply to --to ours only")
-    if args.dst == "ours" and args.dtype not in (None, "fp32"):
-        parser.error("--dtype applies to --to single/official (ours stores fp32)")
-    try:
-        cfg = _config_from_args(args)
-        if args.src == "official" and cfg is None:
-            parser.error("--from official needs --flavor or --model-config (official "
-                         "checkpoints carry no architecture)")
-        _check_output(args)
-        tokenizer = None
-        if args.tokenizer_model:
-            with open(args.tokenizer_model, "rb") as f:
-                tokenizer = f.read()
-        summary = convert(args.src, args.dst, args.input, args.output, cfg=cfg,
-                          tokenizer_bytes=tokenizer, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                          flavor=args.flavor)
-    except (ValueError, StateDictKeyError, OSError) as exc:  # ConversionError, ConfigError
-        sys.stderr.write(f"m2-convert: error: {exc}\n")
-        return 1
-    sys.stdout.write(json.dumps(summary) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

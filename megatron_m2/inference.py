@@ -85,16 +85,15 @@ def ensure_model_parallel() -> None:
 
 
 def _read(path: Union[str, os.PathLike]):
-    """``(state_dict, cfg, tokenizer_bytes)`` from a single file or a checkpoint dir."""
-    from .convert import load_single_file, read_checkpoint
+    """``(state_dict, cfg, tokenizer_bytes, recorded text style)`` from a single file or a
+    checkpoint dir."""
+    from .convert import read_any
 
     path = str(path)
-    if os.path.isdir(path):
-        state, cfg, tok, _ = read_checkpoint(path)
-        return state, cfg, tok
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory or file")
-    return load_single_file(path)
+    state, cfg, tok, info = read_any("ours" if os.path.isdir(path) else "single", path)
+    return state, cfg, tok, info.get("text_style")
 
 
 class M2Encoder:
@@ -124,8 +123,8 @@ class M2Encoder:
     def from_pretrained(cls, path: Union[str, os.PathLike], device: Union[str, torch.device,
                                                                           None] = None,
                         dtype: torch.dtype = torch.float32, head: str = "vl",
-                        batch_size: int = 64, tokenizer_model: Optional[str] = None
-                        ) -> "M2Encoder":
+                        batch_size: int = 64, tokenizer_model: Optional[str] = None,
+                        text_style: Optional[str] = None) -> "M2Encoder":
         """Load a checkpoint directory or a single-file export.
 
         Args:
@@ -136,17 +135,23 @@ class M2Encoder:
             batch_size: images or texts per forward pass.
             tokenizer_model: a SentencePiece model to use instead of the one stored with the
                 weights (required when the checkpoint has none and text is encoded).
+            text_style: how raw text is tokenized, ``"official"`` or ``"normalized"``
+                (:data:`~megatron_m2.data.tokenizer.TEXT_STYLES`). Default: the style recorded
+                with the checkpoint's tokenizer (the one its training data was made in), else
+                the tokenizer model's default (``official`` for the release's GLM tokenizer).
         """
         from .data.tokenizer import M2Tokenizer
         from .model import build_model
 
-        state, cfg, tok_bytes = _read(path)
+        state, cfg, tok_bytes, recorded_style = _read(path)
         tokenizer = None
         if tokenizer_model is not None:
-            tokenizer = M2Tokenizer(tokenizer_model, max_length=cfg.max_text_len)
+            tokenizer = M2Tokenizer(tokenizer_model, max_length=cfg.max_text_len,
+                                    text_style=text_style)
         elif tok_bytes is not None:
             tokenizer = M2Tokenizer.from_bytes(tok_bytes, max_length=cfg.max_text_len,
-                                               name=f"{path}:tokenizer")
+                                               name=f"{path}:tokenizer",
+                                               text_style=text_style or recorded_style)
         if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model "
                              f"{path} was trained with vocab_size={cfg.vocab_size}")
@@ -231,19 +236,17 @@ class M2Encoder:
                     batch_size: Optional[int] = None) -> torch.Tensor:
         """L2-normalised embeddings ``[n, D]`` of captions (English, Chinese or mixed).
 
-        Captions get the same normalisation as training data (:func:`normalize_caption`) and are
-        truncated to the model's text length.
+        Captions are tokenized in the tokenizer's text style, as the training data was (the
+        official release's exact tokenisation for its models), and truncated to the model's
+        text length at the end that style keeps.
         """
-        from .data.tokenizer import normalize_caption
-
         self._need_tokenizer()
         if isinstance(texts, str):
             texts = [texts]
         out: List[torch.Tensor] = []
         key = HEADS[self.head][1]
         for chunk in self._batches(list(texts), batch_size):
-            ids, pad = self.tokenizer([normalize_caption(t) for t in chunk],
-                                      max_length=self.cfg.max_text_len)
+            ids, pad = self.tokenizer(chunk, max_length=self.cfg.max_text_len)
             feats = self.model(text_ids=ids.to(self.device),
                                text_pad_mask=pad.to(self.device))
             out.append(F.normalize(feats[key].float(), dim=-1).cpu())
@@ -278,8 +281,9 @@ class M2Encoder:
         from .convert import save_single_file
 
         tok = self.tokenizer.model_bytes() if self.tokenizer is not None else None
+        style = self.tokenizer.text_style if self.tokenizer is not None else None
         save_single_file(str(path), self.state_dict(), self.cfg, tokenizer_bytes=tok,
-                         dtype=dtype)
+                         dtype=dtype, text_style=style)
         return Path(path)
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ whose positives sit on the diagonal.
   over the N ranks its gradients are exactly 1/N of global ITC's, while its loss value is the
   same.
 * :func:`itc_loss`: the M2 training objective: the mean of the backbone-head and VL-head losses,
-  each with its own clamped learnable temperature.
+  each with its own learnable temperature.
 * :func:`cached_feature_loss`: the loss step of batch (feature) accumulation (GradCache): the loss
   over M cached micro-batches and the gradient of each cached embedding.
 
@@ -42,7 +42,10 @@ __all__ = ["gather_with_grad", "local_contrastive_loss", "naive_global_loss", "i
            "cached_feature_loss", "CommCounter", "LOGIT_SCALE_MAX", "HEAD_KEYS"]
 
 LOGIT_SCALE_MAX = math.log(100.0)
-"""Upper clamp of the log-temperature (CLIP convention: temperature ≥ 0.01)."""
+"""Upper bound of the log-temperature (CLIP convention: temperature ≥ 0.01). As in OpenCLIP it is
+enforced on the *parameter* after each optimizer step (the trainer clamps it to ``[0, max]``),
+not inside the loss: a clamp in the forward would zero the scale's gradient once it overshoots,
+so it could never come back down."""
 
 HEAD_KEYS = {"backbone": ("image_feats", "text_feats", "logit_scale"),
              "vl": ("vl_image_feats", "vl_text_feats", "logit_vl_scale")}
@@ -149,7 +152,7 @@ def gather_with_grad(x: torch.Tensor, group) -> Tuple[torch.Tensor, int]:
 
 # -- losses ---------------------------------------------------------------------------------------
 def _scale(logit_scale: torch.Tensor) -> torch.Tensor:
-    return logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+    return logit_scale.exp()
 
 
 def _symmetric_ce(image, text, all_image, all_text, scale, labels):
@@ -168,7 +171,8 @@ def local_contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale:
 
     Args:
         image, text: ``[b, D]`` normalised embeddings of this rank's pairs.
-        logit_scale: learnable log-temperature (scalar); clamped at :data:`LOGIT_SCALE_MAX`.
+        logit_scale: learnable log-temperature (scalar), used as it is (the trainer keeps it
+            within ``[0, LOGIT_SCALE_MAX]``).
         group: the ITC group of the gather (``None``: this rank's batch only).
 
     Returns the loss (mean over local rows of the image→text and text→image cross-entropies,

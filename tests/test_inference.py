@@ -284,3 +284,73 @@ def test_m2_eval_zeroshot_image_folder(exported, tmp_path):
 def test_m2_eval_usage_errors(args, message):
     proc = _m2_eval("--load", "nowhere", *args, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
+
+
+def test_m2_eval_refuses_a_dataset_of_another_text_style(exported, tmp_path):
+    """The dataset's card must match the model's tokenizer: the demo captions preprocessed in
+    the official text style do not fit a model whose tokenizer records the normalized one."""
+    import numpy as np
+    from PIL import Image
+
+    from megatron_m2.data.preprocess import PreprocessConfig, preprocess
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "x.png", "caption_en": "a  cat"})
+                                      + "\n")
+    prefix = str(tmp_path / "ds")
+    preprocess([str(tmp_path / "m.jsonl")], prefix,
+               PreprocessConfig(tokenizer_model=str(TOKENIZER), text_style="official"))
+    args = ("--load", str(exported["single"]), "--task", "retrieval", "--data", prefix,
+            "--json", "--no-progress")
+    proc = _m2_eval(*args, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "text style official vs normalized" in lines[0] and "Traceback" not in proc.stderr
+    proc = _m2_eval(*args, "--allow-dataset-mismatch", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(json.loads(proc.stdout.strip().splitlines()[-1])["results"]) == {"en"}
+
+
+GLM_MODEL = ROOT.parent / "shared" / "assets" / "glm_sp.model"
+GLM_IDS = ROOT.parent / "shared" / "fixtures" / "glm_official_ids.jsonl"
+
+
+def _official_text(path, texts):
+    """M2Encoder of a model carrying the release's tokenizer: its text style, the ids
+    encode_text feeds the model (its tokenizer at the model's text length), and whether
+    encode_text's embeddings are those of the release's ids."""
+    from megatron_m2 import M2Encoder
+
+    enc = M2Encoder.from_pretrained(path)
+    ids, pad = enc.tokenizer(texts, max_length=enc.cfg.max_text_len)
+    rows = [json.loads(line) for line in GLM_IDS.read_text(encoding="utf-8").splitlines()]
+    framed = [[i for i, m in zip(r["input_ids"], r["attention_mask"]) if m] for r in rows]
+    same = torch.allclose(enc.encode_text(texts), enc.encode_tokens(framed), atol=1e-6)
+    return {"style": enc.tokenizer.text_style, "ids": ids.tolist(),
+            "mask": (~pad).int().tolist(), "same_embeddings": same}
+
+
+def test_encode_text_uses_the_release_tokenisation(tmp_path):
+    """A model converted with the release's tokenizer encodes text exactly as the release does
+    (the 32 strings of the release-made fixture), by default."""
+    if not (GLM_MODEL.exists() and GLM_IDS.exists()):
+        pytest.skip("release tokenizer or its id fixture not found beside the project")
+    from megatron_m2.convert import save_single_file
+    from megatron_m2.data.tokenizer import M2Tokenizer
+    from megatron_m2.model.official import from_official
+    from tests.model.test_official import random_official
+
+    glm = M2Tokenizer(GLM_MODEL)
+    cfg = M2ModelConfig(hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
+                        num_sep_layers=1, num_vl_layers=1, embed_dim=16, image_size=32,
+                        patch_size=16, vocab_size=glm.vocab_size, max_text_len=52,
+                        eos_token_id=glm.eos_id, cls_token_id=glm.cls_id)
+    path = tmp_path / "m2.safetensors"
+    save_single_file(str(path), from_official(random_official(cfg, seed=3), cfg), cfg,
+                     tokenizer_bytes=GLM_MODEL.read_bytes())  # style: the model's default
+    rows = [json.loads(line) for line in GLM_IDS.read_text(encoding="utf-8").splitlines()]
+    out = run_distributed(_official_text, 1, path=str(path), texts=[r["text"] for r in rows])[0]
+    assert out["style"] == "official"
+    assert out["ids"] == [r["input_ids"] for r in rows]
+    assert out["mask"] == [r["attention_mask"] for r in rows]
+    assert out["same_embeddings"]

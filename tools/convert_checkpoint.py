@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_m2.convert import main  # noqa: E402
+from megatron_m2.cli.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -201,7 +201,9 @@ m2_launch() {
   local srun_args=(
     --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1
   )
-  local setup=()  # commands run in this shell before srun, one per entry
+  # The save folder (it holds the checkpoints and the JSON log) exists before any rank starts;
+  # m2-pretrain also creates its output folders and checks that they are writable.
+  local setup=("mkdir -p $(printf %q "$SAVE")")  # commands run in this shell before srun
   case $LAUNCHER in
     pyxis)
       srun_args+=(--container-image="$IMAGE" --container-workdir="$CONTAINER_WORKDIR")
@@ -244,6 +246,7 @@ m2_launch() {
     m2_print_cmd "${cmd[@]}"
     exit 0
   fi
+  mkdir -p "$SAVE" || m2_die "cannot create the save folder SAVE=$SAVE"
   if [[ $LAUNCHER == module && -n $MODULES ]]; then
     command -v module >/dev/null 2>&1 || m2_die "MODULES is set but there is no 'module' command"
     local mods

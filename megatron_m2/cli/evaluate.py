@@ -16,6 +16,12 @@ One process by default; under ``torchrun`` every rank embeds a shard of the imag
 their captions) and the figures are computed jointly (``retrieval_metrics`` and
 ``zero_shot_accuracy`` are collectives over the world). ``--json`` prints one JSON object on
 stdout (rank 0) instead of the table.
+
+Text is tokenized in the text style recorded with the checkpoint's tokenizer (the release's exact
+tokenisation for converted official models; ``--text-style`` overrides). Retrieval checks the
+dataset's card (``PREFIX.meta.json``): made with the model's tokenizer, text style and text
+length, and holding captions in every ``--lang`` asked for (default: the languages it has);
+``--allow-dataset-mismatch`` evaluates anyway.
 """
 
 from __future__ import annotations
@@ -28,16 +34,22 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from ..data.indexed import DatasetError
+from ..errors import UserError
+from .common import ArgumentParser, run_cli
+
 logger = logging.getLogger("m2-eval")
+
+PROG = "m2-eval"
 
 DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="m2-eval", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    from ..data.tokenizer import TEXT_STYLES
+
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     g = p.add_argument_group("model")
     g.add_argument("--load", required=True,
                    help="checkpoint: a --save directory, an iter_N directory or a single "
@@ -45,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head", default="vl", choices=["vl", "backbone"],
                    help="which ITC head's embeddings to use")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
+    g.add_argument("--text-style", default=None, choices=TEXT_STYLES,
+                   help="tokenisation of raw text (default: the one recorded with the "
+                        "checkpoint's tokenizer)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--tokenizer-model", default=None,
@@ -52,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("task")
     g.add_argument("--task", required=True, choices=["retrieval", "zeroshot"])
-    g.add_argument("--lang", nargs="+", default=["en", "zh"],
-                   help="caption / class-name languages to evaluate")
+    g.add_argument("--lang", nargs="+", default=None,
+                   help="caption / class-name languages to evaluate (default: retrieval, the "
+                        "dataset's languages; zero-shot, en zh)")
     g.add_argument("--max-samples", type=int, default=0,
                    help="evaluate at most this many images (0: all)")
 
@@ -63,10 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "counts as a match)")
     g.add_argument("--chunk-size", type=int, default=4096,
                    help="similarity block size (bounds memory)")
+    g.add_argument("--allow-dataset-mismatch", action="store_true",
+                   help="evaluate on a dataset whose card names another tokenizer, text style "
+                        "or text length than the model's (a warning instead of an error)")
 
     g = p.add_argument_group("zero-shot classification")
     g.add_argument("--fashion-mnist", nargs="?", const=DEFAULT_FASHION_MNIST, default=None,
-                   metavar="DIR", help=f"Fashion-MNIST IDX files (default {DEFAULT_FASHION_MNIST})")
+                   metavar="DIR", help="Fashion-MNIST IDX files (without DIR: "
+                                       f"{DEFAULT_FASHION_MNIST}, Debian's dataset-fashion-mnist)")
     g.add_argument("--fashion-mnist-split", default="test", choices=["train", "test"])
     g.add_argument("--image-folder", default=None,
                    help="one sub-folder per class (class order: sorted folder names)")
@@ -104,6 +124,21 @@ def _validate(args) -> Optional[str]:
     return None
 
 
+def _check_inputs(args) -> None:
+    """What can be checked before the model is loaded: the files named exist and the dataset
+    is valid and not empty (one line each, naming the file)."""
+    from ..data.indexed import read_index
+
+    if not os.path.exists(args.load):
+        raise FileNotFoundError(f"--load {args.load}: no such checkpoint directory or file")
+    if args.data:
+        if read_index(args.data, full=False).num_samples == 0:
+            raise DatasetError(f"--data {args.data}: {args.data}.idx holds no samples")
+    for path in [args.image_folder] + [i.split("=", 1)[1] for i in args.classnames or []]:
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or directory")
+
+
 def _world():
     """(rank, world size, group or None); initialises torch.distributed under a launcher."""
     import torch.distributed as dist
@@ -138,6 +173,7 @@ def run_retrieval(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str
     import torch
     from PIL import Image
 
+    from ..data.identity import check_datasets, read_card, tokenizer_identity
     from ..data.indexed import ImageTextIndexedDataset
     from ..eval.retrieval import retrieval_metrics
 
@@ -145,9 +181,17 @@ def run_retrieval(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str
     n_total = len(reader)
     if args.max_samples:
         n_total = min(n_total, args.max_samples)
+    card = read_card(args.data)
+    present = (card or {}).get("captions") or reader.language_counts()
+    langs = args.lang or [lang for lang in ("en", "zh", "other") if present.get(lang)]
+    enc._need_tokenizer()
+    check_datasets([args.data], tokenizer_identity(enc.tokenizer), enc.cfg.max_text_len,
+                   languages=args.lang or (), allow=args.allow_dataset_mismatch,
+                   against=f"the model {args.load} (its tokenizer, text style "
+                           f"{enc.tokenizer.text_style}, text length {enc.cfg.max_text_len})")
     results: Dict[str, Dict[str, float]] = {}
     embedded: Dict[int, torch.Tensor] = {}  # sample -> image embedding, shared by the languages
-    for lang in args.lang:
+    for lang in langs:
         # Images with at least one caption in the language; every such caption is a query.
         keep = [i for i in range(n_total) if lang in reader.caption_languages(i)]
         if not keep:
@@ -197,7 +241,7 @@ def _classnames(args) -> Dict[str, List[str]]:
         files = dict(item.split("=", 1) for item in args.classnames)
         missing = [lang for lang in args.lang if lang not in files]
         if missing:
-            raise SystemExit(f"m2-eval: no --classnames file for language(s) {missing}")
+            raise UsageError(f"no --classnames file for language(s) {', '.join(missing)}")
         return {lang: zeroshot.load_classnames(files[lang], lang) for lang in args.lang}
     return {lang: zeroshot.load_classnames("fashion_mnist", lang) for lang in args.lang}
 
@@ -228,8 +272,8 @@ def run_zeroshot(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str,
     names = _classnames(args)
     n_classes = {len(v) for v in names.values()}
     if n_classes != {data.num_classes}:
-        raise SystemExit(f"m2-eval: the dataset has {data.num_classes} classes but the class-name "
-                         f"lists have {sorted(n_classes)}")
+        raise UsageError(f"the dataset has {data.num_classes} classes but the class-name lists "
+                         f"have {', '.join(map(str, sorted(n_classes)))}")
     mine = _shard(len(data), rank, world)
     feats, labels = [], []
     bs = args.batch_size
@@ -275,12 +319,19 @@ def _table(results: Dict[str, Dict[str, float]], task: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+class UsageError(UserError, ValueError):
+    """Options that do not fit the data (class names, languages)."""
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     error = _validate(args)
     if error:
-        sys.stderr.write(f"m2-eval: error: {error}\n")
-        return 2
+        parser.error(error)
+    if args.task == "zeroshot" and args.lang is None:
+        args.lang = ["en", "zh"]
+    _check_inputs(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)
@@ -296,7 +347,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     enc = M2Encoder.from_pretrained(args.load, device=args.device, dtype=dtype, head=args.head,
                                     batch_size=args.batch_size,
-                                    tokenizer_model=args.tokenizer_model)
+                                    tokenizer_model=args.tokenizer_model,
+                                    text_style=args.text_style)
     run = run_retrieval if args.task == "retrieval" else run_zeroshot
     results = run(enc, args, rank, world, group)
     record = {"task": args.task, "load": args.load, "head": args.head,
@@ -314,6 +366,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with open(args.output, "w") as f:
                 json.dump(record, f, ensure_ascii=False, indent=1)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``m2-eval``."""
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -232,9 +232,10 @@ def format_stats(stats: dict) -> str:
     lines.append("")
     if card:
         tok = card["tokenizer"]
+        cut = card["text_length"]
         lines.append(f"card               tokenizer sha256 {str(tok.get('sha256'))[:12]}…, "
                      f"vocab {tok.get('vocab_size')}, text style {tok.get('text_style')}, "
-                     f"text length {card['text_length']}")
+                     f"captions {'whole' if cut is None else f'cut to {cut} tokens'}")
     else:
         lines.append("card               none (m2-inspect-dataset --write-card adds one)")
     return "\n".join(lines)
@@ -531,7 +532,7 @@ def check_token_ids(index: DatasetIndex, data: np.ndarray, tokenizer) -> None:
 
 
 def write_card_for(prefix: str, tokenizer_model: str, text_style: Optional[str] = None,
-                   text_length: int = DEFAULT_MAX_LENGTH) -> str:
+                   text_length: Optional[int] = None) -> str:
     """Check ``prefix``'s token ids against the tokenizer and write its dataset card."""
     from ..data.identity import make_card, tokenizer_identity, write_card
     from ..data.tokenizer import M2Tokenizer
@@ -571,8 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "PREFIX.meta.json")
     g.add_argument("--text-style", default=None, choices=TEXT_STYLES,
                    help="text style the captions were made in (default: the tokenizer's)")
-    g.add_argument("--text-length", type=int, default=DEFAULT_MAX_LENGTH,
-                   help="the model's text length, recorded in the card")
+    g.add_argument("--text-length", type=int, default=None,
+                   help="the length the captions were cut to when stored, if they were "
+                        "(default: stored whole)")
     return p
 
 

@@ -5,9 +5,9 @@ Example::
     m2-merge-datasets --input data/cc3m data/wukong_part{0..3} --output-prefix data/train
 
 Samples keep their order: every sample of the first input, then every sample of the second, and
-so on. The inputs' dataset cards (``PREFIX.meta.json``) must agree on the tokenizer, its text
-style and the text length (``--allow-dataset-mismatch`` merges anyway, without an output card);
-the output's card sums their samples and captions per language.
+so on. The inputs' dataset cards (``PREFIX.meta.json``) must agree on the tokenizer and its text
+style (``--allow-dataset-mismatch`` merges anyway, without an output card); the output's card
+sums their samples and captions per language.
 
 Inputs are checked *before* anything is written (files present, megatron-core index header,
 int32 data, multimodal index, only our sequence modes, one image closing every sample, data file
@@ -91,10 +91,12 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, force: bool = Fals
     first = cards[inputs[0]]
     agree = first is not None and all(
         c is not None and not tokenizer_differences(c["tokenizer"], first["tokenizer"])
-        and c["text_length"] == first["text_length"] for c in cards.values())
+        for c in cards.values())
     card = None
     if agree:
-        card = make_card(inputs, first["tokenizer"], first["text_length"],
+        # Captions cut when stored: the output holds captions cut to the shortest such length.
+        cuts = [c["text_length"] for c in cards.values() if c["text_length"] is not None]
+        card = make_card(inputs, first["tokenizer"], min(cuts) if cuts else None,
                          source={"merged": list(inputs)})
     elif any(c is not None for c in cards.values()):
         logger.warning("the output gets no dataset card: the inputs' cards %s",
@@ -124,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writes OUT.bin and OUT.idx")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument(MISMATCH_FLAG, action="store_true",
-                   help="merge inputs whose cards name different tokenizers, text styles or "
-                        "text lengths (the output then has no card)")
+                   help="merge inputs whose cards name different tokenizers or text styles "
+                        "(the output then has no card)")
     return p
 
 

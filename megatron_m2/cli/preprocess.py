@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-style", default=None, choices=TEXT_STYLES,
                    help="tokenisation of raw text (default: official for the release's GLM "
                         "tokenizer, normalized for any other)")
-    g.add_argument("--text-length", type=int, default=DEFAULT_MAX_LENGTH,
-                   help="the model's text length, recorded in the dataset card (captions are "
-                        "stored whole and cut to it when loaded)")
+    g.add_argument("--text-length", type=int, default=None,
+                   help="cut captions to this many tokens when storing them (the official "
+                        f"models read {DEFAULT_MAX_LENGTH}); recorded in the dataset card, and "
+                        "models reading more are refused (default: store captions whole, any "
+                        "model text length works)")
     g.add_argument("--workers", type=int, default=1)
     g.add_argument("--chunk-size", type=int, default=1024, help="records per resumable chunk")
     g.add_argument("--max-image-size", type=int, default=512,
@@ -98,7 +100,7 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
                              ("--max-image-size", args.max_image_size, 1),
                              ("--max-image-pixels", args.max_image_pixels, 1),
                              ("--max-caption-chars", args.max_caption_chars, 1),
-                             ("--text-length", args.text_length, 2)):
+                             ("--text-length", args.text_length or 2, 2)):
         if value < low:
             return f"{flag} must be >= {low}, got {value}"
     if not 1 <= args.jpeg_quality <= 100:

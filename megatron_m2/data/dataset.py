@@ -33,7 +33,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .indexed import ImageTextIndexedDataset
+from .indexed import ImageTextIndexedDataset, split_ranges
 
 __all__ = ["ImageTextDataset", "BlendedDataset", "GlobalBatchSampler", "build_loader",
            "split_ranges", "CAPTION_POLICIES"]
@@ -50,15 +50,6 @@ def _mix(*xs: int) -> int:
         h ^= (int(x) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & (2**64 - 1)
         h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     return h & (2**63 - 1)
-
-
-def split_ranges(n: int, split: Sequence[float]) -> List[Tuple[int, int]]:
-    """Megatron-style ``--split 98,1,1``: contiguous [start, end) ranges for train/valid/test."""
-    w = np.asarray(list(split) + [0.0] * (3 - len(split)), dtype=np.float64)[:3]
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"invalid split {split}")
-    bounds = np.round(np.concatenate([[0.0], np.cumsum(w / w.sum())]) * n).astype(int)
-    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]
 
 
 class ImageTextDataset(torch.utils.data.Dataset):

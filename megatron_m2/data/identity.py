@@ -8,8 +8,13 @@ over-long caption is cut). ``m2-preprocess`` and ``m2-merge-datasets`` therefore
     {"format": "megatron_m2.dataset", "format_version": 1,
      "tokenizer": {"sha256": ..., "vocab_size": ..., "cls_id": ..., "eos_id": ..., "pad_id": ...,
                    "specials": {...}, "text_style": "official" | "normalized"},
-     "text_length": 52, "samples": N, "captions": {"en": n_en, "zh": n_zh},
-     "captions_over_text_length": k, "created_by": "megatron_m2 X.Y.Z", "source": {...}}
+     "text_length": null | L, "max_caption_tokens": m, "samples": N,
+     "captions": {"en": n_en, "zh": n_zh}, "created_by": "megatron_m2 X.Y.Z", "source": {...}}
+
+``text_length`` is null when captions are stored whole (the default: any model text length works,
+the cut happens when loading), or the length ``L`` they were cut to when stored (``m2-preprocess
+--text-length``): a model that reads more than ``L`` tokens would see them cut short, so using
+such a dataset with it is a mismatch.
 
 Training (``m2-pretrain``), merging and evaluation (``m2-eval``) compare it with what they use
 (:func:`check_datasets`) and refuse a mismatch with one message naming the dataset and what
@@ -34,7 +39,7 @@ from .indexed import MODE_IMAGE, MODE_TO_LANG, DatasetError, read_index
 
 __all__ = ["CARD_SUFFIX", "CARD_FORMAT", "CARD_VERSION", "DatasetMismatchError", "card_path",
            "tokenizer_identity", "make_card", "write_card", "read_card", "tokenizer_differences",
-           "check_datasets", "MISMATCH_FLAG"]
+           "check_datasets", "text_style_of", "MISMATCH_FLAG"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,29 +69,27 @@ def tokenizer_identity(tokenizer) -> Dict[str, object]:
 
 
 def make_card(prefixes: Union[str, Sequence[str]], tokenizer: Mapping[str, object],
-              text_length: int, source: Optional[Mapping[str, object]] = None
+              text_length: Optional[int] = None, source: Optional[Mapping[str, object]] = None
               ) -> Dict[str, object]:
     """The card of a dataset made of ``prefixes`` concatenated (one prefix: that dataset);
-    sample and caption counts are read from their indices.
-
-    ``captions_over_text_length`` counts captions (with ``[CLS]`` and ``<|endoftext|>``) longer
-    than ``text_length``: they are cut when loaded, at the end the text style says.
-    """
+    sample and caption counts and the longest caption (framed, in tokens) are read from their
+    indices. ``text_length``: what the captions were cut to when stored (None: whole)."""
     from .. import __version__
 
-    samples, over, captions = 0, 0, Counter()
+    samples, longest, captions = 0, 0, Counter()
     for prefix in [prefixes] if isinstance(prefixes, str) else prefixes:
         index = read_index(prefix, full=False)
-        modes = np.asarray(index.modes)
+        modes, lengths = np.asarray(index.modes), np.asarray(index.lengths)
         samples += index.num_samples
-        over += int(((np.asarray(index.lengths) > text_length) & (modes != MODE_IMAGE)).sum())
+        text = lengths[modes != MODE_IMAGE]
+        longest = max(longest, int(text.max()) if text.size else 0)
         for mode, lang in MODE_TO_LANG.items():
             captions[lang] += int((modes == mode).sum())
     return {"format": CARD_FORMAT, "format_version": CARD_VERSION,
             "tokenizer": {k: tokenizer[k] for k in _TOKENIZER_KEYS if k in tokenizer},
-            "text_length": int(text_length), "samples": samples,
+            "text_length": None if text_length is None else int(text_length),
+            "max_caption_tokens": longest, "samples": samples,
             "captions": {lang: n for lang, n in captions.items() if n},
-            "captions_over_text_length": over,
             "created_by": f"megatron_m2 {__version__}", "source": dict(source or {})}
 
 
@@ -144,27 +147,31 @@ def tokenizer_differences(have: Mapping[str, object], want: Mapping[str, object]
     return out
 
 
-def _mismatch(prefix: str, problems: Sequence[str], against: str, allow: bool) -> None:
-    msg = (f"dataset {prefix} does not match {against}: {'; '.join(problems)}. Preprocess it "
-           f"again with that tokenizer and text length, or pass {MISMATCH_FLAG} to use it "
-           "anyway")
+def _mismatch(prefix: str, problems: Sequence[str], hints: Sequence[str], against: str,
+              allow: bool) -> None:
     if allow:
-        logger.warning("%s (allowed by %s)", msg.split(". Preprocess")[0], MISMATCH_FLAG)
+        logger.warning("dataset %s does not match %s: %s (allowed by %s)", prefix, against,
+                       "; ".join(problems), MISMATCH_FLAG)
         return
-    raise DatasetMismatchError(msg)
+    raise DatasetMismatchError(f"dataset {prefix} does not match {against}: "
+                               f"{'; '.join(problems)}. To fix: {'; '.join(hints)}; or pass "
+                               f"{MISMATCH_FLAG} to use it anyway")
 
 
 def check_datasets(prefixes: Iterable[str], tokenizer: Optional[Mapping[str, object]] = None,
                    text_length: Optional[int] = None, languages: Sequence[str] = (),
-                   against: str = "this run", allow: bool = False
+                   against: str = "this run", allow: bool = False,
+                   languages_of: Optional[Sequence[str]] = None
                    ) -> Dict[str, Optional[Dict[str, object]]]:
     """Check the cards of ``prefixes`` against each other and against what they are used with.
 
     Args:
         prefixes: dataset prefixes.
         tokenizer: :func:`tokenizer_identity` of the tokenizer in use (None: not compared).
-        text_length: the model's text length (None: not compared).
-        languages: languages every dataset must have captions in.
+        text_length: the model's text length (None: not compared); a dataset whose captions
+            were cut shorter when stored is a mismatch.
+        languages: languages every dataset (of ``languages_of``, default all) must have
+            captions in.
         against: how messages name what the datasets are compared with.
         allow: log mismatches as warnings instead of raising.
 
@@ -181,30 +188,38 @@ def check_datasets(prefixes: Iterable[str], tokenizer: Optional[Mapping[str, obj
         logger.warning("dataset(s) %s have no %s card (written by another tool or an older "
                        "version): their tokenizer cannot be checked; `m2-inspect-dataset "
                        "--write-card` adds one", ", ".join(legacy), CARD_SUFFIX)
-    first: Optional[str] = None
+    first = next((p for p, c in cards.items() if c is not None), None)
     for prefix, card in cards.items():
         if card is None:
             continue
-        problems = []
-        if tokenizer is not None:
-            diff = tokenizer_differences(card["tokenizer"], tokenizer)
-            if diff:
-                problems.append("made with another tokenizer (" + ", ".join(diff) + ")")
-        elif first is not None:  # no tokenizer given: the datasets must agree with each other
-            diff = tokenizer_differences(card["tokenizer"], cards[first]["tokenizer"])
-            if diff:
-                problems.append(f"made with another tokenizer than {first} ("
-                                + ", ".join(diff) + ")")
-        want_len = text_length if text_length is not None else (
-            cards[first]["text_length"] if first is not None else None)
-        if want_len is not None and card["text_length"] != want_len:
-            problems.append(f"text length {card['text_length']} vs {want_len}")
+        # Against the tokenizer in use where given; what it does not fix (e.g. the text style
+        # when it is left to the data) against the first dataset, so all datasets agree.
+        want = {**cards[first]["tokenizer"], **(tokenizer or {})}
+        problems, hints = [], []
+        diff = tokenizer_differences(card["tokenizer"], want)
+        if diff:
+            problems.append("made with another tokenizer (" + ", ".join(diff) + ")")
+            hints.append("preprocess it again with the tokenizer in use")
+        cut = card["text_length"]
+        if text_length is not None and cut is not None and cut < text_length:
+            problems.append(f"its captions were cut to {cut} tokens when stored; the model "
+                            f"reads {text_length}")
+            hints.append("preprocess it again without --text-length (whole captions) or with "
+                         f"--text-length {text_length}")
         have = card.get("captions", {})
-        missing = [lang for lang in languages if not have.get(lang)]
+        wanted = languages if languages_of is None or prefix in languages_of else ()
+        missing = [lang for lang in wanted if not have.get(lang)]
         if missing:
             listed = ", ".join(f"{k} {v}" for k, v in have.items()) or "none"
             problems.append(f"no {'/'.join(missing)} captions (it has: {listed})")
+            hints.append("ask for a language it has")
         if problems:
-            _mismatch(prefix, problems, against, allow)
-        first = first or prefix
+            _mismatch(prefix, problems, hints, against, allow)
     return cards
+
+
+def text_style_of(cards: Mapping[str, Optional[Mapping[str, object]]]) -> Optional[str]:
+    """The text style the datasets' captions were made in (None: no card says)."""
+    styles = {c["tokenizer"].get("text_style") for c in cards.values() if c is not None}
+    styles.discard(None)
+    return styles.pop() if len(styles) == 1 else None

@@ -44,7 +44,7 @@ from ..errors import UserError
 __all__ = ["MODE_TEXT_EN", "MODE_IMAGE", "MODE_TEXT_ZH", "MODE_TEXT_OTHER", "LANG_TO_MODE",
            "MODE_TO_LANG", "encode_image_sequence", "decode_image_sequence", "Sample",
            "ImageTextWriter", "ImageTextIndexedDataset", "DatasetError",
-           "DatasetNotFoundError", "DatasetIndex", "read_index"]
+           "DatasetNotFoundError", "DatasetIndex", "read_index", "split_ranges"]
 
 MODE_TEXT_EN, MODE_IMAGE, MODE_TEXT_ZH, MODE_TEXT_OTHER = 0, 1, 2, 3
 LANG_TO_MODE = {"en": MODE_TEXT_EN, "zh": MODE_TEXT_ZH}
@@ -413,3 +413,12 @@ class ImageTextIndexedDataset:
         modes = np.asarray(self.index.modes)
         return {MODE_TO_LANG[m]: int((modes == m).sum()) for m in MODE_TO_LANG
                 if (modes == m).any()}
+
+
+def split_ranges(n: int, split: Sequence[float]) -> List[Tuple[int, int]]:
+    """Megatron-style ``--split 98,1,1``: contiguous [start, end) ranges for train/valid/test."""
+    w = np.asarray(list(split) + [0.0] * (3 - len(split)), dtype=np.float64)[:3]
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"invalid split {split}")
+    bounds = np.round(np.concatenate([[0.0], np.cumsum(w / w.sum())]) * n).astype(int)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]

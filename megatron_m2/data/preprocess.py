@@ -62,9 +62,10 @@ class PreprocessConfig:
     text_style: Optional[str] = None
     """``official`` / ``normalized`` (see :data:`~megatron_m2.data.tokenizer.TEXT_STYLES`);
     None: the tokenizer model's default."""
-    text_length: int = 52
-    """Text length the dataset is made for (the model's ``max_text_len``); recorded in the
-    dataset card. Captions are stored whole and cut to it when loaded."""
+    text_length: Optional[int] = None
+    """Cut captions to this many tokens (framed) when storing them, at the end the text style
+    keeps, and record it in the dataset card; None stores them whole (any model text length
+    works: the cut happens when loading)."""
     max_image_size: int = 512
     """Images are shrunk (aspect kept) so that their longer side is at most this."""
     jpeg_quality: int = 95
@@ -166,10 +167,10 @@ def process_record(rec: RawRecord) -> Result:
                                               f"(limit {cfg.max_caption_chars})")
         if any(0xD800 <= ord(ch) <= 0xDFFF or ch == "\0" for ch in norm):
             return Result(rec.location, error=f"caption {i} ({lang}) holds invalid characters")
-        # Stored whole (no truncation): the text length is chosen when loading, and the cut
-        # follows the text style there.
-        caption = (lang if lang in LANGS else "other", tok.frame(tok.encode(norm),
-                                                                 max_length=1 << 30))
+        # Stored whole unless asked (the text length is then chosen when loading); a cut keeps
+        # the end the text style keeps, as loading would.
+        caption = (lang if lang in LANGS else "other",
+                   tok.frame(tok.encode(norm), max_length=cfg.text_length or 1 << 30))
         if caption not in captions:  # one caption per distinct text and language
             captions.append(caption)
     data = rec.image_bytes

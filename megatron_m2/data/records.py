@@ -189,7 +189,7 @@ def check_inputs(paths: Sequence[str], opts: ReaderOptions,
     for path in paths:
         local = not _is_url(path) or path.startswith("file:")
         if local:
-            fs_path = re.sub(r"^file://?", "/", path) if path.startswith("file:") else path
+            fs_path = re.sub(r"^file:(//)?", "", path)  # file:///a/b -> /a/b, file:a -> a
             if not os.path.exists(fs_path):
                 raise InputError(f"input {path} does not exist")
             if os.path.isdir(fs_path):

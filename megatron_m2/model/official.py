@@ -41,6 +41,7 @@ import torch
 from torch.nn import functional as F
 
 from ..config import M2ModelConfig
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ _VISION_POS_PREFIX_ROWS = 3  # fairseq's 2 offset rows + the CLS position preced
 
 _EXTRA_STATE_SUFFIX = "_extra_state"
 
-class StateDictKeyError(KeyError):
+class StateDictKeyError(UserError, KeyError):
     """Keys are missing from, or unknown to, a state dict being converted.
 
     ``missing`` and ``unexpected`` hold the full sorted lists; the message names the first few.

@@ -16,7 +16,8 @@ from ..config import ConfigError
 from ..flavors import FLAVORS, get_flavor
 
 __all__ = ["build_parser", "parse_args", "validate_args", "parse_data_path", "parse_split",
-           "parse_randaugment", "recompute_options", "fp8_options", "have_transformer_engine"]
+           "parse_randaugment", "recompute_options", "fp8_options", "have_transformer_engine",
+           "scheduler_settings", "output_dirs"]
 
 
 def parse_data_path(items: List[str]) -> List[Tuple[float, str]]:
@@ -65,10 +66,11 @@ def parse_randaugment(value: str) -> Optional[Tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ..cli.common import ArgumentParser
+
+    p = ArgumentParser(
         prog="m2-pretrain",
-        description="Pretrain M2-Encoder with TP x PP x DP on megatron-core.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Pretrain M2-Encoder with TP x PP x DP on megatron-core.")
 
     g = p.add_argument_group("model")
     g.add_argument("--flavor", default="tiny", choices=sorted(FLAVORS),
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-style", default="cosine",
                    choices=["constant", "linear", "cosine", "inverse-square-root"])
     g.add_argument("--lr-decay-iters", type=int, default=None,
-                   help="defaults to --train-iters")
+                   help="steps of the LR decay (default: --train-iters)")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.98)
@@ -170,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--randaugment", default="2,7",
                    help="RandAugment 'N,M' of the train transform, or 'none'")
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--allow-dataset-mismatch", action="store_true",
+                   help="train on datasets whose card (PREFIX.meta.json) names another "
+                        "tokenizer, text style or text length than this run's (a warning "
+                        "instead of an error)")
     g.add_argument("--synthetic", action="store_true",
                    help="train on a deterministic synthetic image-text set")
     g.add_argument("--synthetic-num-samples", type=int, default=None,
@@ -183,9 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None,
                    help="checkpoint directory (or save root with a tracker) to resume from; "
                         "may have been written with another TP/PP/DP layout")
+    g.add_argument("--finetune", action="store_true",
+                   help="start a new run from --load's weights: step 0, fresh optimizer, LR "
+                        "schedule and data order, RNG states not restored")
     g.add_argument("--no-load-optim", action="store_true",
-                   help="load weights only (fresh optimizer and schedule)")
+                   help="resume at --load's step with fresh AdamW states; the LR schedule "
+                        "follows this command line at that step")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, take the LR/weight-decay schedule (--lr, --min-lr, "
+                        "--lr-warmup-iters, --lr-decay-iters/--train-iters, --lr-decay-style, "
+                        "--weight-decay) from this command line, continuing at the "
+                        "checkpoint's step")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's schedule whatever this command line "
+                        "says. Without either flag a schedule that differs from the "
+                        "checkpoint's is an error")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--valid-data-path", default=None,
@@ -212,6 +231,157 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
+
+
+def scheduler_settings(args: argparse.Namespace) -> Dict[str, object]:
+    """The LR / weight-decay schedule of the command line, exactly as megatron-core's
+    ``OptimizerParamScheduler`` holds it (and saves it in a checkpoint's ``meta.json``)."""
+    decay_iters = args.lr_decay_iters or args.train_iters
+    return {"max_lr": float(args.lr), "min_lr": float(args.min_lr),
+            "lr_warmup_steps": args.lr_warmup_iters,
+            "lr_decay_steps": max(decay_iters, args.lr_warmup_iters + 1),
+            "lr_decay_style": args.lr_decay_style, "start_wd": float(args.weight_decay),
+            "end_wd": float(args.weight_decay), "wd_incr_steps": decay_iters,
+            "wd_incr_style": "constant"}
+
+
+_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                   "lr_decay_steps": "--lr-decay-iters/--train-iters",
+                   "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay",
+                   "end_wd": "--weight-decay", "wd_incr_steps": "--lr-decay-iters/--train-iters",
+                   "wd_incr_style": "weight-decay style"}
+
+
+def output_dirs(args: argparse.Namespace) -> Dict[str, str]:
+    """``{flag: directory}`` of every directory the run writes into."""
+    dirs = {}
+    if args.save:
+        dirs["--save"] = args.save
+    for flag, path in (("--log-json", args.log_json), ("--loss-curve", args.loss_curve)):
+        if path:
+            dirs[flag] = os.path.dirname(os.path.abspath(path))
+    if args.tensorboard_dir:
+        dirs["--tensorboard-dir"] = args.tensorboard_dir
+    return dirs
+
+
+def _prepare_output_dirs(args: argparse.Namespace) -> None:
+    """Create the run's output folders and check that they take files, so that a first run
+    into a fresh folder works and a read-only or mistyped one fails now, not at the first save
+    after hours of training."""
+    import tempfile
+
+    for flag, d in output_dirs(args).items():
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ConfigError(f"{flag}: {d} exists and is not a directory")
+        try:
+            os.makedirs(d, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=d, prefix=".m2-write-test-"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{flag}: cannot write into {d} ({e.strerror or e})") from None
+    if args.log_json and os.path.isdir(args.log_json):
+        raise ConfigError(f"--log-json {args.log_json} is a directory; give a file name")
+
+
+def _validate_numbers(args: argparse.Namespace) -> None:
+    import math
+
+    for flag, value in (("--lr", args.lr), ("--min-lr", args.min_lr),
+                        ("--weight-decay", args.weight_decay), ("--clip-grad", args.clip_grad),
+                        ("--adam-eps", args.adam_eps)):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr ({args.min_lr}) is above --lr ({args.lr})")
+    for flag, value in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+    for flag, value, low in (("--lr-warmup-iters", args.lr_warmup_iters, 0),
+                             ("--num-workers", args.num_workers, 0),
+                             ("--log-interval", args.log_interval, 1),
+                             ("--eval-max-samples", args.eval_max_samples, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
+        raise ConfigError(f"--lr-decay-iters must be >= 1, got {args.lr_decay_iters}")
+    if args.eval_interval is not None and args.eval_interval < 1:
+        raise ConfigError(f"--eval-interval must be >= 1, got {args.eval_interval}")
+
+
+def _validate_data(args: argparse.Namespace, cfg) -> None:
+    """Datasets exist, are valid, hold samples (also after --split), and were made with this
+    run's tokenizer and text length (their cards); the tokenizer loads."""
+    from ..data.identity import check_datasets, tokenizer_identity
+    from ..data.indexed import read_index, split_ranges
+    from ..data.tokenizer import M2Tokenizer
+
+    tokenizer = M2Tokenizer(args.tokenizer_model)
+    identity = tokenizer_identity(tokenizer)
+    identity.pop("text_style")  # the data's: it says how its captions were made
+    train = [prefix for _, prefix in parse_data_path(args.data_path)] if args.data_path else []
+    split = parse_split(args.split) if train else None
+    for prefix in train:
+        n = read_index(prefix, full=False).num_samples
+        if n == 0:
+            raise ConfigError(f"--data-path {prefix}: {prefix}.idx holds no samples")
+        lo, hi = split_ranges(n, split)[0]
+        if hi <= lo:
+            raise ConfigError(f"--split {args.split} leaves no training sample of {prefix} "
+                              f"({n} samples)")
+    valid = [args.valid_data_path] if args.valid_data_path else []
+    for prefix in valid:
+        if read_index(prefix, full=False).num_samples == 0:
+            raise ConfigError(f"--valid-data-path {prefix}: {prefix}.idx holds no samples")
+    langs = [args.caption_lang] if args.caption_lang in ("en", "zh") else []
+    against = f"this run (--tokenizer-model {args.tokenizer_model}, text length " \
+              f"{cfg.max_text_len})"
+    check_datasets(train + valid, identity, cfg.max_text_len, langs, against=against,
+                   allow=args.allow_dataset_mismatch, languages_of=train)
+
+
+def _validate_resume(args: argparse.Namespace, cfg) -> None:
+    """``--load``: the checkpoint's model fits this run's, and its LR schedule is the command
+    line's unless the flags say which one wins (Megatron-LM's rule)."""
+    from .checkpoint_meta import holds_checkpoint, resolve_checkpoint
+
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt-param-scheduler and "
+                          "--use-checkpoint-opt-param-scheduler exclude each other")
+    if args.finetune and not args.load:
+        raise ConfigError("--finetune needs --load (the checkpoint to start from)")
+    if not args.load or not holds_checkpoint(args.load):
+        return
+    try:
+        directory, meta = resolve_checkpoint(args.load)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--load {args.load}: {e}") from None
+    saved = meta.get("model_config", {})
+    wrong = [f"{k} {saved[k]} (this run: {getattr(cfg, k)})" for k in (
+        "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_sep_layers",
+        "num_vl_layers", "embed_dim", "image_size", "patch_size", "max_text_len")
+        if k in saved and saved[k] != getattr(cfg, k)]
+    if wrong:
+        raise ConfigError(f"--load {directory}: the checkpoint's model differs from --flavor "
+                          f"{args.flavor}: {', '.join(wrong)}")
+    if args.finetune or args.no_load_optim or "scheduler" not in meta or (
+            args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        return
+    mine, theirs = scheduler_settings(args), meta["scheduler"]
+    ignored = set()
+    if mine["lr_decay_style"] == theirs.get("lr_decay_style") == "constant":
+        ignored |= {"lr_decay_steps", "min_lr"}  # no decay: its length and floor do not matter
+    if mine["wd_incr_style"] == theirs.get("wd_incr_style") == "constant":
+        ignored.add("wd_incr_steps")
+    diff = [f"{_SCHEDULE_FLAGS[k]}: checkpoint {theirs[k]}, now {v}"
+            for k, v in mine.items() if k in theirs and k not in ignored and theirs[k] != v]
+    if diff:
+        raise ConfigError(
+            f"--load {directory}: the LR schedule differs from the checkpoint's ("
+            f"{'; '.join(dict.fromkeys(diff))}); pass --override-opt-param-scheduler to follow "
+            f"this command line from step {meta.get('step')}, --use-checkpoint-opt-param-"
+            f"scheduler to keep the checkpoint's, or --finetune to start a new run from its "
+            f"weights")
 
 
 def recompute_options(args: argparse.Namespace) -> Dict[str, object]:
@@ -350,16 +520,23 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                                   f"{args.valid_data_path + ext} does not exist")
     if args.train_iters < 1:
         raise ConfigError("--train-iters must be >= 1")
+    _validate_numbers(args)
     if args.synthetic == bool(args.data_path):
         raise ConfigError("pass exactly one of --data-path and --synthetic")
     if args.data_path:
         parse_data_path(args.data_path)
         if not args.tokenizer_model:
             raise ConfigError("--data-path needs --tokenizer-model")
+        parse_split(args.split)
+        ra = parse_randaugment(args.randaugment)
+        if ra is not None and not (ra[0] >= 0 and 0 <= ra[1] <= 30):
+            raise ConfigError(f"--randaugment {args.randaugment}: N >= 0 operations of "
+                              "magnitude M in 0..30")
+    if args.tokenizer_model:
         if not os.path.exists(args.tokenizer_model):
             raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
-        parse_split(args.split)
-        parse_randaugment(args.randaugment)
+        _validate_data(args, cfg)
+    _validate_resume(args, cfg)
     if args.transformer_impl == "te" and not have_transformer_engine():
         raise ConfigError("--transformer-impl te needs Transformer Engine, which is not "
                           "installed; use --transformer-impl local (or run in the Docker image)")
@@ -372,3 +549,4 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                 f"but {pp} stages of {per_stage} layers put VL layers on earlier stages; "
                 f"use fewer stages or --itc-heads vl")
     _validate_recompute(args, cfg, pp)
+    _prepare_output_dirs(args)  # last: nothing is created for a run that cannot start

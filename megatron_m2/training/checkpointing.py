@@ -39,36 +39,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..utils.files import apply_umask
+from .checkpoint_meta import (
+    TRACKER,
+    CheckpointError,
+    iter_dir,
+    latest_iteration,
+    resolve_checkpoint,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "resolve_checkpoint",
            "latest_iteration", "TRACKER", "FAULT_INJECTION_ENV"]
 
-TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 FAULT_INJECTION_ENV = "M2_FAULT_INJECT"
 """Fault injection for tests: ``checkpoint_write:STEP`` kills the process (SIGKILL) after it
 has written its first file of the checkpoint of step STEP. Unset in normal runs."""
-
-
-def _iter_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"iter_{step:07d}")
-
-
-def latest_iteration(root: str) -> Optional[int]:
-    """The step of the newest complete checkpoint under ``root`` (None if there is none)."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.exists(path):
-        return None
-    text = open(path).read().strip()
-    try:
-        step = int(text)
-    except ValueError:
-        raise ValueError(f"{path}: expected an iteration number, found {text!r}") from None
-    if not os.path.isdir(_iter_dir(root, step)):
-        raise FileNotFoundError(f"{path} names iteration {step} but {_iter_dir(root, step)} "
-                                f"is missing")
-    return step
 
 
 def _fsync_file(path: str) -> None:
@@ -88,7 +76,7 @@ def publish_checkpoint(root: str, step: int) -> str:
     """Make the fully written ``iter_N.tmp/`` the checkpoint of ``step``: fsync its files,
     rename it to ``iter_N/`` and then atomically rewrite the tracker. A crash at any point
     leaves the tracker naming the previous complete checkpoint. Returns the final dir."""
-    final, tmp = _iter_dir(root, step), _iter_dir(root, step) + ".tmp"
+    final, tmp = iter_dir(root, step), iter_dir(root, step) + ".tmp"
     for fn in os.listdir(tmp):
         _fsync_file(os.path.join(tmp, fn))
     if os.path.exists(final):
@@ -221,7 +209,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
     from safetensors.torch import save_file
 
     rank = dist.get_rank()
-    final, tmp = _iter_dir(root, step), _iter_dir(root, step) + ".tmp"
+    final, tmp = iter_dir(root, step), iter_dir(root, step) + ".tmp"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):  # left by a crashed save
@@ -276,16 +264,19 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
     if writer:
         path = os.path.join(tmp, f"model_pp{pp:03d}.safetensors")
         save_file(weights, path)
+        apply_umask(path)  # safetensors creates files 0600 whatever the umask
         _fsync_file(path)
         _maybe_inject_fault(step)
         if optim:
             path = os.path.join(tmp, f"optim_pp{pp:03d}.safetensors")
             save_file(optim, path)
+            apply_umask(path)
             _fsync_file(path)
 
     # Per-rank RNG states (exact resume on the same layout).
     rng_path = os.path.join(tmp, f"rng_rank{rank:05d}")
     save_file({"torch": torch.get_rng_state()}, rng_path + ".safetensors")
+    apply_umask(rng_path + ".safetensors")
     np_state = np.random.get_state()
     with open(rng_path + ".json", "w") as f:
         json.dump({"python": [random.getstate()[0], list(random.getstate()[1]),
@@ -338,19 +329,6 @@ class _StageFiles:
     __getitem__ = get
 
 
-def resolve_checkpoint(path: str) -> Tuple[str, Dict]:
-    """``(directory, meta)`` of the checkpoint at ``path``: an ``iter_N`` directory, or a save
-    root whose tracker names one. Raises FileNotFoundError when there is no ``meta.json``."""
-    directory = path
-    if os.path.exists(os.path.join(path, TRACKER)):
-        directory = _iter_dir(path, latest_iteration(path))
-    meta_path = os.path.join(directory, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{directory} is not a checkpoint (no meta.json, no {TRACKER})")
-    with open(meta_path) as f:
-        return directory, json.load(f)
-
-
 def load_model_weights(model, weights: Mapping[str, torch.Tensor],
                        source: str = "weights") -> None:
     """Copy canonical full tensors (TP=1 names and shapes, vocabulary unpadded) into this
@@ -368,15 +346,15 @@ def load_model_weights(model, weights: Mapping[str, torch.Tensor],
     names = _full_name_map(model)
     missing = sorted(n for n in names.values() if n not in weights)
     if missing:
-        raise KeyError(f"{source} lacks {len(missing)} weight(s) of this stage, e.g. "
-                       f"{missing[:3]}")
+        raise CheckpointError(f"{source} lacks {len(missing)} weight(s) of this stage, e.g. "
+                              f"{missing[:3]}")
     with torch.no_grad():
         for p in model.parameters():
             name = names[id(p)]
             try:
                 p.copy_(local_shard(weights[name].to(p.dtype), p, tp_rank, tp_size))
             except (ValueError, RuntimeError) as e:
-                raise ValueError(f"{source}: weight {name!r}: {e}") from None
+                raise CheckpointError(f"{source}: weight {name!r}: {e}") from None
 
 
 def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
@@ -397,8 +375,8 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
     for key in ("hidden_size", "num_attention_heads", "ffn_hidden_size", "num_sep_layers",
                 "num_vl_layers", "embed_dim", "vocab_size", "image_size", "patch_size"):
         if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
-            raise ValueError(f"checkpoint {directory}: model {key}={saved_cfg[key]} does not "
-                             f"match this run's {getattr(cfg, key)}")
+            raise CheckpointError(f"checkpoint {directory}: model {key}={saved_cfg[key]} does "
+                                  f"not match this run's {getattr(cfg, key)}")
     tp_group = ps.get_tensor_model_parallel_group()
     tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     weights = _StageFiles(directory, "model")

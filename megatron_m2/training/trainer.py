@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -159,7 +160,7 @@ class Trainer:
         from ..model import build_model
         from ..parallel.distributed import initialize_model_parallel, set_seed
         from ..parallel.groups import create_itc_groups
-        from .arguments import fp8_options, recompute_options
+        from .arguments import fp8_options, recompute_options, scheduler_settings
         from .synthetic import SyntheticImageText
 
         self.args = args
@@ -173,9 +174,16 @@ class Trainer:
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         self.tokenizer = None
         if args.tokenizer_model:
+            from ..data.identity import read_card, text_style_of
             from ..data.tokenizer import M2Tokenizer
+            from .arguments import parse_data_path
 
-            self.tokenizer = M2Tokenizer(args.tokenizer_model)
+            # The captions' text style is the data's (their cards say how they were made): it
+            # decides which end of an over-long caption is cut when loading.
+            prefixes = [p for _, p in parse_data_path(args.data_path)] if args.data_path else []
+            prefixes += [args.valid_data_path] if args.valid_data_path else []
+            style = text_style_of({p: read_card(p) for p in prefixes})
+            self.tokenizer = M2Tokenizer(args.tokenizer_model, text_style=style)
             # The tokenizer defines the vocabulary and the special ids of the text tower.
             overrides.update(vocab_size=self.tokenizer.vocab_size,
                              eos_token_id=self.tokenizer.eos_id,
@@ -211,13 +219,15 @@ class Trainer:
                                                                     fn=no_weight_decay))
         self.optimizer = get_megatron_optimizer(opt_config, [self.ddp_model],
                                                 config_overrides={no_wd: {"wd_mult": 0.0}})
-        decay_iters = args.lr_decay_iters or args.train_iters
+        # Megatron-LM's rule on resume: a schedule that differs from the checkpoint's is an
+        # error unless one of the flags picks a side. validate_args has checked it already,
+        # with one message, ignoring what cannot change the curve (the length of a constant
+        # schedule), so without --override-opt-param-scheduler the checkpoint's values are kept.
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
-            min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
-            lr_decay_steps=max(decay_iters, args.lr_warmup_iters + 1),
-            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
-            end_wd=args.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant")
+            self.optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr,
+            override_opt_param_scheduler=args.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+            **scheduler_settings(args))
         from ..parallel import cpu_compat
 
         if cpu_compat.is_enabled():
@@ -241,6 +251,7 @@ class Trainer:
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.is_logger_rank = self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
         self.step = 0
+        self.consumed_samples = 0  # global samples of the steps taken (the data position)
         self.skipped_steps = 0
         self.evaluator = None
         if args.valid_data_path:
@@ -253,25 +264,43 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def _resume(self, path: str) -> None:
-        from .checkpointing import TRACKER, load_checkpoint
+        """Load ``--load``: everything (resume), weights and step (``--no-load-optim``), or
+        weights only as the start of a new run (``--finetune``)."""
+        from .checkpoint_meta import holds_checkpoint
+        from .checkpointing import load_checkpoint
 
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, TRACKER)) and \
-                not os.path.exists(os.path.join(path, "meta.json")):
+        a = self.args
+        if not holds_checkpoint(path):
             logger.info("--load %s holds no checkpoint yet: starting from scratch", path)
             return
-        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
-                               load_optimizer=not self.args.no_load_optim,
-                               load_rng=not self.args.no_load_rng)
-        if not self.args.no_load_optim:
-            self.step = int(meta["step"])  # the data position follows from the step count
+        meta = load_checkpoint(path, self.model, self.optimizer,
+                               None if (a.finetune or a.no_load_optim) else self.scheduler,
+                               load_optimizer=not (a.no_load_optim or a.finetune),
+                               load_rng=not (a.no_load_rng or a.finetune))
+        if a.finetune:
+            logger.info("--finetune: starting a new run at step 0 from the weights of %s", path)
+            return
+        self.step = int(meta["step"])
+        self.consumed_samples = int(meta.get("consumed_samples",
+                                             self.step * a.global_batch_size))
+        if a.no_load_optim:  # fresh AdamW states; the command line's schedule at this step
+            self.scheduler.step(increment=self.step)
+        _warn_changed_args(meta.get("args", {}), vars(a))
+        decay_end = self.scheduler.lr_decay_steps
+        if a.train_iters > decay_end and self.scheduler.min_lr == 0.0 and dist.get_rank() == 0:
+            logger.warning("the LR schedule ends at step %d (lr %g from then on) but "
+                           "--train-iters is %d: steps %d-%d would not learn; pass "
+                           "--override-opt-param-scheduler to follow this command line's "
+                           "schedule", decay_end, self.scheduler.min_lr, a.train_iters,
+                           decay_end + 1, a.train_iters)
 
     def save(self) -> str:
         """Write a checkpoint of the current step (collective)."""
         from .checkpointing import save_checkpoint
 
         meta = {"model_config": self.cfg.to_dict(), "args": vars(self.args),
-                "consumed_samples": self.step * self.args.global_batch_size,
-                "flavor": self.args.flavor}
+                "consumed_samples": self.consumed_samples, "flavor": self.args.flavor,
+                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
         return save_checkpoint(self.args.save, self.step, self.model, self.optimizer,
                                self.scheduler, meta, tokenizer_path=self.args.tokenizer_model)
 
@@ -310,7 +339,7 @@ class Trainer:
             # Position = samples consumed by the steps already taken: exact after a resume.
             sampler = GlobalBatchSampler(len(self.dataset), a.global_batch_size,
                                          a.micro_batch_size, self.dp_rank, self.dp, seed=a.seed,
-                                         consumed_samples=self.step * a.global_batch_size)
+                                         consumed_samples=self.consumed_samples)
             self._loader = iter(build_loader(self.dataset, sampler, a.num_workers))
         batches = [next(self._loader) for _ in range(self.num_micro)]
         for b in batches:
@@ -365,6 +394,7 @@ class Trainer:
         dist.all_reduce(local)
         loss = float(local[0] / local[1])
         self.step += 1
+        self.consumed_samples += self.args.global_batch_size
         if local[2] > 0:
             if self.args.on_nonfinite == "stop":
                 raise FloatingPointError(
@@ -377,9 +407,32 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float("nan")}
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
+            self._clamp_logit_scales()
             self.scheduler.step(increment=1)
         return {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    def _clamp_logit_scales(self) -> None:
+        """Keep the log-temperatures in ``[0, LOGIT_SCALE_MAX]`` after the update, as OpenCLIP
+        does: the parameter and the optimizer's copy of it (fp32 main weight, or this rank's
+        shard of it), so that the next step starts from the clamped value. A clamp in the loss
+        instead would zero the scale's gradient once it overshoots."""
+        if not self.is_last_stage:
+            return
+        from ..loss import LOGIT_SCALE_MAX
+        from .checkpointing import _state_holders
+
+        params = (self.model.logit_scale, self.model.logit_vl_scale)
+        scales = {id(p) for p in params}
+        with torch.no_grad():
+            # Every rank holds the updated parameter (the distributed optimizer has gathered
+            # it), so every rank clamps it alike; the optimizer's own copy is clamped where it
+            # lives (this rank's shard, if any).
+            for param in params:
+                param.clamp_(0.0, LOGIT_SCALE_MAX)
+            for param, holder, _, _ in _state_holders(self.optimizer):
+                if id(param) in scales:
+                    holder.clamp_(0.0, LOGIT_SCALE_MAX)
 
     # -- the loop --------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, Dict[str, float]]:
@@ -399,7 +452,8 @@ class Trainer:
         a = self.args
         records: List[Dict[str, float]] = []
         rank0 = dist.get_rank() == 0
-        log_file = open(a.log_json, "a" if a.load else "w") if (a.log_json and rank0) else None
+        # A resumed run appends to its log; a new one (also --finetune) starts it afresh.
+        log_file = open(a.log_json, "a" if self.step else "w") if (a.log_json and rank0) else None
         tb = None
         if a.tensorboard_dir and rank0:
             from torch.utils.tensorboard import SummaryWriter
@@ -451,6 +505,23 @@ class Trainer:
         return records
 
 
+_RUN_ONLY_ARGS = frozenset({
+    "load", "save", "save_interval", "finetune", "no_load_optim", "no_load_rng",
+    "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "log_json",
+    "tensorboard_dir", "loss_curve", "log_interval", "eval_interval", "num_workers",
+    "distributed_timeout_minutes", "train_iters", "allow_dataset_mismatch"})
+"""Arguments expected to change between a run and its resumption (not worth a warning)."""
+
+
+def _warn_changed_args(saved: Dict, now: Dict) -> None:
+    """One warning (rank 0) listing the arguments that differ from the checkpoint's run."""
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
+               if k in saved and k not in _RUN_ONLY_ARGS and saved[k] != now[k]]
+    if changed and dist.get_rank() == 0:
+        logger.warning("resuming with arguments that differ from the checkpoint's run: %s",
+                       "; ".join(changed))
+
+
 def plot_curves(records: List[Dict], path: str) -> None:
     """Loss per step and, when evaluated, the mean recall per language."""
     import matplotlib
@@ -485,17 +556,47 @@ def plot_curves(records: List[Dict], path: str) -> None:
 
 def run(args) -> List[Dict[str, float]]:
     """Start the distributed runtime and train ``args`` (already validated by
-    :func:`.arguments.validate_args`); returns the per-step records."""
+    :func:`.arguments.validate_args`); returns the per-step records.
+
+    Errors end this rank with one line, not a traceback: the user's (a checkpoint or dataset
+    that does not fit: exit 2), a non-finite loss (exit 1), and a collective that failed because
+    another rank died or stopped (exit 1, saying so, so that the real error, reported by that
+    rank, is not buried under this rank's). Anything else keeps its traceback.
+    """
+    from ..errors import is_user_error
     from ..parallel.distributed import destroy, init_distributed
     from .cli import fail
 
     env = init_distributed(timeout_s=args.distributed_timeout_minutes * 60)
     _setup_logging(env.rank)
     try:
-        try:
-            trainer = Trainer(args)
-        except ConfigError as e:  # raised identically on every rank (e.g. ITC group layout)
-            fail(str(e))
-        return trainer.train()
+        return Trainer(args).train()
+    except Exception as exc:  # noqa: BLE001 - sorted below; bugs keep their traceback
+        if is_user_error(exc):
+            fail(exc)
+        if isinstance(exc, FloatingPointError):
+            fail(exc, status=1)
+        if _peer_lost(exc):
+            # gloo/NCCL messages start with their source location: keep what they say.
+            first = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip() or type(exc).__name__)
+                           .splitlines()[0])
+            fail(f"rank {env.rank}: stopped because a collective with another rank failed "
+                 f"({first[:120]}{'...' if len(first) > 120 else ''}); another rank failed or "
+                 f"was stopped first, and its own error is the one to read", status=1)
+        raise
     finally:
         destroy()
+
+
+_PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                      "timed out", "connection refused")
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective or store failing because a peer went away (torch's
+    distributed errors; older torch raises a RuntimeError that says so)."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _PEER_LOST_MARKERS)

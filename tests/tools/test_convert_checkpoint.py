@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_m2.cli.convert import main
 from megatron_m2.config import ConfigError
 from megatron_m2.convert import (
     SINGLE_FILE_FORMAT,
@@ -30,7 +31,6 @@ from megatron_m2.convert import (
     expected_shapes,
     load_official,
     load_single_file,
-    main,
     read_any,
     read_checkpoint,
     save_single_file,
@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "convert_checkpoint.py"
 RELEASE_KEYS = ROOT / "tests" / "fixtures" / "official_release" / "tiny_release_keys.json"
 CFG = get_flavor("tiny")
-TOKENIZER = b"\x0a\x0bnot a real SentencePiece model, carried as opaque bytes\x00\xff"
+# A real SentencePiece model (m2-convert checks it is one), carried byte for byte.
+TOKENIZER = (ROOT / "data" / "emoji_demo" / "tokenizer.model").read_bytes()
 
 
 def _cli(*args):
@@ -229,7 +230,7 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
     code = main(["--from", "official", "--to", "single", "--flavor", "tiny", "--input",
                  str(tmp_path / "torch.pt"), "--output", str(out)])
     stderr = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert "refused to load" in stderr and "posix.system" in stderr and "torch.pt" in stderr
     assert not marker.exists() and not out.exists()
 
@@ -240,7 +241,7 @@ def test_cli_subprocess_refuses_malicious_pickle(tmp_path):
     torch.save({"state_dict": {"w": _Payload(marker)}}, tmp_path / "evil.pt")
     r = _cli("--from", "official", "--to", "ours", "--flavor", "tiny", "--input",
              tmp_path / "evil.pt", "--output", tmp_path / "out")
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     assert "evil.pt: refused to load" in r.stderr and "posix.system" in r.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -309,7 +310,7 @@ def test_layout_must_divide(tmp_path, capsys):
 
     code = main(["--from", "official", "--to", "ours", "--flavor", "tiny", "--input",
                  str(tmp_path / "never-read.pt"), "--output", str(tmp_path / "b"), "--tp", "3"])
-    assert code == 1
+    assert code == 2
     assert "must divide num_attention_heads" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
@@ -459,7 +460,7 @@ def test_release_file_with_unknown_keys_is_refused(tmp_path, capsys):
     weights["backbone.encoder.output_projection.weight"] = torch.zeros(2)
     torch.save(_deepspeed_file(weights), tmp_path / "mp_rank_00_model_states.pt")
     code, captured, out = _convert(tmp_path, capsys, tmp_path / "mp_rank_00_model_states.pt")
-    assert code == 1 and not out.exists()
+    assert code == 2 and not out.exists()
     assert ("not an official M2 checkpoint of this config: 2 unexpected key(s): "
             "backbone.encoder.output_projection.weight, pooler.extra.weight") in captured.err
 
@@ -468,7 +469,7 @@ def test_release_file_with_unknown_keys_is_refused(tmp_path, capsys):
     weights["pooler.dense.weight"] = torch.zeros(CFG.hidden_size, 2 * CFG.hidden_size)
     torch.save(_lightning_file(weights), tmp_path / "m2.ckpt")
     code, captured, _ = _convert(tmp_path, capsys, tmp_path / "m2.ckpt")
-    assert code == 1 and "pooler.dense.weight (128, 256) (expected (128, 128))" in captured.err
+    assert code == 2 and "pooler.dense.weight (128, 256) (expected (128, 128))" in captured.err
 
 
 def test_release_training_position_table_is_resized(tmp_path, capsys):
@@ -494,7 +495,7 @@ def test_release_training_position_table_is_resized(tmp_path, capsys):
     weights[VISION_POS] = small[:3 + 3]
     torch.save(_lightning_file(weights), tmp_path / "odd.ckpt")
     code, captured, _ = _convert(tmp_path, capsys, tmp_path / "odd.ckpt", name="odd.pt")
-    assert code == 1 and f"{VISION_POS} has 6 rows; expected 19" in captured.err
+    assert code == 2 and f"{VISION_POS} has 6 rows; expected 19" in captured.err
 
 
 def _fake_module_classes(monkeypatch):
@@ -541,3 +542,27 @@ def test_sacred_hyper_parameters_are_read_as_plain_containers(tmp_path, monkeypa
     assert err.value.refused_global == "collections.defaultdict"
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "sacred.ckpt", weights_only=True)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_get_the_umask_permissions(tmp_path, mask):
+    """Serving files and checkpoints are shared: written with the process umask (safetensors
+    alone creates 0600 files)."""
+    import megatron_m2.utils.files as files
+    from megatron_m2.convert import save_official, write_model_checkpoint
+
+    ours = from_official(random_official(CFG, seed=5), CFG)
+    old = os.umask(mask)
+    files._umask = None  # read again under this umask
+    try:
+        save_single_file(str(tmp_path / "m.safetensors"), ours, CFG, tokenizer_bytes=TOKENIZER)
+        save_official(str(tmp_path / "o.safetensors"), {"a": torch.zeros(2)})
+        save_official(str(tmp_path / "o.pt"), {"a": torch.zeros(2)})
+        write_model_checkpoint(str(tmp_path / "ckpt"), ours, CFG, pp=2, tokenizer_bytes=TOKENIZER)
+    finally:
+        os.umask(old)
+        files._umask = None
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) >= 8
+    for p in written:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, (p, oct(p.stat().st_mode))

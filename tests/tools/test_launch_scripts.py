@@ -64,10 +64,14 @@ def test_shellcheck(script):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """What validate_args checks exists: a dataset prefix (.bin/.idx) and a tokenizer file."""
+    """What validate_args checks: a dataset (the bundled demo validation split, with its card)
+    and the tokenizer that made it."""
     root = tmp_path_factory.mktemp("m2data")
-    for name in ("train.bin", "train.idx", "tokenizer.model"):
-        (root / name).write_bytes(b"")
+    demo = ROOT / "data" / "emoji_demo"
+    for src, dst in (("validation.bin", "train.bin"), ("validation.idx", "train.idx"),
+                     ("validation.meta.json", "train.meta.json"),
+                     ("tokenizer.model", "tokenizer.model")):
+        shutil.copyfile(demo / src, root / dst)
     return root
 
 
@@ -145,6 +149,20 @@ def test_dry_run_commands(recipe, launcher, precision, data_root):
         assert m2[i:i + len(FP8_FLAGS)] == FP8_FLAGS
     else:
         assert fp8 == [] and "--transformer-impl" not in m2
+
+
+@pytest.mark.parametrize("recipe", sorted(LAYOUTS))
+def test_dry_run_creates_the_save_folder_first(recipe, data_root):
+    """A first run into a fresh folder: the recipe creates SAVE (which holds --log-json) before
+    srun starts any rank, and m2-pretrain's validation then finds it writable."""
+    rc, out, err = _dry_run(recipe, "module", "bf16", str(data_root))
+    assert rc == 0, err
+    lines = out.splitlines()
+    srun = lines.index(_srun_line(out))
+    _, _, m2 = _split(lines[srun])
+    save = _value(m2, "--save")
+    assert os.path.dirname(_value(m2, "--log-json")) == save
+    assert f"mkdir -p {shlex.quote(save)}" in lines[:srun]
 
 
 @pytest.mark.parametrize("recipe,launcher,precision", COMBOS)

@@ -131,3 +131,18 @@ def test_parse_split():
     for bad in ("80,20", "0,50,50", "80,-10,30", "a,b,c"):
         with pytest.raises(argparse.ArgumentTypeError):
             tool.parse_split(bad)
+
+
+
+def test_demo_cards_name_the_demo_tokenizer():
+    """The bundled splits' cards: the demo tokenizer, captions stored whole, both languages."""
+    from megatron_m2.data.identity import read_card
+    from megatron_m2.data.tokenizer import M2Tokenizer
+
+    sha = M2Tokenizer(ROOT / "data" / "emoji_demo" / "tokenizer.model").sha256()
+    for split in tool.SPLITS:
+        card = read_card(str(ROOT / "data" / "emoji_demo" / split))
+        assert card["text_length"] is None
+        assert card["tokenizer"]["sha256"] == sha and card["tokenizer"]["text_style"] == \
+            "normalized"
+        assert set(card["captions"]) == {"en", "zh"}

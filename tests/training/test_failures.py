@@ -77,7 +77,9 @@ def test_nonfinite_loss_skip_continues(tmp_path):
 
 @pytest.mark.slow
 def test_dead_rank_ends_the_job():
-    """SIGKILL one rank mid-training: the job exits (non-zero) instead of hanging."""
+    """SIGKILL one rank mid-training: the job exits (non-zero) instead of hanging, and the
+    surviving rank does not bury the real cause under a traceback: it says in one line that a
+    peer failed (unless torchrun stopped it first), and torchrun names the killed rank."""
     proc = subprocess.Popen(_cmd(["--train-iters", "100000", "--distributed-timeout-minutes",
                                   "1"]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -99,3 +101,9 @@ def test_dead_rank_ends_the_job():
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert time.time() - t0 < 120
+    rest = proc.stderr.read()
+    assert not [ln for ln in rest.splitlines() if ln.lstrip().startswith("File ")
+                and "megatron_m2" in ln], rest[-3000:]
+    ours = [ln for ln in rest.splitlines() if ln.startswith("m2-pretrain: error:")]
+    assert all("stopped because a collective with another rank failed" in ln for ln in ours)
+    assert "Signal 9 (SIGKILL)" in rest.split("Root Cause")[-1], rest[-3000:]

@@ -50,9 +50,13 @@ def test_misconfiguration_fails_fast_on_every_rank(args, message):
     assert time.time() - t0 < 60
     # Every rank validates before any collective and prints the same one-line error; torchrun
     # may stop the second rank before it prints (it ends all ranks once one has failed).
-    lines = [ln for ln in proc.stderr.splitlines() if "m2-pretrain: error:" in ln]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("m2-pretrain: error:")]
     assert 1 <= len(lines) <= 2 and message in lines[0], proc.stderr[-3000:]
     assert len(set(lines)) == 1
+    # torchrun's closing summary names that line as the root cause (the ranks' error files),
+    # and no rank printed a traceback of its own.
+    assert f"traceback : {lines[0]}" in proc.stderr, proc.stderr[-3000:]
+    assert "megatron_m2/" not in proc.stderr.split("Root Cause")[0].split("ChildFailedError")[0]
 
 
 def test_trains_on_the_bundled_demo_set(tmp_path):
