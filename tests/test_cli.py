@@ -69,23 +69,24 @@ def test_every_console_script_is_covered():
     assert set(MISSING_INPUT) == set(SCRIPTS) == set(USAGE_ERROR)
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_missing_input_is_one_line(name):
-    proc = _run(name, MISSING_INPUT[name])
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"{name}: error: ") and MISSING in lines[0], lines[0]
-
-
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_usage_error_is_one_line(name):
-    proc = _run(name, USAGE_ERROR[name])
+def _one_error_line(name, argv) -> str:
+    """Run the tool; it must exit 2 with exactly one stderr line ``name: error: ...``."""
+    proc = _run(name, argv)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{name}: error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_missing_input_is_one_line(name):
+    assert MISSING in _one_error_line(name, MISSING_INPUT[name])
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_usage_error_is_one_line(name):
+    _one_error_line(name, USAGE_ERROR[name])
 
 
 def _parser(name) -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ a higher ``max_reject_fraction`` assembles them without processing anything agai
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -230,7 +231,7 @@ def preprocess(inputs: List[str], output_prefix: str, cfg: PreprocessConfig,
     if texts is not None:
         reader.texts = texts
     tokenizer = M2Tokenizer(cfg.tokenizer_model, text_style=cfg.text_style)
-    cfg.text_style = tokenizer.text_style  # the workers use exactly this style
+    cfg = dataclasses.replace(cfg, text_style=tokenizer.text_style)  # the workers' style
     parts = Path(output_prefix + ".parts")
     if parts.exists() and not resume:
         shutil.rmtree(parts)

@@ -60,16 +60,21 @@ def test_misconfiguration_fails_fast_on_every_rank(args, message):
 
 
 def test_trains_on_the_bundled_demo_set(tmp_path):
-    """--data-path / --tokenizer-model / --split through the real entry point (2 DP ranks)."""
+    """--data-path / --tokenizer-model / --split through the real entry point (2 DP ranks),
+    into a save folder that does not exist yet and holds the JSON log (what the Slurm recipes
+    pass on a first run)."""
     from pathlib import Path
 
     demo = Path(__file__).resolve().parents[2] / "data" / "emoji_demo"
-    log = tmp_path / "log.jsonl"
+    save = tmp_path / "fresh" / "run"
+    log = save / "log.jsonl"
     proc = _torchrun(["--flavor", "tiny", "--data-path", "1.0", str(demo / "train"),
                       "--tokenizer-model", str(demo / "tokenizer.model"), "--split", "90,10,0",
                       "--train-iters", "3", "--micro-batch-size", "4", "--global-batch-size", "8",
-                      "--num-workers", "1", "--log-json", str(log)])
+                      "--num-workers", "1", "--save", str(save), "--log-json", str(log)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "training data: 1374 samples" in proc.stderr  # 90% of the 1527 train samples
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == 3 and all(r["loss"] > 0 for r in records)
+    meta = json.loads((save / "iter_0000003" / "meta.json").read_text())
+    assert meta["tokenizer"]["text_style"] == "normalized"  # the demo data's, from its cards
