@@ -70,6 +70,7 @@ from .training.checkpointing import (
     resolve_checkpoint,
 )
 from .utils.files import apply_umask
+from .utils.tensor_files import TensorFile, load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -330,9 +331,7 @@ def load_official(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(path)
+        obj: Any = load_tensors(path)  # verified when it records checksums
     else:
         try:
             obj = _restricted_torch_load(path)
@@ -373,16 +372,15 @@ def save_official(path: str, state_dict: Mapping[str, torch.Tensor],
     cast = None if dtype is None else _parse_dtype(dtype)
     tensors = {k: _standalone(v, cast) for k, v in state_dict.items()}
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _atomic_write(path, lambda tmp: save_tensors(tmp, tensors, metadata={"format": "pt"}))
     else:
         _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     logger.info("wrote official checkpoint %s (%d tensors)", path, len(tensors))
 
 
 # -- ours ----------------------------------------------------------------------------------------
-def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, Optional[bytes],
+def read_checkpoint(path: str, verify: bool = True
+                    ) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, Optional[bytes],
                                         Dict[str, Any]]:
     """The weights of one of our checkpoints: ``(state_dict, cfg, tokenizer_bytes, meta)``.
 
@@ -396,8 +394,6 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, 
         ConversionError: no stage files, a tensor in two stage files, or no/invalid config.
         StateDictKeyError: weights missing or unknown.
     """
-    from safetensors.torch import load_file
-
     directory, meta = resolve_checkpoint(path)
     meta_path = os.path.join(directory, "meta.json")
     if not isinstance(meta.get("model_config"), dict):
@@ -412,7 +408,7 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, 
         raise ConversionError(f"{directory}: no model_pp*.safetensors weight files")
     state_dict: Dict[str, torch.Tensor] = {}
     for fn in files:
-        part = load_file(os.path.join(directory, fn))
+        part = load_tensors(os.path.join(directory, fn), verify)
         twice = sorted(set(part) & set(state_dict))
         if twice:
             raise ConversionError(f"{directory}/{fn}: tensor(s) also in another stage file: "
@@ -463,8 +459,6 @@ def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
     for key, value in weights.items():
         files[_stage_of(key, layer_stage, pp)][key] = _standalone(value, torch.float32)
 
-    from safetensors.torch import save_file
-
     tmp = iter_dir(root, step) + ".tmp"
     os.makedirs(root, exist_ok=True)
     if os.path.exists(tmp):  # left by an interrupted write
@@ -472,7 +466,7 @@ def write_model_checkpoint(root: str, state_dict: Mapping[str, torch.Tensor],
     os.makedirs(tmp)
     for rank, part in enumerate(files):
         path = os.path.join(tmp, f"model_pp{rank:03d}.safetensors")
-        save_file(part, path)
+        save_tensors(path, part)
         logger.info("  stage %d: %s (%d tensors)", rank, os.path.basename(path), len(part))
     # The keys save_checkpoint writes, less the scheduler (there is none to restore: a run
     # resuming from here starts its schedule fresh). layout has no "dp"/"world": it never equals
@@ -513,8 +507,6 @@ def save_single_file(path: str, state_dict: Mapping[str, torch.Tensor], cfg: M2M
     SentencePiece model, base64) and ``tokenizer_text_style`` (``text_style``, or the model's
     default). The write is atomic; the file gets the process umask's permissions.
     """
-    from safetensors.torch import save_file
-
     cast = _parse_dtype(dtype)
     weights = canonicalize(state_dict, cfg)
     tensors = {k: _standalone(v, cast) for k, v in weights.items()}
@@ -524,52 +516,48 @@ def save_single_file(path: str, state_dict: Mapping[str, torch.Tensor], cfg: M2M
         metadata["tokenizer_model_b64"] = base64.b64encode(tokenizer_bytes).decode("ascii")
         metadata["tokenizer_text_style"] = _tokenizer_record(tokenizer_bytes,
                                                              text_style)["text_style"]
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(path, lambda tmp: save_tensors(tmp, tensors, metadata=metadata))
     logger.info("wrote single-file checkpoint %s (%d tensors, %s%s)", path, len(tensors),
                 str(cast).replace("torch.", ""),
                 ", with tokenizer" if tokenizer_bytes is not None else "")
 
 
-def load_single_file(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig,
-                                         Optional[bytes]]:
+def load_single_file(path: str, verify: bool = True
+                     ) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, Optional[bytes]]:
     """Read a file written by :func:`save_single_file`: ``(state_dict, cfg, tokenizer_bytes)``.
 
-    Tensors keep their stored dtype (:func:`read_any` also returns the file's metadata).
+    Tensors keep their stored dtype (:func:`read_any` also returns the file's metadata); each
+    is checked against its recorded checksum (``verify``).
     """
-    state_dict, cfg, tokenizer, _ = _read_single(path)
+    state_dict, cfg, tokenizer, _ = _read_single(path, verify)
     return state_dict, cfg, tokenizer
 
 
-def _read_single(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, Optional[bytes],
-                                     Dict[str, str]]:
+def _read_single(path: str, verify: bool = True
+                 ) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, Optional[bytes],
+                            Dict[str, str]]:
     """:func:`load_single_file`, plus the file's metadata.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ConversionError: not a safetensors file, a wrong ``format`` or ``format_version``, or an
-            invalid config or tokenizer entry.
+        IntegrityError: not a readable safetensors file, or a tensor that does not match its
+            recorded checksum.
+        ConversionError: a wrong ``format`` or ``format_version``, or an invalid config or
+            tokenizer entry.
         StateDictKeyError: weights missing or unknown.
     """
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            fmt = metadata.get("format")
-            if fmt != SINGLE_FILE_FORMAT:
-                raise ConversionError(
-                    f"{path}: not a megatron_m2 single-file checkpoint (metadata format="
-                    f"{fmt!r}, expected {SINGLE_FILE_FORMAT!r})")
-            version = metadata.get("format_version")
-            if version != SINGLE_FILE_VERSION:
-                raise ConversionError(
-                    f"{path}: unsupported single-file format_version {version!r} (this version "
-                    f"of megatron_m2 reads {SINGLE_FILE_VERSION!r})")
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as exc:
-        raise ConversionError(f"{path}: not a readable safetensors file: {exc}") from None
+    f = TensorFile(path, verify)
+    metadata = f.metadata()
+    fmt = metadata.get("format")
+    if fmt != SINGLE_FILE_FORMAT:
+        raise ConversionError(
+            f"{path}: not a megatron_m2 single-file checkpoint (metadata format="
+            f"{fmt!r}, expected {SINGLE_FILE_FORMAT!r})")
+    version = metadata.get("format_version")
+    if version != SINGLE_FILE_VERSION:
+        raise ConversionError(
+            f"{path}: unsupported single-file format_version {version!r} (this version "
+            f"of megatron_m2 reads {SINGLE_FILE_VERSION!r})")
     try:
         cfg = M2ModelConfig.from_dict(json.loads(metadata["model_config"]))
     except KeyError:
@@ -582,13 +570,14 @@ def _read_single(path: str) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, Opt
             tokenizer = base64.b64decode(metadata["tokenizer_model_b64"], validate=True)
         except ValueError as exc:
             raise ConversionError(f"{path}: invalid tokenizer_model_b64: {exc}") from None
+    state_dict = f.load_all()  # the (large) tensors last, once the file is known to fit
     validate_state_dict(state_dict, cfg, path)
     logger.info("read %d tensors from single-file checkpoint %s", len(state_dict), path)
     return state_dict, cfg, tokenizer, metadata
 
 
 # -- conversion ----------------------------------------------------------------------------------
-def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None
+def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None, verify: bool = True
              ) -> Tuple[Dict[str, torch.Tensor], M2ModelConfig, Optional[bytes], Dict[str, Any]]:
     """Read ``path`` in format ``fmt`` into ``(canonical state dict, cfg, tokenizer, info)``.
 
@@ -625,11 +614,11 @@ def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None
         info = {"unused_official_keys": summarize_unused_keys(official), "resized": resized}
         return state_dict, cfg, None, info
     if fmt == "ours":
-        state_dict, cfg, tokenizer, meta = read_checkpoint(path)
+        state_dict, cfg, tokenizer, meta = read_checkpoint(path, verify)
         style = (meta.get("tokenizer") or {}).get("text_style")
         return state_dict, cfg, tokenizer, dict(meta, text_style=style)
     if fmt == "single":
-        state_dict, cfg, tokenizer, metadata = _read_single(path)
+        state_dict, cfg, tokenizer, metadata = _read_single(path, verify)
         return state_dict, cfg, tokenizer, {"text_style": metadata.get("tokenizer_text_style")}
     raise ConversionError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
@@ -637,7 +626,8 @@ def read_any(fmt: str, path: str, cfg: Optional[M2ModelConfig] = None
 def convert(src: str, dst: str, input_path: str, output_path: str,
             cfg: Optional[M2ModelConfig] = None, tokenizer_bytes: Optional[bytes] = None,
             tp: int = 1, pp: int = 1, dtype: Union[None, str, torch.dtype] = None,
-            flavor: Optional[str] = None, text_style: Optional[str] = None) -> Dict[str, Any]:
+            flavor: Optional[str] = None, text_style: Optional[str] = None,
+            verify: bool = True) -> Dict[str, Any]:
     """Convert ``input_path`` (format ``src``) to ``output_path`` (format ``dst``).
 
     ``cfg`` is needed for official inputs only. ``tokenizer_bytes`` replaces the input's
@@ -664,7 +654,7 @@ def convert(src: str, dst: str, input_path: str, output_path: str,
         raise ConversionError("tp/pp apply to --to ours only (the other formats are unsplit)")
     if dst == "ours" and cfg is not None:  # fail on the layout before reading a large input
         cfg.validate_parallel(tp, pp)
-    state_dict, cfg, tokenizer, info = read_any(src, input_path, cfg)
+    state_dict, cfg, tokenizer, info = read_any(src, input_path, cfg, verify)
     if tokenizer_bytes is not None:
         tokenizer = tokenizer_bytes
     elif text_style is None:

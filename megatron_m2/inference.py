@@ -84,15 +84,16 @@ def ensure_model_parallel() -> None:
                                      pipeline_model_parallel_size=1)
 
 
-def _read(path: Union[str, os.PathLike]):
+def _read(path: Union[str, os.PathLike], verify: bool = True):
     """``(state_dict, cfg, tokenizer_bytes, recorded text style)`` from a single file or a
-    checkpoint dir."""
+    checkpoint dir, every tensor checked against its recorded checksum (``verify``)."""
     from .convert import read_any
 
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory or file")
-    state, cfg, tok, info = read_any("ours" if os.path.isdir(path) else "single", path)
+    state, cfg, tok, info = read_any("ours" if os.path.isdir(path) else "single", path,
+                                     verify=verify)
     return state, cfg, tok, info.get("text_style")
 
 
@@ -124,7 +125,8 @@ class M2Encoder:
                                                                           None] = None,
                         dtype: torch.dtype = torch.float32, head: str = "vl",
                         batch_size: int = 64, tokenizer_model: Optional[str] = None,
-                        text_style: Optional[str] = None) -> "M2Encoder":
+                        text_style: Optional[str] = None,
+                        verify_checksums: bool = True) -> "M2Encoder":
         """Load a checkpoint directory or a single-file export.
 
         Args:
@@ -139,11 +141,15 @@ class M2Encoder:
                 (:data:`~megatron_m2.data.tokenizer.TEXT_STYLES`). Default: the style recorded
                 with the checkpoint's tokenizer (the one its training data was made in), else
                 the tokenizer model's default (``official`` for the release's GLM tokenizer).
+            verify_checksums: check every tensor against the checksum recorded when it was
+                written (a corrupt file raises
+                :class:`~megatron_m2.utils.tensor_files.IntegrityError` naming it); False skips
+                the hashing.
         """
         from .data.tokenizer import M2Tokenizer
         from .model import build_model
 
-        state, cfg, tok_bytes, recorded_style = _read(path)
+        state, cfg, tok_bytes, recorded_style = _read(path, verify_checksums)
         tokenizer = None
         if tokenizer_model is not None:
             tokenizer = M2Tokenizer(tokenizer_model, max_length=cfg.max_text_len,

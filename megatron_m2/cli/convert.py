@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing output file, or write into a save root that "
                         "already holds a checkpoint")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="read the input without checking its tensors against the checksums "
+                        "recorded when it was written (faster; corruption goes unnoticed)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
     return p
 
@@ -170,7 +173,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         tokenizer = M2Tokenizer(args.tokenizer_model).model_bytes()  # a SentencePiece model?
     summary = convert(args.src, args.dst, args.input, args.output, cfg=cfg,
                       tokenizer_bytes=tokenizer, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                      flavor=args.flavor, text_style=args.text_style)
+                      flavor=args.flavor, text_style=args.text_style,
+                      verify=not args.no_verify_checksums)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 

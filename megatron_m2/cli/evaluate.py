@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece model overriding the one stored with the checkpoint")
+    g.add_argument("--no-verify-checksums", action="store_true",
+                   help="load --load without checking its tensors against their recorded "
+                        "checksums (faster; corruption goes unnoticed)")
 
     g = p.add_argument_group("task")
     g.add_argument("--task", required=True, choices=["retrieval", "zeroshot"])
@@ -348,7 +351,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     enc = M2Encoder.from_pretrained(args.load, device=args.device, dtype=dtype, head=args.head,
                                     batch_size=args.batch_size,
                                     tokenizer_model=args.tokenizer_model,
-                                    text_style=args.text_style)
+                                    text_style=args.text_style,
+                                    verify_checksums=not args.no_verify_checksums)
     run = run_retrieval if args.task == "retrieval" else run_zeroshot
     results = run(enc, args, rank, world, group)
     record = {"task": args.task, "load": args.load, "head": args.head,

@@ -27,14 +27,26 @@ from .launch_env import DistEnv, discover_env, expand_nodelist
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistEnv", "discover_env", "expand_nodelist", "init_distributed",
-           "initialize_model_parallel", "set_seed", "destroy"]
+           "initialize_model_parallel", "collective_timeout", "set_seed", "destroy"]
+
+_DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+_timeout: Optional[datetime.timedelta] = None
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The collective timeout of this job (``init_distributed``'s), which every process group
+    created afterwards gets too: megatron-core's TP/PP/DP groups and the ITC groups."""
+    return _timeout or _DEFAULT_TIMEOUT
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> DistEnv:
     """Initialise ``torch.distributed`` (idempotent) and, on CPU, the compatibility layer.
 
-    ``timeout_s`` bounds every collective: a dead peer makes the job fail instead of hanging.
+    ``timeout_s`` bounds every collective, on the world group and (through
+    :func:`collective_timeout`) on every group created later: a dead or hung peer makes the job
+    fail instead of hanging.
     """
+    global _timeout
     env = discover_env()
     use_cuda = torch.cuda.is_available()
     # On GPUs: NCCL for CUDA tensors and gloo for the few CPU tensors that bookkeeping
@@ -47,8 +59,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        _timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=_timeout)
         logger.info("rank %d/%d initialised (%s, %s)", env.rank, env.world_size, backend,
                     env.launcher)
     return env
@@ -56,7 +69,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
 
 def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1,
                               **kwargs) -> None:
-    """Create megatron-core's TP/PP/DP groups after checking that the world can hold them."""
+    """Create megatron-core's TP/PP/DP groups after checking that the world can hold them, with
+    this job's collective timeout (megatron-core's own default is 30 minutes)."""
     from megatron.core import parallel_state
 
     world = dist.get_world_size()
@@ -66,6 +80,8 @@ def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int =
             f"({tensor_parallel}) × pipeline-model-parallel-size ({pipeline_parallel})")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    kwargs.setdefault("distributed_timeout_minutes",
+                      collective_timeout().total_seconds() / 60.0)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel, **kwargs)

@@ -22,6 +22,7 @@ from typing import List, Optional
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .distributed import collective_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ def create_itc_groups(group_size: Optional[int] = None, aggregate_nodes: Optiona
             layout.append(ranks)
             if require_node_aligned:
                 _check_aligned(ranks, dp, nodes)
-            pg = dist.new_group(ranks) if k > 1 else None
+            # The job's collective timeout (new_group's default would be 30 minutes).
+            pg = dist.new_group(ranks, timeout=collective_timeout(),
+                                group_desc="ITC_GROUP") if k > 1 else None
             if me in ranks:
                 mine = pg
     logger.info("ITC groups: k=%d of N=%d DP ranks (%d groups per DP group, %d DP ranks per "

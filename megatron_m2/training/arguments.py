@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume at --load's step with fresh AdamW states; the LR schedule "
                         "follows this command line at that step")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+    g.add_argument("--no-verify-checksums", action="store_true",
+                   help="load --load without checking every tensor against the checksum "
+                        "recorded when it was saved (faster; a corrupt file then goes unnoticed)")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on resume, take the LR/weight-decay schedule (--lr, --min-lr, "
                         "--lr-warmup-iters, --lr-decay-iters/--train-iters, --lr-decay-style, "

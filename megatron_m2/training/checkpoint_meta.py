@@ -62,5 +62,12 @@ def resolve_checkpoint(path: str) -> Tuple[str, Dict]:
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{directory} is not a checkpoint (no meta.json, no {TRACKER})")
-    with open(meta_path) as f:
-        return directory, json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON (truncated or corrupt?): {e}") \
+            from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object")
+    return directory, meta

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..utils.files import apply_umask
+from ..utils.tensor_files import TensorFile, load_tensors, save_tensors
 from .checkpoint_meta import (
     TRACKER,
     CheckpointError,
@@ -206,8 +206,6 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
                     tokenizer_path: Optional[str] = None) -> str:
     """Write the checkpoint of ``step`` (collective: every rank calls it). Returns its dir."""
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
-
     rank = dist.get_rank()
     final, tmp = iter_dir(root, step), iter_dir(root, step) + ".tmp"
     if rank == 0:
@@ -263,20 +261,17 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
 
     if writer:
         path = os.path.join(tmp, f"model_pp{pp:03d}.safetensors")
-        save_file(weights, path)
-        apply_umask(path)  # safetensors creates files 0600 whatever the umask
+        save_tensors(path, weights)  # with per-tensor checksums, umask permissions
         _fsync_file(path)
         _maybe_inject_fault(step)
         if optim:
             path = os.path.join(tmp, f"optim_pp{pp:03d}.safetensors")
-            save_file(optim, path)
-            apply_umask(path)
+            save_tensors(path, optim)
             _fsync_file(path)
 
     # Per-rank RNG states (exact resume on the same layout).
     rng_path = os.path.join(tmp, f"rng_rank{rank:05d}")
-    save_file({"torch": torch.get_rng_state()}, rng_path + ".safetensors")
-    apply_umask(rng_path + ".safetensors")
+    save_tensors(rng_path + ".safetensors", {"torch": torch.get_rng_state()})
     np_state = np.random.get_state()
     with open(rng_path + ".json", "w") as f:
         json.dump({"python": [random.getstate()[0], list(random.getstate()[1]),
@@ -305,26 +300,33 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
 
 # -- load --------------------------------------------------------------------------------------
 class _StageFiles:
-    """Lazy access to tensors spread over the per-stage safetensors files of a checkpoint."""
+    """Lazy access to tensors spread over the per-stage safetensors files of a checkpoint, each
+    verified against its recorded checksum the first time it is read (``verify``)."""
 
-    def __init__(self, directory: str, kind: str):
-        from safetensors import safe_open
-
+    def __init__(self, directory: str, kind: str, verify: bool = True):
         self.where: Dict[str, str] = {}
-        self._handles = {}
+        self._files: Dict[str, TensorFile] = {}
+        self._verified: set = set()
         for fn in sorted(os.listdir(directory)):
             if fn.startswith(kind + "_pp") and fn.endswith(".safetensors"):
                 path = os.path.join(directory, fn)
-                h = safe_open(path, framework="pt")
-                self._handles[path] = h
-                for k in h.keys():
+                f = self._files[path] = TensorFile(path, verify)
+                for k in f.keys():
+                    if k in self.where:
+                        raise CheckpointError(f"{path}: tensor {k!r} is also in "
+                                              f"{self.where[k]}")
                     self.where[k] = path
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self.where[key]].get_tensor(key)
+        f = self._files[self.where[key]]
+        if key in self._verified:  # read again (e.g. for the optimizer's main copy)
+            return f.get_unverified(key)
+        t = f.get(key)
+        self._verified.add(key)
+        return t
 
     __getitem__ = get
 
@@ -351,19 +353,23 @@ def load_model_weights(model, weights: Mapping[str, torch.Tensor],
     with torch.no_grad():
         for p in model.parameters():
             name = names[id(p)]
+            full = weights[name]  # read (and verified) first: its errors name the file
             try:
-                p.copy_(local_shard(weights[name].to(p.dtype), p, tp_rank, tp_size))
+                p.copy_(local_shard(full.to(p.dtype), p, tp_rank, tp_size))
             except (ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{source}: weight {name!r}: {e}") from None
 
 
 def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
-                    load_optimizer: bool = True, load_rng: bool = True) -> Dict:
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    verify: bool = True) -> Dict:
     """Load ``path`` (a checkpoint dir, or a save root with a tracker) into this rank's stage.
 
     Returns the checkpoint's ``meta.json``. Weights (and optimizer states, when present and
     asked for) are sliced for this rank's TP/PP/DP position, so the layout may differ from the
-    one that saved it. RNG states are restored only on an identical layout.
+    one that saved it. RNG states are restored only on an identical layout. Every tensor read is
+    checked against the checksum recorded when it was saved (``verify``; an
+    :class:`~megatron_m2.utils.tensor_files.IntegrityError` names the file and tensor).
     """
     from megatron.core import parallel_state as ps
 
@@ -379,12 +385,12 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
                                   f"not match this run's {getattr(cfg, key)}")
     tp_group = ps.get_tensor_model_parallel_group()
     tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    weights = _StageFiles(directory, "model")
+    weights = _StageFiles(directory, "model", verify)
     load_model_weights(model, weights, source=f"checkpoint {directory}")
     names = _full_name_map(model)
 
     if optimizer is not None:
-        optim = _StageFiles(directory, "optim") if load_optimizer else None
+        optim = _StageFiles(directory, "optim", verify) if load_optimizer else None
         if optim is not None and not optim.where:
             logger.warning("checkpoint %s has no optimizer state; starting it fresh", directory)
         for mp, holder, rng, inner in _state_holders(optimizer):
@@ -420,11 +426,13 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
                              "dp": ps.get_data_parallel_world_size(),
                              "world": dist.get_world_size()}
     if load_rng and same_layout:
-        from safetensors.torch import load_file
-
         base = os.path.join(directory, f"rng_rank{dist.get_rank():05d}")
-        torch.set_rng_state(load_file(base + ".safetensors")["torch"])
-        st = json.load(open(base + ".json"))
+        torch.set_rng_state(load_tensors(base + ".safetensors", verify)["torch"])
+        try:
+            with open(base + ".json") as f:
+                st = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{base}.json: unreadable RNG state ({e})") from None
         random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
         n = st["numpy"]
         np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))

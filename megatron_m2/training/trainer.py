@@ -20,6 +20,7 @@ those gradients.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +50,29 @@ def _quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
     warnings.filterwarnings("ignore", message=".*tp_group is None.*")
+
+
+_PHASE = ["start-up (process groups, model)"]
+"""What this rank is doing, in words naming the process groups involved: the one-line message
+of a collective that fails or times out (a peer died or hung) says where it happened."""
+
+
+@contextlib.contextmanager
+def _phase(what: str):
+    """Mark ``what`` as the current phase. On an exception the phase stays set (no finally):
+    the failure message names where it happened."""
+    previous = _PHASE[0]
+    _PHASE[0] = what
+    yield
+    _PHASE[0] = previous
+
+
+def _ranks(group) -> str:
+    """``"ranks [0, 1]"`` of a process group (the world for None)."""
+    try:
+        return f"ranks {dist.get_process_group_ranks(group or dist.group.WORLD)}"
+    except (RuntimeError, ValueError):
+        return "its ranks"
 
 
 def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
@@ -237,7 +261,16 @@ class Trainer:
                 opt.optimizer.step = cpu_compat.exempt(opt.optimizer.step)
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.ddp_model.no_sync
-        config.finalize_model_grads_func = finalize_model_grads
+        dp_ranks = _ranks(ps.get_data_parallel_group())
+
+        def finalize(*a, **k):  # the schedule's last step: the DP gradient all-reduce
+            with _phase(f"the gradient all-reduce of the data-parallel group ({dp_ranks})"):
+                return finalize_model_grads(*a, **k)
+
+        config.finalize_model_grads_func = finalize
+        self._step_groups = (f"tensor-parallel {_ranks(ps.get_tensor_model_parallel_group())}, "
+                             f"pipeline {_ranks(ps.get_pipeline_model_parallel_group())}, "
+                             f"ITC {_ranks(self.itc.group)}")
 
         self.num_micro = args.global_batch_size // (args.micro_batch_size * self.dp)
         self._loader = None  # real data: built at the first step (after a possible resume)
@@ -276,7 +309,8 @@ class Trainer:
         meta = load_checkpoint(path, self.model, self.optimizer,
                                None if (a.finetune or a.no_load_optim) else self.scheduler,
                                load_optimizer=not (a.no_load_optim or a.finetune),
-                               load_rng=not (a.no_load_rng or a.finetune))
+                               load_rng=not (a.no_load_rng or a.finetune),
+                               verify=not a.no_verify_checksums)
         if a.finetune:
             logger.info("--finetune: starting a new run at step 0 from the weights of %s", path)
             return
@@ -301,8 +335,9 @@ class Trainer:
         meta = {"model_config": self.cfg.to_dict(), "args": vars(self.args),
                 "consumed_samples": self.consumed_samples, "flavor": self.args.flavor,
                 "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
-        return save_checkpoint(self.args.save, self.step, self.model, self.optimizer,
-                               self.scheduler, meta, tokenizer_path=self.args.tokenizer_model)
+        with _phase(f"saving the checkpoint of step {self.step}"):
+            return save_checkpoint(self.args.save, self.step, self.model, self.optimizer,
+                                   self.scheduler, meta, tokenizer_path=self.args.tokenizer_model)
 
     def _build_train_dataset(self):
         from ..data.dataset import BlendedDataset, ImageTextDataset, split_ranges
@@ -347,6 +382,10 @@ class Trainer:
         return batches
 
     def _schedule(self, step_func, batches, forward_only: bool):
+        with _phase(f"the forward/backward schedule ({self._step_groups})"):
+            return self._run_schedule(step_func, batches, forward_only)
+
+    def _run_schedule(self, step_func, batches, forward_only: bool):
         return self.forward_backward(
             forward_step_func=step_func, data_iterator=iter(batches), model=[self.ddp_model],
             num_microbatches=len(batches), seq_length=self.seq_len,
@@ -391,7 +430,8 @@ class Trainer:
             local[0], local[1] = sum(losses) / len(losses), 1.0
         if any(not math.isfinite(x) for x in losses):
             local[2] = 1.0
-        dist.all_reduce(local)
+        with _phase("the loss all-reduce over all ranks"):
+            dist.all_reduce(local)
         loss = float(local[0] / local[1])
         self.step += 1
         self.consumed_samples += self.args.global_batch_size
@@ -405,7 +445,9 @@ class Trainer:
                            self.skipped_steps)
             return {"step": self.step, "loss": float("nan"), "skipped": True,
                     "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float("nan")}
-        ok, grad_norm, _ = self.optimizer.step()
+        with _phase("the optimizer step (gradient norm over the model-parallel group, "
+                    "parameter all-gather of the distributed optimizer)"):
+            ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self._clamp_logit_scales()
             self.scheduler.step(increment=1)
@@ -439,7 +481,8 @@ class Trainer:
         """Held-out retrieval per language (every rank gets the same figures)."""
         from ..eval.retrieval import chance_recall, format_table
 
-        results = self.evaluator.evaluate()
+        with _phase(f"held-out evaluation at step {self.step}"):
+            results = self.evaluator.evaluate()
         rows = dict(results)
         sizes = {len(idx) for _, idx in self.evaluator.sets.values()}
         if len(sizes) == 1:  # one caption per image: R@k of a random ranking is k / N
@@ -580,9 +623,10 @@ def run(args) -> List[Dict[str, float]]:
             # gloo/NCCL messages start with their source location: keep what they say.
             first = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip() or type(exc).__name__)
                            .splitlines()[0])
-            fail(f"rank {env.rank}: stopped because a collective with another rank failed "
-                 f"({first[:120]}{'...' if len(first) > 120 else ''}); another rank failed or "
-                 f"was stopped first, and its own error is the one to read", status=1)
+            fail(f"rank {env.rank}: a collective failed or timed out during {_PHASE[0]} "
+                 f"({first[:120]}{'...' if len(first) > 120 else ''}): another rank failed, "
+                 f"hung or was stopped first (its own error, if any, is the one to read)",
+                 status=1)
         raise
     finally:
         destroy()

@@ -296,7 +296,9 @@ def test_single_file_format_is_checked(tmp_path):
             load_single_file(bad)
         assert bad in str(err.value)
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(ConversionError, match="not a readable safetensors file"):
+    from megatron_m2.utils.tensor_files import IntegrityError
+
+    with pytest.raises(IntegrityError, match="not a readable safetensors file"):
         load_single_file(str(tmp_path / "junk.safetensors"))
 
 
@@ -566,3 +568,43 @@ def test_outputs_get_the_umask_permissions(tmp_path, mask):
     assert len(written) >= 8
     for p in written:
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask, (p, oct(p.stat().st_mode))
+
+
+def _flip_a_data_byte(path, at=0.5):
+    """Flip one byte inside the tensor data of a safetensors file (not its header)."""
+    data = bytearray(open(path, "rb").read())
+    start = 8 + int.from_bytes(data[:8], "little")
+    i = start + int((len(data) - start) * at)
+    data[i] ^= 0x40
+    open(path, "wb").write(bytes(data))
+
+
+def test_flipped_bytes_are_caught_by_every_reader(tmp_path, capsys):
+    """A flipped byte in a weight: the single file, our checkpoint and m2-convert all refuse it,
+    naming the file and the tensor; --no-verify-checksums reads it anyway."""
+    from megatron_m2.utils.tensor_files import IntegrityError
+
+    ours = from_official(random_official(CFG, seed=9), CFG)
+    single = str(tmp_path / "m.safetensors")
+    save_single_file(single, ours, CFG, tokenizer_bytes=TOKENIZER)
+    ckpt = tmp_path / "ckpt"
+    from megatron_m2.convert import write_model_checkpoint
+
+    write_model_checkpoint(str(ckpt), ours, CFG, pp=2)
+    load_single_file(single)  # intact: verified without complaint
+    _flip_a_data_byte(single)
+    stage = ckpt / "iter_0000000" / "model_pp001.safetensors"
+    _flip_a_data_byte(stage, at=0.3)
+    with pytest.raises(IntegrityError, match=f"{single}: tensor '.+' does not match the checksum"):
+        load_single_file(single)
+    with pytest.raises(IntegrityError, match=f"{stage}: tensor '.+' does not match the checksum"):
+        read_checkpoint(str(ckpt))
+    weights, _, _ = load_single_file(single, verify=False)  # read anyway when asked
+    assert any(not torch.equal(weights[k], ours[k]) for k in ours)
+    code = main(["--from", "single", "--to", "official", "--input", single, "--output",
+                 str(tmp_path / "o.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("m2-convert: error: ") and "checksum" in err[-1]
+    assert not (tmp_path / "o.pt").exists()
+    assert main(["--from", "single", "--to", "official", "--input", single, "--output",
+                 str(tmp_path / "o.pt"), "--no-verify-checksums"]) == 0

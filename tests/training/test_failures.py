@@ -105,5 +105,43 @@ def test_dead_rank_ends_the_job():
     assert not [ln for ln in rest.splitlines() if ln.lstrip().startswith("File ")
                 and "megatron_m2" in ln], rest[-3000:]
     ours = [ln for ln in rest.splitlines() if ln.startswith("m2-pretrain: error:")]
-    assert all("stopped because a collective with another rank failed" in ln for ln in ours)
+    assert all("a collective failed or timed out during" in ln for ln in ours), ours
     assert "Signal 9 (SIGKILL)" in rest.split("Root Cause")[-1], rest[-3000:]
+
+
+@pytest.mark.slow
+def test_hung_peer_ends_the_job_within_the_timeout():
+    """SIGSTOP one rank (a hung peer: alive, silent): every process group carries
+    --distributed-timeout-minutes (megatron's groups and the ITC groups defaulted to 30 minutes),
+    so the other rank's collective times out and names where it was, and the job ends."""
+    timeout_min = 0.25
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
+    proc = subprocess.Popen(_cmd(["--train-iters", "100000", "--distributed-timeout-minutes",
+                                  str(timeout_min), "--itc-group-size", "2"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # wait until training runs
+        lines.append(line)
+        if "step     3/" in line:
+            break
+    workers = _descendants(proc.pid)
+    assert workers, "".join(lines[-20:])
+    stopped = max(workers)
+    os.kill(stopped, signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        proc.wait(timeout=120)
+    finally:
+        for pid in _descendants(proc.pid) + [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    elapsed = time.time() - t0
+    rest = proc.stderr.read()
+    assert proc.returncode != 0
+    # timeout (15 s) + torchrun's shutdown grace (5 s) + start-up slack; 30 min before
+    assert elapsed < 4 * timeout_min * 60 + 5, elapsed
+    ours = [ln for ln in rest.splitlines() if ln.startswith("m2-pretrain: error:")]
+    assert ours and "a collective failed or timed out during the" in ours[0], rest[-3000:]
+    assert "ranks [0, 1]" in ours[0] and "Timed out" in ours[0], ours[0]

@@ -60,6 +60,23 @@ def _scenarios(ckpt):
     first.save()
     saved = _weights(first)
 
+    # A flipped byte in the saved weights: --load refuses it, naming the file and tensor.
+    import shutil
+
+    from megatron_m2.utils.tensor_files import IntegrityError
+    from tests.tools.test_convert_checkpoint import _flip_a_data_byte
+
+    bad = ckpt + "-bad"
+    shutil.copytree(ckpt, bad)
+    _flip_a_data_byte(os.path.join(bad, "iter_0000004", "model_pp000.safetensors"))
+    try:
+        _trainer(["--train-iters", "4", "--load", bad])
+        out["flipped"] = "loaded"
+    except IntegrityError as e:
+        out["flipped"] = str(e)
+    out["flipped_unverified_step"] = _trainer(["--train-iters", "4", "--load", bad,
+                                               "--no-verify-checksums"]).step
+
     keep = _trainer(["--train-iters", "6", "--load", ckpt, "--use-checkpoint-opt-param-scheduler",
                      "--clip-grad", "0.5"])
     out["keep_step"] = keep.step
@@ -92,6 +109,9 @@ def test_resume_past_the_old_schedule_and_finetune(tmp_path):
     modes = {str(f): oct(f.stat().st_mode & 0o777) for f in (tmp_path / "ckpt").rglob("*")
              if f.is_file()}
     assert modes and set(modes.values()) == {oct(0o666 & ~mask)}, modes
+    assert "model_pp000.safetensors: tensor" in out["flipped"], out["flipped"]
+    assert "does not match the checksum" in out["flipped"]
+    assert out["flipped_unverified_step"] == 4
     # The first run's cosine schedule ends at lr 0 at its last step.
     assert out["first_lrs"][-1] == 0.0
     # Keeping the checkpoint's schedule past its end: lr 0, and a warning saying so.
