@@ -185,8 +185,10 @@ m2_launch() {
   local ckpt_args=(--save "$SAVE" --save-interval "$SAVE_INTERVAL")
   if [[ -n $LOAD ]]; then
     ckpt_args+=(--load "$LOAD")
-  elif [[ -f $SAVE/latest_checkpointed_iteration.txt ]]; then
-    ckpt_args+=(--load "$SAVE")  # a requeued or resubmitted job continues where it stopped
+  elif [[ -f $SAVE/latest_checkpointed_iteration.txt ]] || compgen -G "$SAVE/iter_*/meta.json" >/dev/null; then
+    # A requeued or resubmitted job continues where it stopped (a lost tracker included:
+    # m2-pretrain then takes the newest complete iter_N and says so).
+    ckpt_args+=(--load "$SAVE")
   fi
   local log_args=(
     --log-interval "$LOG_INTERVAL" --log-json "$SAVE/log.jsonl" --tensorboard-dir "$SAVE/tensorboard"

@@ -13,7 +13,7 @@ import warnings
 from typing import Any, Dict, Optional, Sequence
 
 from ..config import M2ModelConfig
-from ..training.checkpoint_meta import TRACKER
+from ..training.checkpoint_meta import holds_checkpoint
 from .common import ArgumentParser, run_cli
 
 __all__ = ["build_parser", "main"]
@@ -133,8 +133,7 @@ def _check_output(args) -> None:
     if args.force:
         return
     if args.dst == "ours":
-        if os.path.exists(os.path.join(out, TRACKER)) or \
-                os.path.exists(os.path.join(out, "meta.json")):
+        if holds_checkpoint(out):
             raise _usage(f"{out} already holds a checkpoint; use --force to add one "
                                   f"(the tracker will name the new one)")
         if os.path.isfile(out):

@@ -343,6 +343,25 @@ def _validate_data(args: argparse.Namespace, cfg) -> None:
                    allow=args.allow_dataset_mismatch, languages_of=train)
 
 
+def _validate_save(args: argparse.Namespace) -> None:
+    """A --save folder that already holds checkpoints is written into only by a run that
+    resumes from it: a new run there would replace them (the first save of step N overwrites
+    its iter_N, the tracker then names the new run's)."""
+    from .checkpoint_meta import complete_iterations, holds_checkpoint
+
+    if not args.save or not holds_checkpoint(args.save):
+        return
+    save = os.path.realpath(args.save)
+    load = os.path.realpath(args.load) if args.load else None
+    if load and (load == save or load.startswith(save + os.sep)):
+        return
+    steps = complete_iterations(args.save)
+    newest = f" (newest: iter_{steps[-1]:07d})" if steps else ""
+    raise ConfigError(f"--save {args.save} already holds checkpoints{newest}: resume from them "
+                      f"with --load {args.save}, or save into another folder (this run would "
+                      "overwrite them)")
+
+
 def _validate_resume(args: argparse.Namespace, cfg) -> None:
     """``--load``: the checkpoint's model fits this run's, and its LR schedule is the command
     line's unless the flags say which one wins (Megatron-LM's rule)."""
@@ -552,4 +571,5 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                 f"but {pp} stages of {per_stage} layers put VL layers on earlier stages; "
                 f"use fewer stages or --itc-heads vl")
     _validate_recompute(args, cfg, pp)
+    _validate_save(args)
     _prepare_output_dirs(args)  # last: nothing is created for a run that cannot start

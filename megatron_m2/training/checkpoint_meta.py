@@ -3,18 +3,29 @@
 Argument validation reads a ``--load`` checkpoint's meta (model config, LR schedule, arguments)
 before anything heavy is imported, so that a mismatch fails on every rank in a fraction of a
 second; :mod:`megatron_m2.training.checkpointing` builds on the same functions.
+
+The tracker (``latest_checkpointed_iteration.txt``) is the commit point of a save. A save folder
+whose tracker is missing or unreadable but which holds complete ``iter_N`` checkpoints (renamed
+into place, so fully written) is never taken for an empty one: the newest of them is used, with
+a warning saying so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Dict, Optional, Tuple
+import re
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import UserError
 
 __all__ = ["TRACKER", "iter_dir", "latest_iteration", "resolve_checkpoint", "holds_checkpoint",
-           "CheckpointError"]
+           "complete_iterations", "CheckpointError"]
+
+logger = logging.getLogger(__name__)
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be used as asked (another model, missing weights, a broken tracker);
@@ -30,35 +41,67 @@ def iter_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
 
 
+def complete_iterations(root: str) -> List[int]:
+    """Steps of the complete checkpoints under ``root``: ``iter_N`` directories holding a
+    ``meta.json`` (a save writes into ``iter_N.tmp`` and renames it when done), ascending."""
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        m = _ITER_RE.match(name)
+        if m and os.path.isfile(os.path.join(root, name, "meta.json")):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
 def latest_iteration(root: str) -> Optional[int]:
-    """The step of the newest complete checkpoint under ``root`` (None if there is none)."""
+    """The step of the newest complete checkpoint under ``root`` (None if there is none).
+
+    The tracker names it. Without a readable tracker (lost, truncated, naming a missing
+    directory) the newest complete ``iter_N`` directory is taken, with a warning; only a folder
+    without any is empty.
+    """
     path = os.path.join(root, TRACKER)
+    problem = None
     if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    try:
-        step = int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
-    if not os.path.isdir(iter_dir(root, step)):
-        raise FileNotFoundError(f"{path} names iteration {step} but {iter_dir(root, step)} "
-                                f"is missing")
-    return step
+        problem = "is missing"
+    else:
+        with open(path, errors="replace") as f:
+            text = f.read().strip()
+        try:
+            step = int(text)
+        except ValueError:
+            problem = f"does not hold an iteration number ({text[:40]!r})"
+        else:
+            if os.path.isfile(os.path.join(iter_dir(root, step), "meta.json")):
+                return step
+            problem = f"names iteration {step}, but {iter_dir(root, step)} is not a checkpoint"
+    steps = complete_iterations(root)
+    if not steps:
+        if problem == "is missing":
+            return None
+        raise CheckpointError(f"{path} {problem}, and {root} holds no complete checkpoint")
+    logger.warning("%s %s: using %s, the newest complete checkpoint there (the next save "
+                   "rewrites the tracker)", path, problem, iter_dir(root, steps[-1]))
+    return steps[-1]
 
 
 def holds_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a save root with a tracker or a checkpoint directory."""
+    """Whether ``path`` is a checkpoint directory or a save root holding one (with or without
+    a readable tracker)."""
     return (os.path.exists(os.path.join(path, TRACKER))
-            or os.path.exists(os.path.join(path, "meta.json")))
+            or os.path.exists(os.path.join(path, "meta.json"))
+            or bool(complete_iterations(path)))
 
 
 def resolve_checkpoint(path: str) -> Tuple[str, Dict]:
     """``(directory, meta)`` of the checkpoint at ``path``: an ``iter_N`` directory, or a save
     root whose tracker names one. Raises FileNotFoundError when there is no ``meta.json``."""
     directory = path
-    if os.path.exists(os.path.join(path, TRACKER)):
-        directory = iter_dir(path, latest_iteration(path))
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        step = latest_iteration(path)
+        if step is not None:
+            directory = iter_dir(path, step)
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{directory} is not a checkpoint (no meta.json, no {TRACKER})")

@@ -552,7 +552,8 @@ _RUN_ONLY_ARGS = frozenset({
     "load", "save", "save_interval", "finetune", "no_load_optim", "no_load_rng",
     "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "log_json",
     "tensorboard_dir", "loss_curve", "log_interval", "eval_interval", "num_workers",
-    "distributed_timeout_minutes", "train_iters", "allow_dataset_mismatch"})
+    "distributed_timeout_minutes", "train_iters", "allow_dataset_mismatch",
+    "no_verify_checksums"})
 """Arguments expected to change between a run and its resumption (not worth a warning)."""
 
 

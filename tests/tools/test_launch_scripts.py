@@ -238,3 +238,16 @@ def test_single_gpu_dry_run_validates(tmp_path):
         validate_args(build_parser().parse_args(m2), 1)
     finally:
         os.chdir(cwd)
+
+
+def test_resubmission_resumes_even_without_a_tracker(data_root):
+    """A resubmitted job loads SAVE when it holds a complete checkpoint, also when the tracker
+    was lost (m2-pretrain then takes the newest complete iter_N)."""
+    save = data_root / "lost_tracker"
+    (save / "iter_0000005").mkdir(parents=True)
+    (save / "iter_0000005" / "meta.json").write_text("{}")
+    res = subprocess.run(["bash", str(SLURM / "m2_0.4b.sbatch")], capture_output=True,
+                         text=True, timeout=60, env=_env(SAVE=str(save)))
+    assert res.returncode == 0, res.stderr
+    _, _, m2 = _split(_srun_line(res.stdout))
+    assert _value(m2, "--load") == str(save)

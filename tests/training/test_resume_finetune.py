@@ -53,7 +53,7 @@ def _scenarios(ckpt):
         def emit(self, record):
             warnings.append(record.getMessage())
 
-    logging.getLogger("megatron_m2.train").addHandler(Collect(level=logging.WARNING))
+    logging.getLogger("megatron_m2").addHandler(Collect(level=logging.WARNING))
     out = {}
     first = _trainer(["--train-iters", "4", "--save", ckpt])
     out["first_lrs"] = _lrs(first, 4)
@@ -76,6 +76,11 @@ def _scenarios(ckpt):
         out["flipped"] = str(e)
     out["flipped_unverified_step"] = _trainer(["--train-iters", "4", "--load", bad,
                                                "--no-verify-checksums"]).step
+    # The tracker lost: the run resumes at the newest complete checkpoint, not at step 0.
+    lost = ckpt + "-lost"
+    shutil.copytree(ckpt, lost)
+    os.remove(os.path.join(lost, "latest_checkpointed_iteration.txt"))
+    out["lost_tracker_step"] = _trainer(["--train-iters", "4", "--load", lost]).step
 
     keep = _trainer(["--train-iters", "6", "--load", ckpt, "--use-checkpoint-opt-param-scheduler",
                      "--clip-grad", "0.5"])
@@ -112,6 +117,8 @@ def test_resume_past_the_old_schedule_and_finetune(tmp_path):
     assert "model_pp000.safetensors: tensor" in out["flipped"], out["flipped"]
     assert "does not match the checksum" in out["flipped"]
     assert out["flipped_unverified_step"] == 4
+    assert out["lost_tracker_step"] == 4
+    assert any("is missing: using" in w for w in out["warnings"]), out["warnings"]
     # The first run's cosine schedule ends at lr 0 at its last step.
     assert out["first_lrs"][-1] == 0.0
     # Keeping the checkpoint's schedule past its end: lr 0, and a warning saying so.

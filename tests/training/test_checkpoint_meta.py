@@ -1,0 +1,78 @@
+"""The tracker of a save folder (torch-free): a lost or broken tracker never makes a folder of
+checkpoints look empty, and a new run does not write into a folder of checkpoints."""
+
+import json
+import logging
+
+import pytest
+
+from megatron_m2.config import ConfigError
+from megatron_m2.training.arguments import parse_args, validate_args
+from megatron_m2.training.checkpoint_meta import (
+    TRACKER,
+    CheckpointError,
+    complete_iterations,
+    holds_checkpoint,
+    latest_iteration,
+    resolve_checkpoint,
+)
+
+
+def _save_root(tmp_path, steps=(2, 4)):
+    root = tmp_path / "save"
+    for step in steps:
+        d = root / f"iter_{step:07d}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"step": step}))
+    (root / "iter_0000006.tmp").mkdir()               # a save that never finished
+    (root / "iter_0000008").mkdir()                   # no meta.json: not a checkpoint
+    return root
+
+
+def test_tracker_names_the_checkpoint(tmp_path):
+    root = _save_root(tmp_path)
+    (root / TRACKER).write_text("2\n")  # authoritative, even with a newer complete directory
+    assert latest_iteration(str(root)) == 2
+    assert resolve_checkpoint(str(root))[1] == {"step": 2}
+
+
+@pytest.mark.parametrize("tracker,problem", [
+    (None, "is missing"),
+    ("garbage\x00", "does not hold an iteration number"),
+    ("6\n", "names iteration 6, but"),
+    ("8\n", "names iteration 8, but"),
+])
+def test_lost_or_broken_tracker_recovers_the_newest(tmp_path, caplog, tracker, problem):
+    root = _save_root(tmp_path)
+    if tracker is not None:
+        (root / TRACKER).write_text(tracker)
+    assert complete_iterations(str(root)) == [2, 4]
+    assert holds_checkpoint(str(root))
+    with caplog.at_level(logging.WARNING):
+        directory, meta = resolve_checkpoint(str(root))
+    assert meta == {"step": 4} and directory.endswith("iter_0000004")
+    assert problem in caplog.text and "newest complete checkpoint" in caplog.text
+
+
+def test_empty_and_hopeless_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert latest_iteration(str(empty)) is None and not holds_checkpoint(str(empty))
+    (empty / TRACKER).write_text("nonsense")
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+        latest_iteration(str(empty))
+    bad_meta = _save_root(tmp_path / "b", steps=(3,))
+    (bad_meta / "iter_0000003" / "meta.json").write_text('{"step": ')
+    with pytest.raises(CheckpointError, match="meta.json: not valid JSON"):
+        resolve_checkpoint(str(bad_meta))
+
+
+def test_new_run_refuses_a_folder_of_checkpoints(tmp_path):
+    root = _save_root(tmp_path)  # no tracker: it must still count as holding checkpoints
+    base = ["--synthetic", "--save", str(root)]
+    with pytest.raises(ConfigError, match="already holds checkpoints .newest: iter_0000004.: "
+                                          "resume from them with --load"):
+        validate_args(parse_args(base), 1)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        validate_args(parse_args(base + ["--load", str(tmp_path / "elsewhere")]), 1)
