@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..utils.tensor_files import TensorFile, load_tensors, save_tensors
+from ..utils.tensor_files import TensorFile, save_tensors
 from .checkpoint_meta import (
     TRACKER,
     CheckpointError,
@@ -54,6 +54,8 @@ __all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "resolve_
            "latest_iteration", "TRACKER", "FAULT_INJECTION_ENV"]
 
 FORMAT_VERSION = 1
+RUN_ID_KEY, STEP_KEY = "m2_run_id", "m2_step"
+"""Metadata entries of every checkpoint file: the run and step that wrote it."""
 FAULT_INJECTION_ENV = "M2_FAULT_INJECT"
 """Fault injection for tests: ``checkpoint_write:STEP`` kills the process (SIGKILL) after it
 has written its first file of the checkpoint of step STEP. Unset in normal runs."""
@@ -208,6 +210,9 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
     from megatron.core import parallel_state as ps
     rank = dist.get_rank()
     final, tmp = iter_dir(root, step), iter_dir(root, step) + ".tmp"
+    # Every file names the run and step it belongs to: a checkpoint mixing two runs' files
+    # (say, two runs sharing a save folder) is refused when loaded.
+    stamp = {RUN_ID_KEY: str(meta.get("run_id")), STEP_KEY: str(step)}
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):  # left by a crashed save
@@ -261,17 +266,17 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
 
     if writer:
         path = os.path.join(tmp, f"model_pp{pp:03d}.safetensors")
-        save_tensors(path, weights)  # with per-tensor checksums, umask permissions
+        save_tensors(path, weights, stamp)  # with per-tensor checksums, umask permissions
         _fsync_file(path)
         _maybe_inject_fault(step)
         if optim:
             path = os.path.join(tmp, f"optim_pp{pp:03d}.safetensors")
-            save_tensors(path, optim)
+            save_tensors(path, optim, stamp)
             _fsync_file(path)
 
     # Per-rank RNG states (exact resume on the same layout).
     rng_path = os.path.join(tmp, f"rng_rank{rank:05d}")
-    save_tensors(rng_path + ".safetensors", {"torch": torch.get_rng_state()})
+    save_tensors(rng_path + ".safetensors", {"torch": torch.get_rng_state()}, stamp)
     np_state = np.random.get_state()
     with open(rng_path + ".json", "w") as f:
         json.dump({"python": [random.getstate()[0], list(random.getstate()[1]),
@@ -303,7 +308,8 @@ class _StageFiles:
     """Lazy access to tensors spread over the per-stage safetensors files of a checkpoint, each
     verified against its recorded checksum the first time it is read (``verify``)."""
 
-    def __init__(self, directory: str, kind: str, verify: bool = True):
+    def __init__(self, directory: str, kind: str, verify: bool = True,
+                 meta: Optional[Mapping] = None):
         self.where: Dict[str, str] = {}
         self._files: Dict[str, TensorFile] = {}
         self._verified: set = set()
@@ -311,6 +317,7 @@ class _StageFiles:
             if fn.startswith(kind + "_pp") and fn.endswith(".safetensors"):
                 path = os.path.join(directory, fn)
                 f = self._files[path] = TensorFile(path, verify)
+                _check_stamp(path, f.metadata(), meta)
                 for k in f.keys():
                     if k in self.where:
                         raise CheckpointError(f"{path}: tensor {k!r} is also in "
@@ -329,6 +336,20 @@ class _StageFiles:
         return t
 
     __getitem__ = get
+
+
+def _check_stamp(path: str, metadata: Mapping[str, str], meta: Optional[Mapping]) -> None:
+    """A file written by another run or step than the checkpoint's meta.json says is refused
+    (files of older versions carry no stamp)."""
+    if not meta or RUN_ID_KEY not in metadata or meta.get("run_id") is None:
+        return
+    mine = (str(meta.get("run_id")), str(meta.get("step")))
+    theirs = (metadata[RUN_ID_KEY], metadata.get(STEP_KEY))
+    if theirs != mine:
+        raise CheckpointError(
+            f"{path} was written by run {theirs[0]} at step {theirs[1]}, but its checkpoint's "
+            f"meta.json by run {mine[0]} at step {mine[1]}: a mixed checkpoint (two runs "
+            "writing into one save folder?); use another checkpoint")
 
 
 def load_model_weights(model, weights: Mapping[str, torch.Tensor],
@@ -385,12 +406,12 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
                                   f"not match this run's {getattr(cfg, key)}")
     tp_group = ps.get_tensor_model_parallel_group()
     tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    weights = _StageFiles(directory, "model", verify)
+    weights = _StageFiles(directory, "model", verify, meta)
     load_model_weights(model, weights, source=f"checkpoint {directory}")
     names = _full_name_map(model)
 
     if optimizer is not None:
-        optim = _StageFiles(directory, "optim", verify) if load_optimizer else None
+        optim = _StageFiles(directory, "optim", verify, meta) if load_optimizer else None
         if optim is not None and not optim.where:
             logger.warning("checkpoint %s has no optimizer state; starting it fresh", directory)
         for mp, holder, rng, inner in _state_holders(optimizer):
@@ -427,7 +448,9 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
                              "world": dist.get_world_size()}
     if load_rng and same_layout:
         base = os.path.join(directory, f"rng_rank{dist.get_rank():05d}")
-        torch.set_rng_state(load_tensors(base + ".safetensors", verify)["torch"])
+        rng_file = TensorFile(base + ".safetensors", verify)
+        _check_stamp(rng_file.path, rng_file.metadata(), meta)
+        torch.set_rng_state(rng_file.load_all()["torch"])
         try:
             with open(base + ".json") as f:
                 st = json.load(f)

@@ -190,6 +190,8 @@ class Trainer:
         self.args = args
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         initialize_model_parallel(tp, pp)
+        self._save_lock = None
+        self.run_id = self._start_run()
         self.dp = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         self.itc = create_itc_groups(args.itc_group_size, args.itc_aggregate_nodes)
@@ -295,6 +297,35 @@ class Trainer:
         if args.load:
             self._resume(args.load)
 
+    def _start_run(self) -> str:
+        """A run id for this run (rank 0's, on every rank) and, with --save, the save folder's
+        lock (rank 0 takes it; every rank fails alike when another run holds it)."""
+        from .save_lock import SaveLock, SaveLockError
+
+        box = [None, None]
+        if dist.get_rank() == 0:
+            import uuid
+
+            box[0] = uuid.uuid4().hex[:12]
+            if self.args.save:
+                try:
+                    self._save_lock = SaveLock.acquire(self.args.save, box[0])
+                except SaveLockError as e:
+                    box[1] = str(e)
+        with _phase("start-up (run id and save-folder lock, all ranks)"):
+            dist.broadcast_object_list(box, src=0)
+        if box[1]:
+            raise SaveLockError(box[1])
+        logger.info("run %s%s", box[0], f", saving into {self.args.save}" if self.args.save
+                    else "")
+        return box[0]
+
+    def close(self) -> None:
+        """Release what the run holds outside the process (the save folder's lock)."""
+        if self._save_lock is not None:
+            self._save_lock.release()
+            self._save_lock = None
+
     # -- checkpoints -----------------------------------------------------------------------
     def _resume(self, path: str) -> None:
         """Load ``--load``: everything (resume), weights and step (``--no-load-optim``), or
@@ -333,6 +364,7 @@ class Trainer:
         from .checkpointing import save_checkpoint
 
         meta = {"model_config": self.cfg.to_dict(), "args": vars(self.args),
+                "run_id": self.run_id,
                 "consumed_samples": self.consumed_samples, "flavor": self.args.flavor,
                 "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
         with _phase(f"saving the checkpoint of step {self.step}"):
@@ -611,10 +643,13 @@ def run(args) -> List[Dict[str, float]]:
     from ..parallel.distributed import destroy, init_distributed
     from .cli import fail
 
+    _exit_with_launcher()
     env = init_distributed(timeout_s=args.distributed_timeout_minutes * 60)
     _setup_logging(env.rank)
+    trainer = None
     try:
-        return Trainer(args).train()
+        trainer = Trainer(args)
+        return trainer.train()
     except Exception as exc:  # noqa: BLE001 - sorted below; bugs keep their traceback
         if is_user_error(exc):
             fail(exc)
@@ -630,7 +665,29 @@ def run(args) -> List[Dict[str, float]]:
                  status=1)
         raise
     finally:
+        if trainer is not None:
+            trainer.close()
         destroy()
+
+
+def _exit_with_launcher() -> None:
+    """Under torchrun, let the kernel send this process SIGTERM when torchrun's agent dies: the
+    agent starts workers in sessions of their own, so an agent killed with SIGKILL would
+    otherwise leave them training (and writing checkpoints) as orphans next to the job that
+    replaces it. (srun keeps its tasks in its own process tracking.) Linux only."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 _PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",

@@ -145,3 +145,62 @@ def test_hung_peer_ends_the_job_within_the_timeout():
     ours = [ln for ln in rest.splitlines() if ln.startswith("m2-pretrain: error:")]
     assert ours and "a collective failed or timed out during the" in ours[0], rest[-3000:]
     assert "ranks [0, 1]" in ours[0] and "Timed out" in ours[0], ours[0]
+
+
+@pytest.mark.slow
+def test_second_run_into_a_save_folder_in_use_is_refused(tmp_path):
+    """A live run holds the save folder's lock (here: this test process): another run refuses to
+    start there, on every rank, with one line naming the holder."""
+    from megatron_m2.training.save_lock import SaveLock
+
+    lock = SaveLock.acquire(str(tmp_path / "ckpt"), "holder-run")
+    try:
+        proc = subprocess.run(_cmd(["--train-iters", "2", "--save", str(tmp_path / "ckpt")]),
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("m2-pretrain: error:")]
+    assert ours and "is in use by run holder-run" in ours[0], proc.stderr[-3000:]
+    assert not [ln for ln in proc.stderr.splitlines() if ln.lstrip().startswith("File ")
+                and "megatron_m2" in ln]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == []  # nothing written
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL torchrun's agent mid-training: its workers (in sessions of their own) exit too
+    instead of training on and saving into the folder; a new run then resumes there (the
+    dead run's lock is stale)."""
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen(_cmd(["--train-iters", "100000", "--save", str(ckpt),
+                                  "--save-interval", "2"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in proc.stderr:
+        if "step     3/" in line:
+            break
+    workers = _descendants(proc.pid)
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and
+                                         open(f"/proc/{w}/stat").read().split()[2] != "Z"
+                                         for w in workers):
+        time.sleep(0.5)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+             and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "workers outlived their launcher"
+    saved = (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
+    time.sleep(2)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == saved
+    res = subprocess.run(_cmd(["--train-iters", str(int(saved) + 1), "--load", str(ckpt),
+                               "--save", str(ckpt), "--use-checkpoint-opt-param-scheduler"]),
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "taking over the lock" in res.stderr

@@ -58,6 +58,7 @@ def _scenarios(ckpt):
     first = _trainer(["--train-iters", "4", "--save", ckpt])
     out["first_lrs"] = _lrs(first, 4)
     first.save()
+    first.close()  # release the save folder's lock (the runs below reuse the folder)
     saved = _weights(first)
 
     # A flipped byte in the saved weights: --load refuses it, naming the file and tensor.
@@ -76,6 +77,22 @@ def _scenarios(ckpt):
         out["flipped"] = str(e)
     out["flipped_unverified_step"] = _trainer(["--train-iters", "4", "--load", bad,
                                                "--no-verify-checksums"]).step
+    # A checkpoint mixing two runs' files (another run's optimizer state, same step): refused.
+    twin = _trainer(["--train-iters", "4", "--save", ckpt + "-twin"])
+    _lrs(twin, 4)
+    twin.save()
+    twin.close()
+    mixed = ckpt + "-mixed"
+    shutil.copytree(ckpt, mixed)
+    shutil.copyfile(os.path.join(ckpt + "-twin", "iter_0000004", "optim_pp000.safetensors"),
+                    os.path.join(mixed, "iter_0000004", "optim_pp000.safetensors"))
+    from megatron_m2.training.checkpoint_meta import CheckpointError
+
+    try:
+        _trainer(["--train-iters", "4", "--load", mixed])
+        out["mixed"] = "loaded"
+    except CheckpointError as e:
+        out["mixed"] = str(e)
     # The tracker lost: the run resumes at the newest complete checkpoint, not at step 0.
     lost = ckpt + "-lost"
     shutil.copytree(ckpt, lost)
@@ -118,6 +135,8 @@ def test_resume_past_the_old_schedule_and_finetune(tmp_path):
     assert "does not match the checksum" in out["flipped"]
     assert out["flipped_unverified_step"] == 4
     assert out["lost_tracker_step"] == 4
+    assert "optim_pp000.safetensors was written by run" in out["mixed"], out["mixed"]
+    assert "a mixed checkpoint" in out["mixed"]
     assert any("is missing: using" in w for w in out["warnings"]), out["warnings"]
     # The first run's cosine schedule ends at lr 0 at its last step.
     assert out["first_lrs"][-1] == 0.0
