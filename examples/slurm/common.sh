@@ -125,6 +125,9 @@ m2_launch() {
   WEIGHT_DECAY=${WEIGHT_DECAY:-0.05}
   CLIP_GRAD=${CLIP_GRAD:-1.0}
   TIMEOUT_MIN=${TIMEOUT_MIN:-30}
+  # torchrun forwards SIGTERM to its workers and kills them this many seconds later: time to
+  # finish the step and write the checkpoint (sbatch --signal=TERM@600 gives 600).
+  SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-540}
   RECOMPUTE_LAYERS=${RECOMPUTE_LAYERS:-0}  # N > 0: recompute the first N layers of each stage
 
   # --- the launcher ----------------------------------------------------------------------------
@@ -182,7 +185,7 @@ m2_launch() {
     eval_args=(--valid-data-path "$VALID_DATA" --eval-interval "$EVAL_INTERVAL"
       --eval-max-samples "$EVAL_MAX_SAMPLES")
   fi
-  local ckpt_args=(--save "$SAVE" --save-interval "$SAVE_INTERVAL")
+  local ckpt_args=(--save "$SAVE" --save-interval "$SAVE_INTERVAL" --exit-signal-handler)
   if [[ -n $LOAD ]]; then
     ckpt_args+=(--load "$LOAD")
   elif [[ -f $SAVE/latest_checkpointed_iteration.txt ]] || compgen -G "$SAVE/iter_*/meta.json" >/dev/null; then
@@ -205,7 +208,8 @@ m2_launch() {
   )
   # The save folder (it holds the checkpoints and the JSON log) exists before any rank starts;
   # m2-pretrain also creates its output folders and checks that they are writable.
-  local setup=("mkdir -p $(printf %q "$SAVE")")  # commands run in this shell before srun
+  local setup=("mkdir -p $(printf %q "$SAVE")"  # commands run in this shell before srun
+    "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT")
   case $LAUNCHER in
     pyxis)
       srun_args+=(--container-image="$IMAGE" --container-workdir="$CONTAINER_WORKDIR")
@@ -249,6 +253,7 @@ m2_launch() {
     exit 0
   fi
   mkdir -p "$SAVE" || m2_die "cannot create the save folder SAVE=$SAVE"
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
   if [[ $LAUNCHER == module && -n $MODULES ]]; then
     command -v module >/dev/null 2>&1 || m2_die "MODULES is set but there is no 'module' command"
     local mods

@@ -225,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG of the loss (and eval) curves at the end (default: SAVE/"
                         "loss_curve.png when --save is set)")
 
+    g = p.add_argument_group("ending a run early (Megatron-LM's flags; the run saves and exits 0)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal (Slurm sends SIGTERM before a time limit or a "
+                        "preemption), finish the step, save a checkpoint and exit 0 on every "
+                        "rank")
+    g.add_argument("--exit-signal", default="SIGTERM",
+                   choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"],
+                   help="the signal --exit-signal-handler acts on")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (saving a checkpoint) once this process has trained this long")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (saving a checkpoint) after a step divisible by this")
+
     g = p.add_argument_group("failure handling")
     g.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
                    help="a NaN/inf loss stops the run (no checkpoint is written) or skips the "
@@ -310,6 +323,11 @@ def _validate_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lr-decay-iters must be >= 1, got {args.lr_decay_iters}")
     if args.eval_interval is not None and args.eval_interval < 1:
         raise ConfigError(f"--eval-interval must be >= 1, got {args.eval_interval}")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise ConfigError(f"--exit-interval must be >= 1, got {args.exit_interval}")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise ConfigError(f"--exit-duration-in-mins must be > 0, got "
+                          f"{args.exit_duration_in_mins}")
 
 
 def _validate_data(args: argparse.Namespace, cfg) -> None:

@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -537,6 +537,7 @@ class Trainer:
         t_start = time.perf_counter()
         first_step = self.step  # after a resume, ETA counts only this run's steps
         t_last, last_step = t_start, self.step
+        stop = _ExitConditions(a, t_start)
         try:
             while self.step < a.train_iters:
                 rec = self.train_step()
@@ -566,9 +567,16 @@ class Trainer:
                     log_file.flush()
                 if a.save and a.save_interval and rec["step"] % a.save_interval == 0:
                     self.save()
+                reason = stop.reason(self.step)
+                if reason:
+                    logger.info("stopping after step %d: %s%s", self.step, reason,
+                                "; saving a checkpoint" if a.save else " (no --save: nothing "
+                                "saved)")
+                    break
             if a.save and not (a.save_interval and self.step % a.save_interval == 0):
                 self.save()
         finally:
+            stop.close()
             if log_file:
                 log_file.close()
             if tb:
@@ -580,12 +588,62 @@ class Trainer:
         return records
 
 
+class _ExitConditions:
+    """Megatron-LM's ways of ending a run early, cleanly (the loop then saves, with --save,
+    and the process exits 0): ``--exit-signal-handler`` (the signal of ``--exit-signal``, e.g.
+    Slurm's SIGTERM before a time limit or a preemption, received by any rank),
+    ``--exit-duration-in-mins`` (training time of this process, any rank), ``--exit-interval``
+    (a step divisible by it). The first two differ between ranks, so they are agreed on with
+    one all-reduce per step, and only when they are enabled."""
+
+    def __init__(self, args, t_start: float):
+        import signal
+
+        self.args, self.t_start = args, t_start
+        self.received: Optional[str] = None
+        self._previous = None
+        self._signal = getattr(signal, args.exit_signal)
+        if args.exit_signal_handler:
+            self._previous = signal.signal(self._signal, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        if self.received is None:
+            logger.warning("received %s: finishing step and stopping", signal.Signals(signum).name)
+        self.received = signal.Signals(signum).name
+
+    def reason(self, step: int) -> Optional[str]:
+        a = self.args
+        if a.exit_signal_handler or a.exit_duration_in_mins:
+            elapsed = (time.perf_counter() - self.t_start) / 60
+            flags = torch.tensor([float(self.received is not None),
+                                  float(bool(a.exit_duration_in_mins)
+                                        and elapsed >= a.exit_duration_in_mins)])
+            with _phase("the exit check (all ranks)"):
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0]:
+                return f"{a.exit_signal} received (--exit-signal-handler)"
+            if flags[1]:
+                return f"--exit-duration-in-mins {a.exit_duration_in_mins:g} reached"
+        if a.exit_interval and step % a.exit_interval == 0 and step < a.train_iters:
+            return f"--exit-interval {a.exit_interval}"
+        return None
+
+    def close(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(self._signal, self._previous)
+
+
 _RUN_ONLY_ARGS = frozenset({
     "load", "save", "save_interval", "finetune", "no_load_optim", "no_load_rng",
     "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "log_json",
     "tensorboard_dir", "loss_curve", "log_interval", "eval_interval", "num_workers",
     "distributed_timeout_minutes", "train_iters", "allow_dataset_mismatch",
-    "no_verify_checksums"})
+    "no_verify_checksums", "exit_signal_handler", "exit_signal", "exit_duration_in_mins",
+    "exit_interval"})
 """Arguments expected to change between a run and its resumption (not worth a warning)."""
 
 

@@ -251,3 +251,18 @@ def test_resubmission_resumes_even_without_a_tracker(data_root):
     assert res.returncode == 0, res.stderr
     _, _, m2 = _split(_srun_line(res.stdout))
     assert _value(m2, "--load") == str(save)
+
+
+@pytest.mark.parametrize("recipe", sorted(LAYOUTS))
+def test_recipes_save_and_exit_on_slurms_warning_signal(recipe, data_root):
+    """Before its time limit (or a preemption) Slurm sends SIGTERM (#SBATCH --signal); the
+    recipe gives m2-pretrain --exit-signal-handler (finish the step, save, exit 0) and torchrun
+    the time to let it (TORCH_ELASTIC_SHUTDOWN_TIMEOUT below the signal's lead time)."""
+    text = (SLURM / recipe).read_text()
+    lead = int(text.split("#SBATCH --signal=TERM@", 1)[1].split()[0])
+    rc, out, err = _dry_run(recipe, "pyxis", "bf16", str(data_root))
+    assert rc == 0, err
+    _, _, m2 = _split(_srun_line(out))
+    assert "--exit-signal-handler" in m2
+    exports = [ln for ln in out.splitlines() if ln.startswith("export TORCH_ELASTIC_SHUTDOWN_")]
+    assert len(exports) == 1 and 0 < int(exports[0].split("=")[1]) < lead

@@ -228,3 +228,21 @@ def test_logit_scale_clamped_after_the_step(flags, world):
         # The loss saw the overshooting scale and gave it a gradient (no clamp in the loss).
         assert all(g > 0 for g in out["grads"].values()), out
         assert math.isclose(max(out["params"].values()), top, abs_tol=tol + 1e-6), out
+
+
+def _early_exits(save):
+    out = {}
+    for flags in (["--exit-interval", "3"], ["--exit-duration-in-mins", "1e-9"]):
+        trainer = _trainer(["--train-iters", "8", "--save", os.path.join(save, flags[0])]
+                           + flags)
+        out[flags[0]] = len(trainer.train())
+        trainer.close()
+    return out
+
+
+def test_exit_interval_and_duration_stop_and_save(tmp_path):
+    out = run_distributed(_early_exits, world_size=1, timeout=300, save=str(tmp_path))[0]
+    assert out == {"--exit-interval": 3, "--exit-duration-in-mins": 1}
+    for flag, step in (("--exit-interval", 3), ("--exit-duration-in-mins", 1)):
+        tracker = tmp_path / flag / "latest_checkpointed_iteration.txt"
+        assert tracker.read_text().strip() == str(step)
