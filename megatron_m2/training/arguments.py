@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume at --load's step with fresh AdamW states; the LR schedule "
                         "follows this command line at that step")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+    g.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="resume or fine-tune --load with another --tokenizer-model than the one "
+                        "it was trained with (its token embeddings then mean other pieces)")
     g.add_argument("--no-verify-checksums", action="store_true",
                    help="load --load without checking every tensor against the checksum "
                         "recorded when it was saved (faster; a corrupt file then goes unnoticed)")
@@ -361,6 +364,30 @@ def _validate_data(args: argparse.Namespace, cfg) -> None:
                    allow=args.allow_dataset_mismatch, languages_of=train)
 
 
+def _validate_resumed_tokenizer(args: argparse.Namespace, directory: str, meta: Dict) -> None:
+    """The checkpoint's token embeddings belong to its tokenizer: another one (even of the same
+    vocabulary size) would silently give every id another meaning."""
+    import hashlib
+
+    if not args.tokenizer_model or args.allow_tokenizer_mismatch:
+        return
+    saved = (meta.get("tokenizer") or {}).get("sha256")
+    saved_file = os.path.join(directory, "tokenizer.model")
+    if saved is None and os.path.isfile(saved_file):
+        with open(saved_file, "rb") as f:
+            saved = hashlib.sha256(f.read()).hexdigest()
+    if saved is None:
+        return  # the checkpoint records no tokenizer (e.g. converted without one)
+    with open(args.tokenizer_model, "rb") as f:
+        mine = hashlib.sha256(f.read()).hexdigest()
+    if mine != saved:
+        raise ConfigError(
+            f"--tokenizer-model {args.tokenizer_model} (sha256 {mine[:12]}…) is not the "
+            f"tokenizer of the checkpoint {directory} (sha256 {saved[:12]}…; its copy is "
+            f"{saved_file}): the token embeddings would take other ids. Use that tokenizer, or "
+            "pass --allow-tokenizer-mismatch to train on anyway")
+
+
 def _validate_save(args: argparse.Namespace) -> None:
     """A --save folder that already holds checkpoints is written into only by a run that
     resumes from it: a new run there would replace them (the first save of step N overwrites
@@ -404,6 +431,7 @@ def _validate_resume(args: argparse.Namespace, cfg) -> None:
     if wrong:
         raise ConfigError(f"--load {directory}: the checkpoint's model differs from --flavor "
                           f"{args.flavor}: {', '.join(wrong)}")
+    _validate_resumed_tokenizer(args, directory, meta)
     if args.finetune or args.no_load_optim or "scheduler" not in meta or (
             args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
         return

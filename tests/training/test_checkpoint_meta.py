@@ -76,3 +76,32 @@ def test_new_run_refuses_a_folder_of_checkpoints(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         validate_args(parse_args(base + ["--load", str(tmp_path / "elsewhere")]), 1)
+
+
+def test_resume_refuses_another_tokenizer(tmp_path):
+    """The checkpoint's tokenizer (recorded in meta.json, or its tokenizer.model copy) must be
+    --tokenizer-model's: another one of the same size would give every id another meaning."""
+    import shutil
+
+    from megatron_m2.data.tokenizer import M2Tokenizer, train_tokenizer
+    from tests.helpers.tools import ROOT
+
+    demo = ROOT / "data" / "emoji_demo" / "tokenizer.model"
+    other = train_tokenizer(["a photo of a cat", "一只猫", "two dogs"] * 50,
+                            tmp_path / "other", vocab_size=300)
+    root = _save_root(tmp_path, steps=(2,))
+    iter_2 = root / "iter_0000002"
+    (iter_2 / "meta.json").write_text(json.dumps(
+        {"step": 2, "tokenizer": {"sha256": M2Tokenizer(demo).sha256()}}))
+    base = ["--synthetic", "--load", str(root)]
+    validate_args(parse_args(base + ["--tokenizer-model", str(demo)]), 1)
+    with pytest.raises(ConfigError, match=f"--tokenizer-model {other} .* is not the tokenizer "
+                                          "of the checkpoint"):
+        validate_args(parse_args(base + ["--tokenizer-model", str(other)]), 1)
+    validate_args(parse_args(base + ["--tokenizer-model", str(other),
+                                     "--allow-tokenizer-mismatch"]), 1)
+    # A checkpoint of an older version: its tokenizer.model copy is compared.
+    (iter_2 / "meta.json").write_text(json.dumps({"step": 2}))
+    shutil.copyfile(demo, iter_2 / "tokenizer.model")
+    with pytest.raises(ConfigError, match="its copy is .*tokenizer.model"):
+        validate_args(parse_args(base + ["--tokenizer-model", str(other)]), 1)
