@@ -22,6 +22,7 @@ together these let a worker that is torn down in the middle of its prefetching e
 from __future__ import annotations
 
 import io
+import logging
 import multiprocessing.context
 import multiprocessing.util
 import os
@@ -33,10 +34,28 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .indexed import ImageTextIndexedDataset, split_ranges
+from .indexed import DatasetError, ImageTextIndexedDataset, split_ranges
 
 __all__ = ["ImageTextDataset", "BlendedDataset", "GlobalBatchSampler", "build_loader",
-           "split_ranges", "CAPTION_POLICIES"]
+           "split_ranges", "CAPTION_POLICIES", "BadSampleError", "worker_error_message"]
+
+logger = logging.getLogger(__name__)
+
+
+class BadSampleError(DatasetError):
+    """A sample that cannot be read, decoded or transformed; the message names the dataset and
+    the sample index."""
+
+
+def worker_error_message(exc: BaseException) -> str:
+    """The original message of an exception a DataLoader worker raised: torch re-raises it in
+    the main process with the worker's whole traceback as its message."""
+    text = str(exc).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = type(exc).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 CAPTION_POLICIES = ("any", "en", "zh", "balanced")
 """any: uniform over a sample's captions; en/zh: that language only (samples without it fall
@@ -63,17 +82,22 @@ class ImageTextDataset(torch.utils.data.Dataset):
         caption_policy: see :data:`CAPTION_POLICIES`.
         seed: base seed of augmentation and caption choice.
         sample_range: the ``[start, end)`` slice of the dataset to expose (``--split``).
+        skip_bad: replace a sample that cannot be read, decoded or transformed by the next good
+            one (deterministically) instead of raising :class:`BadSampleError`; each returned
+            item counts the samples it replaced in ``"bad_samples"`` (the trainer sums them
+            and enforces ``--skip-bad-samples``).
     """
 
     def __init__(self, prefix: str, tokenizer, transform, text_length: int,
                  caption_policy: str = "any", seed: int = 0,
-                 sample_range: Optional[Tuple[int, int]] = None, train: bool = True):
+                 sample_range: Optional[Tuple[int, int]] = None, train: bool = True,
+                 skip_bad: bool = False):
         if caption_policy not in CAPTION_POLICIES:
             raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}")
         self.prefix = prefix
         self.tokenizer, self.transform = tokenizer, transform
         self.text_length, self.caption_policy, self.seed = text_length, caption_policy, seed
-        self.train = train
+        self.train, self.skip_bad = train, skip_bad
         # Validates the files here; pickles as its prefix, so each worker maps the files itself.
         self.reader = ImageTextIndexedDataset(prefix)
         n = len(self.reader)
@@ -96,16 +120,38 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return pool[rng.randrange(len(pool))] if self.train else pool[0]
 
     def get(self, i: int, epoch: int = 0) -> Dict[str, torch.Tensor]:
+        """Sample ``i`` of the slice, transformed; a bad one raises :class:`BadSampleError`
+        (or, with ``skip_bad``, is replaced by the next good one and counted)."""
+        bad = 0
+        for _ in range(len(self)):
+            try:
+                out = self._load(self.start + i, epoch)
+            except BadSampleError as e:
+                if not self.skip_bad:
+                    raise
+                logger.warning("skipping a bad sample: %s", e)
+                bad += 1
+                i = (i + 1) % len(self)
+                continue
+            if self.skip_bad:
+                out["bad_samples"] = torch.tensor(bad)
+            return out
+        raise BadSampleError(f"dataset {self.prefix}: no sample of [{self.start}, {self.end}) "
+                             "can be read")
+
+    def _load(self, idx: int, epoch: int) -> Dict[str, torch.Tensor]:
         from PIL import Image
 
-        idx = self.start + i
-        sample = self.reader[idx]
-        rng = random.Random(_mix(self.seed, epoch, idx))
-        lang, ids = self._choose_caption(sample.captions, rng)
-        text_ids, pad = self.tokenizer.pad([ids.tolist()], max_length=self.text_length)
-        with Image.open(io.BytesIO(sample.image)) as img:
-            img = img.convert("RGB")
-            image = self.transform(img, rng) if self.train else self.transform(img)
+        try:
+            sample = self.reader[idx]
+            rng = random.Random(_mix(self.seed, epoch, idx))
+            lang, ids = self._choose_caption(sample.captions, rng)
+            text_ids, pad = self.tokenizer.pad([ids.tolist()], max_length=self.text_length)
+            with Image.open(io.BytesIO(sample.image)) as img:
+                img = img.convert("RGB")
+                image = self.transform(img, rng) if self.train else self.transform(img)
+        except (OSError, ValueError, SyntaxError, IndexError) as e:  # PIL, framing, reader
+            raise BadSampleError(f"dataset {self.prefix}: sample {idx}: {e}") from None
         return {"images": image, "text_ids": text_ids[0], "text_pad_mask": pad[0],
                 "lang": torch.tensor(0 if lang == "en" else 1 if lang == "zh" else 2)}
 

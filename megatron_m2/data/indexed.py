@@ -291,10 +291,19 @@ def _validate_contents(prefix: str, lengths: np.ndarray, pointers: np.ndarray,
         raise _fail(prefix, "every sample must end with exactly one image sequence")
     if (lengths < 1).any():
         raise _fail(prefix, "index has empty sequences")
+    short = images[lengths[images] < 2]
+    if short.size:  # an image is its pad count and at least one word of data
+        sample = int(np.searchsorted(docs, short[0], side="right") - 1)
+        raise _fail(prefix, f"{short.size} image sequence(s) hold no image data (first: "
+                            f"sample {sample})")
     ends = np.cumsum(lengths, dtype=np.int64) * 4
     starts = np.concatenate([np.zeros(1, np.int64), ends[:-1]]) if n_seq else ends
     if not np.array_equal(pointers, starts):
-        raise _fail(prefix, "sequence pointers are not contiguous")
+        j = int(np.argmax(pointers != starts))
+        sample = int(np.searchsorted(docs, j, side="right") - 1)
+        raise _fail(prefix, f"sequence pointers are not contiguous (first at sequence {j}, "
+                            f"sample {sample}: byte {int(pointers[j])}, expected "
+                            f"{int(starts[j])}; the index does not describe {prefix}.bin)")
 
 
 class ImageTextIndexedDataset:

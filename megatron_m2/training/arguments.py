@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--randaugment", default="2,7",
                    help="RandAugment 'N,M' of the train transform, or 'none'")
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--skip-bad-samples", type=int, default=0, metavar="N",
+                   help="replace a sample that cannot be read or decoded by the next good one, "
+                        "counting them, at most N over the run (0: the first one stops the run, "
+                        "naming it)")
     g.add_argument("--allow-dataset-mismatch", action="store_true",
                    help="train on datasets whose card (PREFIX.meta.json) names another "
                         "tokenizer, text style or text length than this run's (a warning "
@@ -318,6 +322,7 @@ def _validate_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be in [0, 1), got {value}")
     for flag, value, low in (("--lr-warmup-iters", args.lr_warmup_iters, 0),
                              ("--num-workers", args.num_workers, 0),
+                             ("--skip-bad-samples", args.skip_bad_samples, 0),
                              ("--log-interval", args.log_interval, 1),
                              ("--eval-max-samples", args.eval_max_samples, 0)):
         if value < low:
@@ -345,8 +350,11 @@ def _validate_data(args: argparse.Namespace, cfg) -> None:
     identity.pop("text_style")  # the data's: it says how its captions were made
     train = [prefix for _, prefix in parse_data_path(args.data_path)] if args.data_path else []
     split = parse_split(args.split) if train else None
+    # In full (linear in the index, vectorised; the data file is not read): pointers and lengths
+    # inside the .bin, modes, every sample captions then one image. A bad index fails here,
+    # naming the dataset, not in a loader worker when the bad sample comes up.
     for prefix in train:
-        n = read_index(prefix, full=False).num_samples
+        n = read_index(prefix, full=True).num_samples
         if n == 0:
             raise ConfigError(f"--data-path {prefix}: {prefix}.idx holds no samples")
         lo, hi = split_ranges(n, split)[0]
@@ -355,7 +363,7 @@ def _validate_data(args: argparse.Namespace, cfg) -> None:
                               f"({n} samples)")
     valid = [args.valid_data_path] if args.valid_data_path else []
     for prefix in valid:
-        if read_index(prefix, full=False).num_samples == 0:
+        if read_index(prefix, full=True).num_samples == 0:
             raise ConfigError(f"--valid-data-path {prefix}: {prefix}.idx holds no samples")
     langs = [args.caption_lang] if args.caption_lang in ("en", "zh") else []
     against = f"this run (--tokenizer-model {args.tokenizer_model}, text length " \

@@ -288,6 +288,10 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0  # global samples of the steps taken (the data position)
         self.skipped_steps = 0
+        self.bad_samples = 0  # samples skipped as unreadable (--skip-bad-samples), all replicas
+        self._bad_this_step = 0
+        self._counts_data = (ps.get_tensor_model_parallel_rank() == 0
+                             and ps.is_pipeline_first_stage(ignore_virtual=True))
         self.evaluator = None
         if args.valid_data_path:
             from .evaluation import Evaluator
@@ -385,7 +389,8 @@ class Trainer:
             n = len(ImageTextIndexedDataset(prefix))
             parts.append(ImageTextDataset(prefix, self.tokenizer, transform, cfg.max_text_len,
                                           caption_policy=a.caption_lang, seed=a.seed,
-                                          sample_range=split_ranges(n, split)[0]))
+                                          sample_range=split_ranges(n, split)[0],
+                                          skip_bad=a.skip_bad_samples > 0))
             weights.append(w)
         blend = BlendedDataset(parts, weights)
         logger.info("training data: %d samples from %d dataset(s) (%s)", len(blend), len(parts),
@@ -408,9 +413,18 @@ class Trainer:
                                          a.micro_batch_size, self.dp_rank, self.dp, seed=a.seed,
                                          consumed_samples=self.consumed_samples)
             self._loader = iter(build_loader(self.dataset, sampler, a.num_workers))
-        batches = [next(self._loader) for _ in range(self.num_micro)]
+        from ..data.dataset import BadSampleError, worker_error_message
+
+        try:
+            batches = [next(self._loader) for _ in range(self.num_micro)]
+        except BadSampleError as e:  # raised in a loader worker: keep its own message
+            raise BadSampleError(worker_error_message(e) + " (--skip-bad-samples N skips up to "
+                                 "N such samples)") from None
         for b in batches:
             b.pop("lang", None)
+            bad = b.pop("bad_samples", None)
+            if bad is not None:
+                self._bad_this_step += int(bad.sum())
         return batches
 
     def _schedule(self, step_func, batches, forward_only: bool):
@@ -457,13 +471,17 @@ class Trainer:
             losses = [float(m["loss"]) for m in out] if self.is_last_stage else []
         # Global mean loss over the DP ranks, and whether any rank saw a non-finite one; the
         # decision below is then identical on every rank.
-        local = torch.zeros(3, dtype=torch.float64)
+        local = torch.zeros(4, dtype=torch.float64)
         if self.is_logger_rank and losses:
             local[0], local[1] = sum(losses) / len(losses), 1.0
         if any(not math.isfinite(x) for x in losses):
             local[2] = 1.0
+        if self._counts_data:  # one rank per data-parallel replica loads distinct samples
+            local[3] = self._bad_this_step
+        self._bad_this_step = 0
         with _phase("the loss all-reduce over all ranks"):
             dist.all_reduce(local)
+        self._note_bad_samples(int(local[3]))
         loss = float(local[0] / local[1])
         self.step += 1
         self.consumed_samples += self.args.global_batch_size
@@ -483,8 +501,26 @@ class Trainer:
         if ok:
             self._clamp_logit_scales()
             self.scheduler.step(increment=1)
-        return {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        rec = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        if self.bad_samples:
+            rec["bad_samples"] = self.bad_samples
+        return rec
+
+    def _note_bad_samples(self, count: int) -> None:
+        """Samples skipped this step (all replicas): counted, logged, and at most
+        --skip-bad-samples over the run."""
+        if not count:
+            return
+        self.bad_samples += count
+        logger.warning("step %d: %d bad sample(s) skipped (%d of at most %d so far)",
+                       self.step + 1, count, self.bad_samples, self.args.skip_bad_samples)
+        if self.bad_samples > self.args.skip_bad_samples:
+            from ..data.dataset import BadSampleError
+
+            raise BadSampleError(f"{self.bad_samples} bad samples so far, more than "
+                                 f"--skip-bad-samples {self.args.skip_bad_samples} (the "
+                                 "warnings above name them)")
 
     def _clamp_logit_scales(self) -> None:
         """Keep the log-temperatures in ``[0, LOGIT_SCALE_MAX]`` after the update, as OpenCLIP
