@@ -418,7 +418,7 @@ def _validate_save(args: argparse.Namespace) -> None:
 def _validate_resume(args: argparse.Namespace, cfg) -> None:
     """``--load``: the checkpoint's model fits this run's, and its LR schedule is the command
     line's unless the flags say which one wins (Megatron-LM's rule)."""
-    from .checkpoint_meta import holds_checkpoint, resolve_checkpoint
+    from .checkpoint_meta import check_tensor_file, holds_checkpoint, resolve_checkpoint
 
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and "
@@ -431,6 +431,11 @@ def _validate_resume(args: argparse.Namespace, cfg) -> None:
         directory, meta = resolve_checkpoint(args.load)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--load {args.load}: {e}") from None
+    # Every tensor file's framing now (cheap: headers only), so that a truncated or garbled
+    # shard is named before start-up rather than after it.
+    for fn in sorted(os.listdir(directory)):
+        if fn.endswith(".safetensors"):
+            check_tensor_file(os.path.join(directory, fn))
     saved = meta.get("model_config", {})
     wrong = [f"{k} {saved[k]} (this run: {getattr(cfg, k)})" for k in (
         "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_sep_layers",

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import UserError
 
 __all__ = ["TRACKER", "iter_dir", "latest_iteration", "resolve_checkpoint", "holds_checkpoint",
-           "complete_iterations", "CheckpointError"]
+           "complete_iterations", "check_tensor_file", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -114,3 +114,40 @@ def resolve_checkpoint(path: str) -> Tuple[str, Dict]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: expected a JSON object")
     return directory, meta
+
+
+def check_tensor_file(path: str) -> None:
+    """Check a safetensors file's framing without torch (for argument validation): an 8-byte
+    header length, a JSON header, every tensor's byte range inside the file and the data
+    section exactly covered. A truncated or garbled file raises :class:`CheckpointError`
+    naming it; the tensors' checksums are verified when they are loaded."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file, or truncated (header of "
+                                  f"{n} bytes in a file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: garbled safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: garbled safetensors header (not a JSON object)")
+    data = size - 8 - n
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: garbled safetensors header (entry {name!r})") \
+                from None
+        if not 0 <= begin <= end <= data:
+            raise CheckpointError(f"{path}: tensor {name!r} lies beyond the end of the file "
+                                  f"(bytes {begin}-{end} of {data}): truncated")
+        ends.append(end)
+    if max(ends, default=0) != data:
+        raise CheckpointError(f"{path}: {data} data bytes, but its tensors end at "
+                              f"{max(ends, default=0)}: truncated or extended")

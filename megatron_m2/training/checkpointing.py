@@ -58,7 +58,8 @@ RUN_ID_KEY, STEP_KEY = "m2_run_id", "m2_step"
 """Metadata entries of every checkpoint file: the run and step that wrote it."""
 FAULT_INJECTION_ENV = "M2_FAULT_INJECT"
 """Fault injection for tests: ``checkpoint_write:STEP`` kills the process (SIGKILL) after it
-has written its first file of the checkpoint of step STEP. Unset in normal runs."""
+has written its first file of the checkpoint of step STEP; ``checkpoint_enospc:STEP:RANK``
+makes rank RANK's disk full while it saves step STEP. Unset in normal runs."""
 
 
 def _fsync_file(path: str) -> None:
@@ -101,6 +102,14 @@ def _maybe_inject_fault(step: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _maybe_inject_enospc(step: int, rank: int, path: str) -> None:
+    """``checkpoint_enospc:STEP:RANK``: that rank's disk is full while it saves step STEP."""
+    if os.environ.get(FAULT_INJECTION_ENV, "") == f"checkpoint_enospc:{step}:{rank}":
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
 # -- which tensors: model params and the optimizer states behind them --------------------------
@@ -206,19 +215,30 @@ def _strip_padding(name: str, t: torch.Tensor, cfg) -> torch.Tensor:
 # -- save --------------------------------------------------------------------------------------
 def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dict,
                     tokenizer_path: Optional[str] = None) -> str:
-    """Write the checkpoint of ``step`` (collective: every rank calls it). Returns its dir."""
+    """Write the checkpoint of ``step`` (collective: every rank calls it). Returns its dir.
+
+    A rank that cannot write its files (a full disk, a quota) makes every rank raise one
+    :class:`~megatron_m2.training.checkpoint_meta.CheckpointError` naming the rank and the
+    file; the partial ``iter_N.tmp`` is removed and the tracker keeps naming the last good
+    checkpoint.
+    """
     from megatron.core import parallel_state as ps
+
     rank = dist.get_rank()
     final, tmp = iter_dir(root, step), iter_dir(root, step) + ".tmp"
     # Every file names the run and step it belongs to: a checkpoint mixing two runs' files
     # (say, two runs sharing a save folder) is refused when loaded.
     stamp = {RUN_ID_KEY: str(meta.get("run_id")), STEP_KEY: str(step)}
+    error = None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):  # left by a crashed save
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    dist.barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            if os.path.exists(tmp):  # left by a crashed save (one run per folder: the lock)
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        except OSError as e:
+            error = _describe(e, rank)
+    _all_or_none(error, root, step)
 
     tp_group = ps.get_tensor_model_parallel_group()
     dp_group = ps.get_data_parallel_group()
@@ -264,6 +284,31 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
             weights[name] = _strip_padding(
                 name, _tp_gather(p.detach().float().cpu(), p, tp_group), cfg).contiguous()
 
+    try:
+        _write_files(tmp, step, rank, writer, pp, weights, optim, stamp, meta, scheduler,
+                     bool(optim), tokenizer_path)
+        error = None
+    except OSError as e:  # a full disk, a quota, a vanished mount: named, nothing half-kept
+        error = _describe(e, rank)
+    _all_or_none(error, root, step)
+    if rank == 0:
+        try:
+            publish_checkpoint(root, step)
+            error = None
+        except OSError as e:
+            error = _describe(e, rank)
+    _all_or_none(error, root, step)
+    if rank == 0:
+        logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _write_files(tmp, step, rank, writer, pp, weights, optim, stamp, meta, scheduler,
+                 has_optimizer, tokenizer_path) -> None:
+    """This rank's files of the checkpoint: the stage's weights and optimizer states (one
+    writer per stage), its RNG states, and (rank 0) meta.json and the tokenizer."""
+    from megatron.core import parallel_state as ps
+
     if writer:
         path = os.path.join(tmp, f"model_pp{pp:03d}.safetensors")
         save_tensors(path, weights, stamp)  # with per-tensor checksums, umask permissions
@@ -276,6 +321,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
 
     # Per-rank RNG states (exact resume on the same layout).
     rng_path = os.path.join(tmp, f"rng_rank{rank:05d}")
+    _maybe_inject_enospc(step, rank, rng_path + ".safetensors")
     save_tensors(rng_path + ".safetensors", {"torch": torch.get_rng_state()}, stamp)
     np_state = np.random.get_state()
     with open(rng_path + ".json", "w") as f:
@@ -290,17 +336,38 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
                                  "pp": ps.get_pipeline_model_parallel_world_size(),
                                  "dp": ps.get_data_parallel_world_size(),
                                  "world": dist.get_world_size()},
-                         has_optimizer=bool(optim) or None)
+                         has_optimizer=has_optimizer or None)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(full_meta, f, indent=1, default=str)
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+
+
+def _describe(e: OSError, rank: int) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"rank {rank}: {where}{e.strerror or e}"
+
+
+def _all_or_none(error: Optional[str], root: str, step: int) -> None:
+    """Collective: every rank learns whether any rank failed its part of the save. If one did,
+    the partial ``iter_N.tmp`` is removed and every rank raises one error naming the failure;
+    the tracker still names the last good checkpoint."""
+    errors: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(iter_dir(root, step) + ".tmp", ignore_errors=True)
     dist.barrier()
-    if rank == 0:
-        publish_checkpoint(root, step)
-        logger.info("saved checkpoint %s", final)
-    dist.barrier()
-    return final
+    try:
+        last = latest_iteration(root)
+    except (OSError, ValueError):
+        last = None
+    good = f"the last good checkpoint is {iter_dir(root, last)}" if last is not None else \
+        "there is no earlier checkpoint"
+    raise CheckpointError(f"saving the checkpoint of step {step} failed ({failed[0]}); the "
+                          f"partial save was removed and {good}")
 
 
 # -- load --------------------------------------------------------------------------------------

@@ -194,3 +194,23 @@ def test_distributed_optimizer_checkpoint_resumes_without_it(straight_dist_opt, 
 def test_checkpoint_resumes_with_distributed_optimizer(straight, tmp_path):
     _resume_and_compare(straight, tmp_path, straight / "ckpt" / "iter_0000010", steps=14,
                         extra=DIST_OPT, rel_tol=1e-5, save=tmp_path / "ckpt")
+
+
+def test_full_disk_during_a_save_is_named_and_leaves_the_last_good_checkpoint(tmp_path):
+    """Rank 1's disk fills up while it writes the checkpoint of step 4: every rank stops with
+    one line naming the rank and the file, the partial save is removed, the tracker still names
+    step 2, and that checkpoint resumes."""
+    ckpt = tmp_path / "ckpt"
+    res = _run(DP2 + ["--train-iters", "6", "--save", str(ckpt), "--save-interval", "2"],
+               env={FAULT_INJECTION_ENV: "checkpoint_enospc:4:1"})
+    assert res.returncode != 0
+    ours = [ln for ln in res.stderr.splitlines() if ln.startswith("m2-pretrain: error:")]
+    assert ours and "saving the checkpoint of step 4 failed (rank 1: " in ours[0], res.stderr
+    assert "rng_rank00001.safetensors: No space left on device" in ours[0]
+    assert "the last good checkpoint is" in ours[0] and "iter_0000002" in ours[0]
+    assert (ckpt / TRACKER).read_text().strip() == "2"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == \
+        ["iter_0000002"]
+    again = _run(DP2 + ["--train-iters", "3", "--load", str(ckpt), "--save", str(ckpt),
+                        "--use-checkpoint-opt-param-scheduler"])
+    assert again.returncode == 0, again.stderr[-3000:]

@@ -105,3 +105,24 @@ def test_resume_refuses_another_tokenizer(tmp_path):
     shutil.copyfile(demo, iter_2 / "tokenizer.model")
     with pytest.raises(ConfigError, match="its copy is .*tokenizer.model"):
         validate_args(parse_args(base + ["--tokenizer-model", str(other)]), 1)
+
+
+def test_truncated_or_garbled_shards_are_named_at_validation(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from megatron_m2.training.checkpoint_meta import check_tensor_file
+
+    root = _save_root(tmp_path, steps=(2,))
+    shard = root / "iter_0000002" / "model_pp000.safetensors"
+    save_file({"a": np.arange(100, dtype=np.float32), "b": np.ones(3, np.float32)}, str(shard))
+    check_tensor_file(str(shard))  # intact
+    validate_args(parse_args(["--synthetic", "--load", str(root)]), 1)
+    data = shard.read_bytes()
+    for broken, message in ((data[:-40], "truncated"), (data[:5], "truncated"),
+                            (data[:8] + b"{nonsense" + data[17:], "garbled safetensors header")):
+        shard.write_bytes(broken)
+        with pytest.raises(CheckpointError, match=message):
+            check_tensor_file(str(shard))
+        with pytest.raises(CheckpointError, match=f"{shard}: .*{message}"):
+            validate_args(parse_args(["--synthetic", "--load", str(root)]), 1)
