@@ -679,7 +679,7 @@ _RUN_ONLY_ARGS = frozenset({
     "tensorboard_dir", "loss_curve", "log_interval", "eval_interval", "num_workers",
     "distributed_timeout_minutes", "train_iters", "allow_dataset_mismatch",
     "no_verify_checksums", "exit_signal_handler", "exit_signal", "exit_duration_in_mins",
-    "exit_interval", "allow_tokenizer_mismatch"})
+    "exit_interval", "allow_tokenizer_mismatch", "skip_bad_samples"})
 """Arguments expected to change between a run and its resumption (not worth a warning)."""
 
 
