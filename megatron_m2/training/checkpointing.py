@@ -397,7 +397,7 @@ class _StageFiles:
     def get(self, key: str) -> torch.Tensor:
         f = self._files[self.where[key]]
         if key in self._verified:  # read again (e.g. for the optimizer's main copy)
-            return f.get_unverified(key)
+            return f.get(key, verify=False)
         t = f.get(key)
         self._verified.add(key)
         return t

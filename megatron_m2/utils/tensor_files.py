@@ -105,7 +105,9 @@ class TensorFile:
     def __contains__(self, name: str) -> bool:
         return name in self._keys
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, verify: Optional[bool] = None) -> torch.Tensor:
+        """The tensor ``name``, checked against its checksum unless ``verify`` (default: the
+        file's setting) is False."""
         from safetensors import SafetensorError
 
         try:
@@ -113,11 +115,12 @@ class TensorFile:
         except (SafetensorError, OSError, ValueError) as e:
             raise IntegrityError(f"{self.path}: cannot read tensor {name!r} (truncated or "
                                  f"corrupt?): {e}") from None
-        if self.verify and self.digests is not None:
+        if (self.verify if verify is None else verify) and self.digests is not None:
             self._check(name, t)
         return t
 
-    __getitem__ = get
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get(name)
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         if tensor_digest(t) != self.digests[name]:
@@ -128,18 +131,11 @@ class TensorFile:
 
     def load_all(self) -> Dict[str, torch.Tensor]:
         """Every tensor, verified (hashing in threads)."""
-        tensors = {name: self.get_unverified(name) for name in self._keys}
+        tensors = {name: self.get(name, verify=False) for name in self._keys}
         if self.verify and self.digests is not None:
             with ThreadPoolExecutor(_THREADS) as pool:
                 list(pool.map(lambda n: self._check(n, tensors[n]), self._keys))
         return tensors
-
-    def get_unverified(self, name: str) -> torch.Tensor:
-        verify, self.verify = self.verify, False
-        try:
-            return self.get(name)
-        finally:
-            self.verify = verify
 
 
 def load_tensors(path: str, verify: bool = True) -> Dict[str, torch.Tensor]:

@@ -49,6 +49,33 @@ def _cmd(args):
             "--log-interval", "1", *args]
 
 
+def _start_training(args, **env):
+    """A long torchrun job, returned once it has logged step 3: ``(proc, worker pids)``."""
+    proc = subprocess.Popen(_cmd(["--train-iters", "100000", *args]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+    lines = []
+    for line in proc.stderr:  # wait until training runs
+        lines.append(line)
+        if "step     3/" in line:
+            break
+    workers = _descendants(proc.pid)
+    assert workers, "".join(lines[-20:])
+    return proc, workers
+
+
+def _our_errors(stderr: str):
+    """The ranks' one-line errors; and no rank printed a traceback through megatron_m2."""
+    assert not [ln for ln in stderr.splitlines() if ln.lstrip().startswith("File ")
+                and "megatron_m2" in ln], stderr[-3000:]
+    return [ln for ln in stderr.splitlines() if ln.startswith("m2-pretrain: error:")]
+
+
+def _alive(pids):
+    return [p for p in pids if os.path.exists(f"/proc/{p}")
+            and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+
+
 @pytest.mark.slow
 def test_nonfinite_loss_stop_writes_no_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", M2_FAULT_INJECT="nan_loss:3")
@@ -80,17 +107,7 @@ def test_dead_rank_ends_the_job():
     """SIGKILL one rank mid-training: the job exits (non-zero) instead of hanging, and the
     surviving rank does not bury the real cause under a traceback: it says in one line that a
     peer failed (unless torchrun stopped it first), and torchrun names the killed rank."""
-    proc = subprocess.Popen(_cmd(["--train-iters", "100000", "--distributed-timeout-minutes",
-                                  "1"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    lines = []
-    for line in proc.stderr:  # wait until training runs
-        lines.append(line)
-        if "step     3/" in line:
-            break
-    workers = _descendants(proc.pid)
-    assert workers, "".join(lines[-20:])
+    proc, workers = _start_training(["--distributed-timeout-minutes", "1"])
     os.kill(max(workers), signal.SIGKILL)
     t0 = time.time()
     try:
@@ -102,9 +119,7 @@ def test_dead_rank_ends_the_job():
     assert proc.returncode != 0
     assert time.time() - t0 < 120
     rest = proc.stderr.read()
-    assert not [ln for ln in rest.splitlines() if ln.lstrip().startswith("File ")
-                and "megatron_m2" in ln], rest[-3000:]
-    ours = [ln for ln in rest.splitlines() if ln.startswith("m2-pretrain: error:")]
+    ours = _our_errors(rest)
     assert all("a collective failed or timed out during" in ln for ln in ours), ours
     assert "Signal 9 (SIGKILL)" in rest.split("Root Cause")[-1], rest[-3000:]
 
@@ -115,19 +130,10 @@ def test_hung_peer_ends_the_job_within_the_timeout():
     --distributed-timeout-minutes (megatron's groups and the ITC groups defaulted to 30 minutes),
     so the other rank's collective times out and names where it was, and the job ends."""
     timeout_min = 0.25
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
-    proc = subprocess.Popen(_cmd(["--train-iters", "100000", "--distributed-timeout-minutes",
-                                  str(timeout_min), "--itc-group-size", "2"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    lines = []
-    for line in proc.stderr:  # wait until training runs
-        lines.append(line)
-        if "step     3/" in line:
-            break
-    workers = _descendants(proc.pid)
-    assert workers, "".join(lines[-20:])
-    stopped = max(workers)
-    os.kill(stopped, signal.SIGSTOP)
+    proc, workers = _start_training(["--distributed-timeout-minutes", str(timeout_min),
+                                     "--itc-group-size", "2"],
+                                    TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
+    os.kill(max(workers), signal.SIGSTOP)
     t0 = time.time()
     try:
         proc.wait(timeout=120)
@@ -142,7 +148,7 @@ def test_hung_peer_ends_the_job_within_the_timeout():
     assert proc.returncode != 0
     # timeout (15 s) + torchrun's shutdown grace (5 s) + start-up slack; 30 min before
     assert elapsed < 4 * timeout_min * 60 + 5, elapsed
-    ours = [ln for ln in rest.splitlines() if ln.startswith("m2-pretrain: error:")]
+    ours = _our_errors(rest)
     assert ours and "a collective failed or timed out during the" in ours[0], rest[-3000:]
     assert "ranks [0, 1]" in ours[0] and "Timed out" in ours[0], ours[0]
 
@@ -161,10 +167,8 @@ def test_second_run_into_a_save_folder_in_use_is_refused(tmp_path):
     finally:
         lock.release()
     assert proc.returncode != 0
-    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("m2-pretrain: error:")]
+    ours = _our_errors(proc.stderr)
     assert ours and "is in use by run holder-run" in ours[0], proc.stderr[-3000:]
-    assert not [ln for ln in proc.stderr.splitlines() if ln.lstrip().startswith("File ")
-                and "megatron_m2" in ln]
     assert sorted(os.listdir(tmp_path / "ckpt")) == []  # nothing written
 
 
@@ -174,24 +178,13 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     instead of training on and saving into the folder; a new run then resumes there (the
     dead run's lock is stale)."""
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen(_cmd(["--train-iters", "100000", "--save", str(ckpt),
-                                  "--save-interval", "2"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    for line in proc.stderr:
-        if "step     3/" in line:
-            break
-    workers = _descendants(proc.pid)
-    assert workers
+    proc, workers = _start_training(["--save", str(ckpt), "--save-interval", "2"])
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.time() + 30
-    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and
-                                         open(f"/proc/{w}/stat").read().split()[2] != "Z"
-                                         for w in workers):
+    while time.time() < deadline and _alive(workers):
         time.sleep(0.5)
-    alive = [w for w in workers if os.path.exists(f"/proc/{w}")
-             and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    alive = _alive(workers)
     for w in alive:
         os.kill(w, signal.SIGKILL)
     assert not alive, "workers outlived their launcher"
