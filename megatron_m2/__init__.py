@@ -5,7 +5,7 @@ it is imported on first use so that torch-free tools (argument checking, preproc
 without torch.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["M2Encoder", "__version__"]
 

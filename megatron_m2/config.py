@@ -13,13 +13,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import ConfigError
 
 __all__ = ["M2ModelConfig", "ConfigError"]
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 @dataclass
@@ -117,19 +113,13 @@ class M2ModelConfig:
                                   f"(vocab_size={self.vocab_size})")
 
     def validate_parallel(self, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
-        """Check that the architecture splits ``tensor_parallel`` × ``pipeline_parallel`` ways."""
-        if tensor_parallel < 1 or pipeline_parallel < 1:
-            raise ConfigError("parallel sizes must be >= 1")
-        if self.num_attention_heads % tensor_parallel:
-            raise ConfigError(f"tensor-model-parallel-size ({tensor_parallel}) must divide "
-                              f"num_attention_heads ({self.num_attention_heads})")
-        if self.ffn_hidden_size % tensor_parallel:
-            raise ConfigError(f"tensor-model-parallel-size ({tensor_parallel}) must divide "
-                              f"ffn_hidden_size ({self.ffn_hidden_size})")
-        if self.num_layers % pipeline_parallel:
-            raise ConfigError(f"pipeline-model-parallel-size ({pipeline_parallel}) must divide "
-                              f"the number of layers ({self.num_sep_layers} + {self.num_vl_layers}"
-                              f" = {self.num_layers})")
+        """Check that the architecture splits ``tensor_parallel`` × ``pipeline_parallel`` ways
+        (the rules of :func:`megatron_m2.layout.model_split_errors`)."""
+        from .layout import model_split_errors
+
+        errors = model_split_errors(self, tensor_parallel, pipeline_parallel)
+        if errors:
+            raise ConfigError("; ".join(errors))
 
     def padded_vocab_size(self, tensor_parallel: int) -> int:
         """Vocabulary rounded up so that each TP rank holds an equal shard (pad rows are zero)."""

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
-__all__ = ["UserError", "USER_OS_ERRORS", "is_user_error", "error_line", "report_error",
-           "run_cli", "DEBUG_ENV"]
+__all__ = ["UserError", "ConfigError", "USER_OS_ERRORS", "is_user_error", "error_line",
+           "report_error", "fail", "run_cli", "DEBUG_ENV"]
 
 DEBUG_ENV = "M2_DEBUG"
 """Set to 1 to get the traceback of user errors too (for reporting a problem)."""
@@ -29,6 +29,10 @@ USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
 class UserError(Exception):
     """Base class of errors caused by the user's input or configuration (reported as one line,
     exit status 2)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names the field (or flag)."""
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -54,6 +58,14 @@ def report_error(prog: str, exc_or_msg) -> None:
     sys.stderr.write(error_line(prog, exc_or_msg) + "\n")
     sys.stderr.flush()
     _record_for_torchrun(error_line(prog, exc_or_msg))
+
+
+def fail(prog: str, exc_or_msg, status: int = 2) -> NoReturn:
+    """Report :func:`error_line` (a message or an exception) and end the process with
+    ``status``: for code that runs outside :func:`run_cli`'s handler (a training rank's loop)
+    and must exit with one line, not a traceback."""
+    report_error(prog, exc_or_msg)
+    raise SystemExit(status)
 
 
 def _record_for_torchrun(line: str) -> None:

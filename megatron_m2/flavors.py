@@ -1,16 +1,14 @@
 """Named M2-Encoder flavors and their parameter counts.
 
-``python -m megatron_m2.flavors --json`` prints ``{flavor: {...config..., "params": N}}`` where
-``params`` is the parameter count of the full model (TP=1): both branches of both stacks,
-embeddings, position tables, the four ITC heads and the two logit scales — the official inference
-graph. Counts are computed from the config, without allocating weights.
+:func:`count_parameters` is the parameter count of the full model (TP=1): both branches of both
+stacks, embeddings, position tables, the four ITC heads and the two logit scales — the official
+inference graph. Counts are computed from the config, without allocating weights.
+``m2-plan --list-flavors`` lists the flavors (with ``--json``:
+``{flavor: {...config..., "params": N}}``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Dict
 
 from .config import M2ModelConfig
@@ -67,27 +65,3 @@ def count_parameters(cfg: M2ModelConfig, vocab_rows: int = None) -> int:
     heads = 4 * d * e + 2
     return layers + final_norms + vision + text + positions + heads
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_m2.flavors",
-                                description="List M2-Encoder flavors and parameter counts.")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-    table = {name: dict(cfg.to_dict(), params=count_parameters(cfg))
-             for name, cfg in FLAVORS.items()}
-    if args.json:
-        json.dump(table, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(f"{'flavor':<8}{'d':>6}{'heads':>7}{'d_ffn':>7}{'layers':>9}"
-                         f"{'embed':>7}{'params':>16}\n")
-        for name, row in table.items():
-            sys.stdout.write(f"{name:<8}{row['hidden_size']:>6}{row['num_attention_heads']:>7}"
-                             f"{row['ffn_hidden_size']:>7}"
-                             f"{row['num_sep_layers']:>5}+{row['num_vl_layers']:<3}"
-                             f"{row['embed_dim']:>7}{row['params']:>16,}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ data-parallel replica).
 
 ``path`` may be a training save directory (``--save``; its newest complete checkpoint), one
 ``iter_N`` checkpoint directory, or a single ``.safetensors`` export (see
-:mod:`megatron_m2.convert`). The model configuration and the tokenizer travel with the
+:mod:`megatron_m2.checkpoint`). The model configuration and the tokenizer travel with the
 weights in all three.
 """
 
@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from .checkpoint import load_model_weights
 from .config import M2ModelConfig
-from .training.checkpointing import load_model_weights
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +51,11 @@ HEADS = {"vl": ("vl_image_feats", "vl_text_feats", "logit_vl_scale"),
 def _cpu_layer_while_building():
     """megatron-core's constructors ask for CUDA devices; on a CPU-only machine the CPU
     compatibility layer is on while the model is built and restored to its previous state
-    afterwards (the forward never needs it, and the layer is process-global)."""
+    afterwards (the forward never needs it). A no-op on GPUs."""
     from .parallel import cpu_compat
 
-    if torch.cuda.is_available() or cpu_compat.is_enabled():
+    with cpu_compat.active():
         yield
-        return
-    cpu_compat.enable()
-    try:
-        yield
-    finally:
-        cpu_compat.disable()
 
 
 def ensure_model_parallel() -> None:
@@ -87,7 +81,7 @@ def ensure_model_parallel() -> None:
 def _read(path: Union[str, os.PathLike], verify: bool = True):
     """``(state_dict, cfg, tokenizer_bytes, recorded text style)`` from a single file or a
     checkpoint dir, every tensor checked against its recorded checksum (``verify``)."""
-    from .convert import read_any
+    from .checkpoint import read_any
 
     path = str(path)
     if not os.path.exists(path):
@@ -143,7 +137,7 @@ class M2Encoder:
                 the tokenizer model's default (``official`` for the release's GLM tokenizer).
             verify_checksums: check every tensor against the checksum recorded when it was
                 written (a corrupt file raises
-                :class:`~megatron_m2.utils.tensor_files.IntegrityError` naming it); False skips
+                :class:`~megatron_m2.checkpoint.IntegrityError` naming it); False skips
                 the hashing.
         """
         from .data.tokenizer import M2Tokenizer
@@ -275,16 +269,16 @@ class M2Encoder:
     # -- export ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Canonical weights (TP=1 names, vocabulary unpadded), on the CPU."""
+        from .checkpoint import strip_vocab_padding
         from .model.init import iter_canonical_params
-        from .training.checkpointing import _strip_padding
 
-        return {name: _strip_padding(name, p.detach().cpu(), self.cfg).contiguous()
+        return {name: strip_vocab_padding(name, p.detach().cpu(), self.cfg).contiguous()
                 for _, name, p in iter_canonical_params(self.model)}
 
     def save_single_file(self, path: Union[str, os.PathLike],
                          dtype: Optional[torch.dtype] = None) -> Path:
         """Write the weights, config and tokenizer as one ``.safetensors`` file for serving."""
-        from .convert import save_single_file
+        from .checkpoint import save_single_file
 
         tok = self.tokenizer.model_bytes() if self.tokenizer is not None else None
         style = self.tokenizer.text_style if self.tokenizer is not None else None

@@ -10,12 +10,13 @@ One GPU node (8 GPUs), 0.4B, TP=2, DP=4::
     torchrun --nproc-per-node 8 -m megatron_m2.pretrain --flavor 0.4b \
         --tensor-model-parallel-size 2 --micro-batch-size 64 --global-batch-size 2048 --bf16 ...
 
-``m2-pretrain --help`` lists every flag by group.
+``m2-pretrain --help`` lists every flag by group. This module is an alias of the console script
+(:mod:`megatron_m2.cli.pretrain`), kept for ``torchrun -m`` and the Slurm recipes.
 """
 
 import sys
 
-from megatron_m2.training.cli import main
+from megatron_m2.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -50,8 +50,7 @@ def _images(n: int = 5):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A single-file export and a PP=2 checkpoint of the same random weights."""
-    from megatron_m2.convert import save_single_file, write_model_checkpoint
-    from megatron_m2.model.official import from_official
+    from megatron_m2.checkpoint import from_official, save_single_file, write_model_checkpoint
     from tests.model.test_official import random_official
 
     cfg = _cfg()
@@ -96,12 +95,12 @@ def _tp2_embeddings(ckpt, captions):
     loader (the path training and evaluation use)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_m2.checkpoint import load_checkpoint
     from megatron_m2.data.tokenizer import M2Tokenizer, normalize_caption
     from megatron_m2.data.transforms import eval_transform
     from megatron_m2.model import build_model
     from megatron_m2.parallel import cpu_compat
     from megatron_m2.parallel.distributed import initialize_model_parallel
-    from megatron_m2.training.checkpointing import load_checkpoint
 
     cfg = _cfg()
     initialize_model_parallel(2, 1)
@@ -152,7 +151,7 @@ def test_batching_and_source_do_not_change_embeddings(encoded):
 
 
 def test_single_file_export_round_trip(exported, encoded):
-    from megatron_m2.convert import load_single_file
+    from megatron_m2.checkpoint import load_single_file
 
     state, cfg, tok = load_single_file(str(encoded["export"]))
     assert cfg == _cfg() and tok == TOKENIZER.read_bytes()
@@ -335,9 +334,8 @@ def test_encode_text_uses_the_release_tokenisation(tmp_path):
     (the 32 strings of the release-made fixture), by default."""
     if not (GLM_MODEL.exists() and GLM_IDS.exists()):
         pytest.skip("release tokenizer or its id fixture not found beside the project")
-    from megatron_m2.convert import save_single_file
+    from megatron_m2.checkpoint import from_official, save_single_file
     from megatron_m2.data.tokenizer import M2Tokenizer
-    from megatron_m2.model.official import from_official
     from tests.model.test_official import random_official
 
     glm = M2Tokenizer(GLM_MODEL)

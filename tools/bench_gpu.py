@@ -175,7 +175,8 @@ def _measure(job: Dict) -> Dict:
     (e.g. FP8 without Transformer Engine) comes back as skipped with the trainer's message."""
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     from megatron_m2.config import ConfigError
-    from megatron_m2.training.arguments import build_parser, validate_args
+    from megatron_m2.training.arguments import build_parser
+    from megatron_m2.training.validation import validate_args
 
     args = build_parser().parse_args(trainer_argv(job))
     try:

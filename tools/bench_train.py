@@ -7,10 +7,10 @@ micro-batch, median step time over ``--iters`` steps after ``--warmup`` steps:
 1. **ours vs plain** (one process, ``--threads`` threads): ours is the full ``m2-pretrain`` step
    through :class:`megatron_m2.training.trainer.Trainer` (megatron DDP, megatron optimizer and
    LR schedule, the forward/backward schedule, TP=1 in a gloo world of one). *plain* is
-   :class:`PlainM2`, the same model written the way a user would without megatron (batch-first,
-   one tower call per modality, ``torch.optim.AdamW``, ``clip_grad_norm_``), trained with the same
-   hyper-parameters and loss (:func:`megatron_m2.loss.itc_loss`, ``group=None``). Target: ours
-   ≥ 0.9x plain.
+   :class:`megatron_m2.model.reference.ReferenceM2`, the same model written the way a user would
+   without megatron (batch-first, one tower call per modality), trained by :class:`PlainTrainer`
+   (``torch.optim.AdamW``, ``clip_grad_norm_``) with the same hyper-parameters and loss
+   (:func:`megatron_m2.loss.itc_loss`, ``group=None``). Target: ours ≥ 0.9x plain.
 2. **plain + CPU compatibility layer**: the plain model again with
    :mod:`megatron_m2.parallel.cpu_compat` (a ``TorchFunctionMode`` that every torch call made
    from Python goes through) switched on, i.e. what the layer alone costs ours.
@@ -19,10 +19,11 @@ micro-batch, median step time over ``--iters`` steps after ``--warmup`` steps:
 
 The three single-process variants run in one process, interleaved step by step (the order
 rotates every round), so that load from elsewhere on the machine hits them alike; the layer is
-switched on and off around the steps (ours always runs with it, as ``m2-pretrain`` does on CPU).
-The plain model starts from our model's initial weights (converted with
-:func:`megatron_m2.model.official.to_official`); ``--check`` verifies that the first step's loss
-(and gradient norm) of the two agree. ``--profile`` adds a cProfile of three steps of each.
+suspended or not around each step (ours always runs with it, as ``m2-pretrain`` does on CPU).
+The plain model starts from our model's initial weights
+(:meth:`~megatron_m2.model.reference.ReferenceM2.load_megatron_state_dict`); ``--check``
+verifies that the first step's loss (and gradient norm) of the two agree. ``--profile`` adds a
+cProfile of three steps of each.
 
 Examples::
 
@@ -46,8 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
 CHECK_ATOL = 1e-4
 """Largest first-step loss difference ``--check`` accepts (float32 through both models)."""
@@ -55,155 +54,7 @@ CHECK_GRAD_RTOL = 1e-4
 """Largest relative first-step gradient-norm difference ``--check`` accepts."""
 
 
-# == the plain model ==============================================================================
-# Module names follow the official checkpoint, so that ``load_state_dict(to_official(...))``
-# loads our weights strictly. Multiway modules are ModuleDicts keyed by branch: "A" (vision) and
-# "B" (text); the shared VL layers use "A" for both modalities.
-def _multiway(make):
-    return nn.ModuleDict({"A": make(), "B": make()})
-
-
-class PlainAttention(nn.Module):
-    """Multiway Sub-LN self-attention: ``out(LN(MHA(q, k, v)))``."""
-
-    def __init__(self, d: int, heads: int, eps: float):
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            _multiway(lambda: nn.Linear(d, d)) for _ in range(4))
-        self.inner_attn_ln = _multiway(lambda: nn.LayerNorm(d, eps=eps))
-
-    def forward(self, x, m, attn_mask):
-        b, s, d = x.shape
-        q, k, v = (proj[m](x).view(b, s, self.heads, -1).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj[m](self.inner_attn_ln[m](ctx.transpose(1, 2).reshape(b, s, d)))
-
-
-class PlainFFN(nn.Module):
-    """Sub-LN feed-forward: ``fc2(LN(gelu(fc1(x))))``."""
-
-    def __init__(self, d: int, f: int, eps: float):
-        super().__init__()
-        self.fc1, self.ffn_layernorm, self.fc2 = (nn.Linear(d, f), nn.LayerNorm(f, eps=eps),
-                                                  nn.Linear(f, d))
-
-    def forward(self, x):
-        return self.fc2(self.ffn_layernorm(F.gelu(self.fc1(x))))
-
-
-class PlainLayer(nn.Module):
-    """Pre-LN multiway layer with Sub-LN attention and FFN."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        d, eps = cfg.hidden_size, cfg.layernorm_epsilon
-        self.self_attn = PlainAttention(d, cfg.num_attention_heads, eps)
-        self.self_attn_layer_norm = _multiway(lambda: nn.LayerNorm(d, eps=eps))
-        self.ffn = _multiway(lambda: PlainFFN(d, cfg.ffn_hidden_size, eps))
-        self.final_layer_norm = _multiway(lambda: nn.LayerNorm(d, eps=eps))
-
-    def forward(self, x, m, attn_mask):
-        x = x + self.self_attn(self.self_attn_layer_norm[m](x), m, attn_mask)
-        return x + self.ffn[m](self.final_layer_norm[m](x))
-
-
-class PlainStack(nn.Module):
-    """Layers and a final multiway LayerNorm (official ``backbone.encoder`` / ``backbone_vl``)."""
-
-    def __init__(self, cfg, num_layers: int, positions: bool = False):
-        super().__init__()
-        d = cfg.hidden_size
-        if positions:  # official layout: the position tables live in backbone.encoder
-            self.embed_positions = nn.ModuleDict({"A": nn.Embedding(cfg.vision_pos_table, d),
-                                                  "B": nn.Embedding(cfg.text_pos_table, d)})
-        self.layers = nn.ModuleList(PlainLayer(cfg) for _ in range(num_layers))
-        self.layer_norm = _multiway(lambda: nn.LayerNorm(d, eps=cfg.layernorm_epsilon))
-
-    def forward(self, x, m, attn_mask):
-        for layer in self.layers:
-            x = layer(x, m, attn_mask)
-        return self.layer_norm[m](x)
-
-
-class PlainVisionEmbed(nn.Module):
-    """Conv patch embedding with a [CLS] token prepended."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        d = cfg.hidden_size
-        self.proj = nn.Conv2d(cfg.in_channels, d, cfg.patch_size, cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        # Masked-image-modelling token of the release: unused by contrastive training.
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, d), requires_grad=False)
-
-    def forward(self, images):
-        x = self.proj(images).flatten(2).transpose(1, 2)  # [b, patches, d]
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-
-
-class PlainBackbone(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.text_embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.vision_embed = PlainVisionEmbed(cfg)
-        self.encoder = PlainStack(cfg, cfg.num_sep_layers, positions=True)
-
-
-class PlainHead(nn.Module):
-    """ITC head: [CLS] row → linear → L2 normalisation."""
-
-    def __init__(self, d: int, e: int):
-        super().__init__()
-        self.fc = nn.Linear(d, e, bias=False)
-
-    def forward(self, x):
-        return F.normalize(self.fc(x[:, 0]), dim=-1)
-
-
-class PlainM2(nn.Module):
-    """M2-Encoder in plain PyTorch, official parameter names, batch-first tensors.
-
-    Image and text run as separate sequences, which is what block-diagonal attention over the
-    packed sequence computes: the image through branch A of ``backbone``, the text through branch
-    B with its padded keys masked, both then through branch A of ``backbone_vl``. Returns the
-    output dict of our model (four normalised embeddings, two log-temperatures).
-    """
-
-    OFFSET = 2  # position tables are read from row 2 (fairseq convention)
-
-    def __init__(self, cfg):
-        super().__init__()
-        d, e = cfg.hidden_size, cfg.embed_dim
-        self.backbone = PlainBackbone(cfg)
-        self.backbone_vl = PlainStack(cfg, cfg.num_vl_layers)
-        self.itc_image_proj, self.itc_text_proj = PlainHead(d, e), PlainHead(d, e)
-        self.itc_vl_image_proj, self.itc_vl_text_proj = PlainHead(d, e), PlainHead(d, e)
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))
-        self.logit_vl_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))
-        # Branch B of the shared VL stack never sees data: freeze it, as our model does.
-        for name, p in self.backbone_vl.named_parameters():
-            if ".B." in name:
-                p.requires_grad_(False)
-
-    def forward(self, images, text_ids, text_pad_mask):
-        bb, o = self.backbone, self.OFFSET
-        pos = bb.encoder.embed_positions
-        img = bb.vision_embed(images)
-        img = img + pos["A"].weight[o:o + img.shape[1]]
-        txt = bb.text_embed(text_ids) + pos["B"].weight[o:o + text_ids.shape[1]]
-        txt = txt * (~text_pad_mask)[..., None]  # padded positions are zeroed
-        key_mask = ~text_pad_mask[:, None, None, :]  # SDPA: True = may attend
-        out = {"logit_scale": self.logit_scale, "logit_vl_scale": self.logit_vl_scale}
-        for name, x, m, mask in (("image", img, "A", None), ("text", txt, "B", key_mask)):
-            x = bb.encoder(x, m, mask)
-            out[f"{name}_feats"] = getattr(self, f"itc_{name}_proj")(x)
-            x = self.backbone_vl(x, "A", mask)
-            out[f"vl_{name}_feats"] = getattr(self, f"itc_vl_{name}_proj")(x)
-        return out
-
-
+# == the plain training loop ======================================================================
 class PlainTrainer:
     """The training loop a user would write: AdamW, cosine LR, gradient accumulation, clipping.
 
@@ -212,11 +63,12 @@ class PlainTrainer:
     """
 
     def __init__(self, cfg, targs):
+        from megatron_m2.model.reference import ReferenceM2  # imports megatron-core: lazily
         from megatron_m2.training.synthetic import SyntheticImageText
         from megatron_m2.training.trainer import no_weight_decay
 
         self.args = targs
-        self.model = PlainM2(cfg)
+        self.model = ReferenceM2(cfg)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
@@ -330,14 +182,13 @@ def _single_worker(a, port, q) -> None:
     """Ours, plain and plain + layer in one process, interleaved step by step."""
     try:
         _init_rank(0, 1, port, a.threads)
-        from megatron_m2.model.official import to_official
         from megatron_m2.parallel import cpu_compat
         from megatron_m2.training.trainer import Trainer
 
         targs = trainer_args(a, tp=1)
         trainer = Trainer(targs)
         plain = PlainTrainer(trainer.cfg, targs)
-        plain.model.load_state_dict(to_official(trainer.model.state_dict(), trainer.cfg))
+        plain.model.load_megatron_state_dict(trainer.model.state_dict())
         result = {"check": _check(trainer, plain) if a.check else None,
                   "params": sum(p.numel() for p in trainer.model.parameters())}
 
@@ -348,10 +199,11 @@ def _single_worker(a, port, q) -> None:
 
         def run(name):
             step, layer = variants[name]
-            (cpu_compat.enable if layer else cpu_compat.disable)()
-            t0 = time.perf_counter()
-            step()
-            return time.perf_counter() - t0
+            # init_distributed left the layer on for the process; "plain" runs it suspended.
+            with cpu_compat.active() if layer else cpu_compat.suspended():
+                t0 = time.perf_counter()
+                step()
+                return time.perf_counter() - t0
 
         names = list(variants)
         for _ in range(a.warmup):
@@ -365,11 +217,10 @@ def _single_worker(a, port, q) -> None:
         result["median_s"] = {name: statistics.median(t) for name, t in times.items()}
         result["min_s"] = {name: min(t) for name, t in times.items()}
         if a.profile:
-            cpu_compat.enable()
-            result["profile"] = {"ours": _profile(trainer.train_step)}
-            cpu_compat.disable()
-            result["profile"]["plain"] = _profile(plain.train_step)
-        cpu_compat.enable()  # leave the process as init_distributed set it up
+            with cpu_compat.active():
+                result["profile"] = {"ours": _profile(trainer.train_step)}
+            with cpu_compat.suspended():
+                result["profile"]["plain"] = _profile(plain.train_step)
         q.put(("ok", result))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         q.put(("error", traceback.format_exc()))
@@ -578,7 +429,7 @@ def main(argv=None) -> int:
         p.error("--iters and --threads must be >= 1, --warmup >= 0")
 
     from megatron_m2.config import ConfigError
-    from megatron_m2.training.arguments import validate_args
+    from megatron_m2.training.validation import validate_args
 
     try:
         validate_args(trainer_args(a, 1), 1)

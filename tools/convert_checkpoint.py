@@ -2,7 +2,7 @@
 """Convert M2-Encoder checkpoints: official ↔ ours ↔ single file (see ``--help``).
 
 The same command as the ``m2-convert`` console script; the implementation is
-:mod:`megatron_m2.convert`.
+:mod:`megatron_m2.checkpoint`.
 """
 
 import sys

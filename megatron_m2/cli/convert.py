@@ -1,6 +1,6 @@
 """``m2-convert`` / ``tools/convert_checkpoint.py``: convert M2-Encoder checkpoints between the
 official release format, our training checkpoints and a single serving file (the library is
-:mod:`megatron_m2.convert`; ``docs/conversion.md`` describes the formats)."""
+:mod:`megatron_m2.checkpoint`; ``docs/conversion.md`` describes the formats)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import sys
 import warnings
 from typing import Any, Dict, Optional, Sequence
 
+from ..checkpoint import holds_checkpoint
 from ..config import M2ModelConfig
-from ..training.checkpoint_meta import holds_checkpoint
 from .common import ArgumentParser, run_cli
 
 __all__ = ["build_parser", "main"]
 
 
 def _usage(message: str):
-    """A :class:`~megatron_m2.convert.ConversionError` (one line, exit 2) for a bad option."""
-    from ..convert import ConversionError
+    """A :class:`~megatron_m2.checkpoint.ConversionError` (one line, exit 2) for a bad option."""
+    from ..checkpoint import ConversionError
 
     return ConversionError(message)
 
@@ -57,7 +57,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     """The ``m2-convert`` argument parser."""
     _quiet_megatron()
-    from ..convert import FORMATS
+    from ..checkpoint import FORMATS
     from ..data.tokenizer import TEXT_STYLES
 
     p = ArgumentParser(
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
                    help="--to single/official: tensor dtype (default: fp32 for single, "
                         "unchanged for official)")
+    p.add_argument("--include-training-params", action="store_true",
+                   help="--to single/official: keep the parameters only training uses "
+                        "(training-only parameter groups, e.g. a masked-language-model head); "
+                        "ours outputs always keep them")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing output file, or write into a save root that "
                         "already holds a checkpoint")
@@ -154,7 +158,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--tp/--pp apply to --to ours only")
     if args.dst == "ours" and args.dtype not in (None, "fp32"):
         parser.error("--dtype applies to --to single/official (ours stores fp32)")
-    from ..convert import convert
+    from ..checkpoint import convert
 
     cfg = _config_from_args(args)
     if args.src == "official" and cfg is None:
@@ -173,7 +177,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     summary = convert(args.src, args.dst, args.input, args.output, cfg=cfg,
                       tokenizer_bytes=tokenizer, tp=args.tp, pp=args.pp, dtype=args.dtype,
                       flavor=args.flavor, text_style=args.text_style,
-                      verify=not args.no_verify_checksums)
+                      verify=not args.no_verify_checksums,
+                      include_training=args.include_training_params)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 

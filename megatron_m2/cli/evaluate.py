@@ -155,85 +155,22 @@ def _world():
     return 0, 1, None
 
 
-def _shard(n: int, rank: int, world: int) -> range:
-    per = -(-n // world)
-    return range(min(rank * per, n), min((rank + 1) * per, n))
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
-
-
 # -- retrieval ----------------------------------------------------------------------------------
 def run_retrieval(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str, float]]:
-    """R@1/5/10 both ways and mean recall per language on ``args.data``."""
-    import io
+    """R@1/5/10 both ways and mean recall per language on ``args.data``
+    (:func:`megatron_m2.eval.tasks.evaluate_retrieval`)."""
+    from ..data.identity import check_datasets, tokenizer_identity
+    from ..eval.tasks import evaluate_retrieval
 
-    import torch
-    from PIL import Image
-
-    from ..data.identity import check_datasets, read_card, tokenizer_identity
-    from ..data.indexed import ImageTextIndexedDataset
-    from ..eval.retrieval import retrieval_metrics
-
-    reader = ImageTextIndexedDataset(args.data)
-    n_total = len(reader)
-    if args.max_samples:
-        n_total = min(n_total, args.max_samples)
-    card = read_card(args.data)
-    present = (card or {}).get("captions") or reader.language_counts()
-    langs = args.lang or [lang for lang in ("en", "zh", "other") if present.get(lang)]
     enc._need_tokenizer()
     check_datasets([args.data], tokenizer_identity(enc.tokenizer), enc.cfg.max_text_len,
                    languages=args.lang or (), allow=args.allow_dataset_mismatch,
                    against=f"the model {args.load} (its tokenizer, text style "
                            f"{enc.tokenizer.text_style}, text length {enc.cfg.max_text_len})")
-    results: Dict[str, Dict[str, float]] = {}
-    embedded: Dict[int, torch.Tensor] = {}  # sample -> image embedding, shared by the languages
-    for lang in langs:
-        # Images with at least one caption in the language; every such caption is a query.
-        keep = [i for i in range(n_total) if lang in reader.caption_languages(i)]
-        if not keep:
-            logger.warning("%s: no %s captions; skipped", args.data, lang)
-            continue
-        part = _shard(len(keep), rank, world)
-        mine, offset = keep[part.start:part.stop], part.start
-        captions, owner = [], []
-        bs = args.batch_size
-        it = _progress(range(0, len(mine), bs), -(-len(mine) // bs),
-                       f"{lang} images", rank == 0 and not args.no_progress)
-        for lo in it:
-            chunk = mine[lo:lo + bs]
-            samples = [reader[i] for i in chunk]
-            todo = [(i, sample) for i, sample in zip(chunk, samples) if i not in embedded]
-            if todo:
-                batch = []
-                for _, sample in todo:
-                    with Image.open(io.BytesIO(sample.image)) as im:
-                        batch.append(enc.transform(im))
-                embedded.update(zip((i for i, _ in todo), enc.encode_image(torch.stack(batch))))
-            for j, sample in enumerate(samples):
-                for cl, ids in sample.captions:
-                    if cl == lang:
-                        captions.append(ids.tolist())
-                        owner.append(offset + lo + j)
-        images = (torch.stack([embedded[i] for i in mine]) if mine
-                  else torch.empty(0, enc.embed_dim))
-        texts = enc.encode_tokens(captions) if captions else torch.empty(0, enc.embed_dim)
-        m = retrieval_metrics(images, texts, torch.tensor(owner, dtype=torch.long),
-                              chunk_size=args.chunk_size, group=group)
-        counts = torch.tensor([images.shape[0], texts.shape[0]])
-        if group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(counts, group=group)
-        m["images"], m["captions"] = int(counts[0]), int(counts[1])
-        results[lang] = m
-    return results
+    return evaluate_retrieval(enc, args.data, args.lang, max_samples=args.max_samples,
+                              shard=(rank, world), group=group, batch_size=args.batch_size,
+                              chunk_size=args.chunk_size,
+                              progress=rank == 0 and not args.no_progress)
 
 
 # -- zero-shot ----------------------------------------------------------------------------------
@@ -260,12 +197,10 @@ def _templates(args, lang: str) -> List[str]:
 
 
 def run_zeroshot(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str, float]]:
-    """Top-1/top-5 accuracy per language of prompt-ensembled class embeddings."""
-    import torch
-
+    """Top-1/top-5 accuracy per language of prompt-ensembled class embeddings
+    (:func:`megatron_m2.eval.tasks.evaluate_zero_shot_dataset`)."""
     from ..eval import datasets as eval_datasets
-    from ..eval import zeroshot
-    from ..eval.retrieval import zero_shot_accuracy
+    from ..eval.tasks import evaluate_zero_shot_dataset
 
     if args.fashion_mnist:
         data = eval_datasets.FashionMNIST(args.fashion_mnist, split=args.fashion_mnist_split,
@@ -277,33 +212,11 @@ def run_zeroshot(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str,
     if n_classes != {data.num_classes}:
         raise UsageError(f"the dataset has {data.num_classes} classes but the class-name lists "
                          f"have {', '.join(map(str, sorted(n_classes)))}")
-    mine = _shard(len(data), rank, world)
-    feats, labels = [], []
-    bs = args.batch_size
-    it = _progress(range(mine.start, mine.stop, bs), -(-len(mine) // bs), "images",
-                   rank == 0 and not args.no_progress)
-    for lo in it:
-        imgs, labs = [], []
-        for i in range(lo, min(lo + bs, mine.stop)):
-            image, label = data[i]
-            imgs.append(enc.transform(image))
-            labs.append(label)
-        feats.append(enc.encode_image(torch.stack(imgs)))
-        labels.extend(labs)
-    images = torch.cat(feats) if feats else torch.empty(0, enc.embed_dim)
-    labels_t = torch.tensor(labels, dtype=torch.long)
-    results = {}
-    k5 = min(5, data.num_classes)
-    for lang in args.lang:
-        templates = _templates(args, lang)
-        weights = zeroshot.build_classifier(enc.encode_text, names[lang], templates,
-                                           batch_size=args.batch_size,
-                                           progress=rank == 0 and not args.no_progress)
-        acc = zero_shot_accuracy(images, weights, labels_t, ks=(1, k5), group=group)
-        acc["images"] = len(data)
-        acc["templates"] = len(templates)
-        results[lang] = acc
-    return results
+    templates = {lang: _templates(args, lang) for lang in args.lang}
+    return evaluate_zero_shot_dataset(enc, data, names, templates, shard=(rank, world),
+                                      group=group, batch_size=args.batch_size,
+                                      chunk_size=args.chunk_size,
+                                      progress=rank == 0 and not args.no_progress)
 
 
 def _table(results: Dict[str, Dict[str, float]], task: str) -> str:

@@ -74,7 +74,7 @@ def make_card(prefixes: Union[str, Sequence[str]], tokenizer: Mapping[str, objec
     """The card of a dataset made of ``prefixes`` concatenated (one prefix: that dataset);
     sample and caption counts and the longest caption (framed, in tokens) are read from their
     indices. ``text_length``: what the captions were cut to when stored (None: whole)."""
-    from .. import __version__
+    from ..version import __version__
 
     samples, longest, captions = 0, 0, Counter()
     for prefix in [prefixes] if isinstance(prefixes, str) else prefixes:

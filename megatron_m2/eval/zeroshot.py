@@ -39,8 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .retrieval import _check_chunk, _check_ks, _Comm, _gallery_chunks, _hits, _ranked_labels
-
 __all__ = [
     "LANGUAGES",
     "BUILTIN_CLASSNAMES",
@@ -316,15 +314,14 @@ def evaluate_with_classifier(encode_image: ImageEncoder,
         ``{"top{k}": ... for k in ks}`` in percent; equal to
         :func:`~megatron_m2.eval.retrieval.zero_shot_accuracy` on all the embeddings at once.
     """
-    ks = _check_ks(ks)
-    chunk_size = _check_chunk(chunk_size)
+    from .retrieval import zero_shot_accuracy
+
     if class_emb.dim() != 2:
         raise ValueError(f"class_emb must be [C, D], got {tuple(class_emb.shape)}")
     class_emb = class_emb.float()
     n_classes, width = class_emb.shape
     device = class_emb.device
-    local = _Comm(None, device)
-    hits = torch.zeros(len(ks) + 1, dtype=torch.int64, device=device)
+    feats, all_labels = [], []
     total = len(images) if hasattr(images, "__len__") else None
     bar = _progress(images, progress, desc="zero-shot images", unit="batch", total=total)
     with torch.no_grad():
@@ -344,17 +341,14 @@ def evaluate_with_classifier(encode_image: ImageEncoder,
             if outside.numel():
                 raise ValueError(f"image batch #{i}: labels outside [0, {n_classes}): "
                                  f"{sorted(set(outside.tolist()))[:10]}")
-            if not labels.numel():
-                continue
-            emb = emb.to(device=device, dtype=torch.float32)
-            gallery = _gallery_chunks(local, class_emb, None, [n_classes], [0], chunk_size)
-            ranked = _ranked_labels(emb, gallery, max(ks), chunk_size)
-            hits[:-1] += torch.stack(_hits(ranked, labels, ks))
-            hits[-1] += labels.numel()
-    counts = _Comm(group, device).all_reduce(hits).cpu().tolist()
-    if counts[-1] == 0:
-        raise ValueError("zero-shot evaluation needs at least one image")
-    return {f"top{k}": 100.0 * counts[j] / counts[-1] for j, k in enumerate(ks)}
+            feats.append(emb.to(device=device, dtype=torch.float32))
+            all_labels.append(labels)
+    images_emb = torch.cat(feats) if feats else torch.empty(0, width, device=device)
+    labels_t = (torch.cat(all_labels) if all_labels
+                else torch.empty(0, dtype=torch.int64, device=device))
+    # One ranking path: the same blockwise exact top-k as every other evaluation.
+    return zero_shot_accuracy(images_emb, class_emb, labels_t, ks=ks, chunk_size=chunk_size,
+                              group=group)
 
 
 def evaluate_zero_shot(encode_image: ImageEncoder, encode_text: TextEncoder,

@@ -2,8 +2,10 @@
 
 from .init import initialize_model
 from .m2_model import M2EncoderModel
+from .multiway import Modality, MultiwayState, PackedLayout
 
-__all__ = ["M2EncoderModel", "initialize_model", "build_model"]
+__all__ = ["M2EncoderModel", "initialize_model", "build_model", "Modality", "MultiwayState",
+           "PackedLayout"]
 
 
 def build_model(model_cfg, tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,

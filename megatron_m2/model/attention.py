@@ -24,23 +24,34 @@ from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch import nn
 from torch.nn import functional as F
 
-from .multiway import MultiwayWrapper, SplitAware, TPLayerNorm, _first, _init_device
+from .multiway import (
+    Modality,
+    MultiwayState,
+    MultiwayWrapper,
+    PackedLayout,
+    TPLayerNorm,
+    _first,
+    _init_device,
+)
 
 __all__ = ["M2SelfAttention", "M2SelfAttentionSubmodules", "BlockDiagonalSDPA",
            "multiway_linear", "multiway_sharded_norm"]
 
+_VISION_ONLY, _TEXT_ONLY = PackedLayout.vision_only(), PackedLayout.text_only()
 
-def multiway_sharded_norm(spec, config, width: int, tp_group, shared: bool) -> MultiwayWrapper:
+
+def multiway_sharded_norm(spec, config, width: int, tp_group, shared: bool, *,
+                          state: MultiwayState) -> MultiwayWrapper:
     """Two Sub-LN LayerNorms (one per branch) over a width sharded across the TP group."""
     return MultiwayWrapper(
         lambda: build_module(spec, width, config.layernorm_epsilon, tp_group=tp_group,
                              sharded=True, params_dtype=config.params_dtype,
                              device=_init_device(config)),
-        config, shared=shared)
+        state=state, shared=shared)
 
 
 def multiway_linear(spec, config, in_size: int, out_size: int, parallel_mode: str, tp_group,
-                    shared: bool, init_method=None) -> MultiwayWrapper:
+                    shared: bool, init_method=None, *, state: MultiwayState) -> MultiwayWrapper:
     """Two tensor-parallel linears (one per branch) with bias added inside (no bias skipping:
     the branches' biases differ, so the bias-dropout-add receives ``bias=None``)."""
     init_method = init_method or (lambda w: None)  # weights are set by model.init
@@ -53,19 +64,19 @@ def multiway_linear(spec, config, in_size: int, out_size: int, parallel_mode: st
             return build_module(spec, in_size, out_size, gather_output=False, **kwargs)
         return build_module(spec, in_size, out_size, input_is_parallel=True, **kwargs)
 
-    return MultiwayWrapper(factory, config, shared=shared)
+    return MultiwayWrapper(factory, state=state, shared=shared)
 
 
-class BlockDiagonalSDPA(nn.Module, SplitAware):
+class BlockDiagonalSDPA(nn.Module):
     """Block-diagonal attention over the packed sequence with torch SDPA (runs on CPU and GPU).
 
-    Inputs are ``[s, b, heads, head_dim]``; ``text_pad_mask`` is ``[b, s_t]`` with ``True`` at
-    padded text positions. Returns ``[s, b, heads * head_dim]``. Scale is head_dim^-0.5.
+    Inputs are ``[s, b, heads, head_dim]`` laid out as ``layout`` says; ``text_pad_mask`` is
+    ``[b, s_t]`` with ``True`` at padded text positions. Returns ``[s, b, heads * head_dim]``.
+    Scale is head_dim^-0.5.
     """
 
     def __init__(self, config, layer_number: int = 1, **kwargs):
         super().__init__()
-        self._init_split(config)
         self.dropout = config.attention_dropout
 
     @staticmethod
@@ -75,12 +86,11 @@ class BlockDiagonalSDPA(nn.Module, SplitAware):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return out.permute(2, 0, 1, 3)  # [s, b, h, d]
 
-    def forward(self, q, k, v, text_pad_mask: Optional[torch.Tensor] = None,
-                split_position: Optional[int] = None):
-        """``split_position`` overrides the module's split point (a call on one part only:
-        the part's length for vision rows, 0 for text rows)."""
-        s = self.split_position if split_position is None else split_position
-        s = min(max(s, 0), q.shape[0])
+    def forward(self, q, k, v, text_pad_mask: Optional[torch.Tensor] = None, *,
+                layout: PackedLayout):
+        """``layout``: what the rows hold (:class:`M2SelfAttention` calls it on one part of the
+        sequence at a time, with ``vision_only()`` or ``text_only()``)."""
+        s = layout.vision_rows(q.shape[0])
         p = self.dropout if self.training else 0.0
         mask = None
         if text_pad_mask is not None and s < q.shape[0]:
@@ -115,7 +125,8 @@ class M2SelfAttention(MegatronModule):
     """Multiway Sub-LN self-attention; returns ``(output, None)`` like megatron's attention."""
 
     def __init__(self, config, submodules: M2SelfAttentionSubmodules, layer_number: int = 1,
-                 shared: bool = False, pg_collection=None, **kwargs):
+                 shared: bool = False, pg_collection=None,
+                 state: Optional[MultiwayState] = None, **kwargs):
         super().__init__(config=config)
         tp_group = get_tensor_model_parallel_group_if_none(
             pg_collection.tp if pg_collection is not None else None)
@@ -127,29 +138,29 @@ class M2SelfAttention(MegatronModule):
         self.layer_number = layer_number
         for name in ("linear_q", "linear_k", "linear_v"):
             setattr(self, name, multiway_linear(getattr(submodules, name), config, d, d,
-                                                "column", tp_group, shared))
+                                                "column", tp_group, shared, state=state))
         self.core_attention = build_module(submodules.core_attention, config=config,
                                            layer_number=layer_number)
         self.inner_norm = multiway_sharded_norm(submodules.inner_norm, config, d, tp_group,
-                                                shared)
+                                                shared, state=state)
         self.linear_proj = multiway_linear(submodules.linear_proj, config, d, d, "row",
-                                           tp_group, shared)
+                                           tp_group, shared, state=state)
 
     def forward(self, hidden_states, attention_mask=None, **unused):
         # Each part of the packed sequence (vision rows, text rows) attends only to itself, so
         # the whole block runs part by part with that part's branch, and is concatenated once.
-        split = self.linear_q.split_position
         outs = []
-        for key, x in self.linear_q.parts(hidden_states):
+        for key, x, modality in self.linear_q.parts(hidden_states):
             s, b, _ = x.shape
             shape = (s, b, self.num_heads_local, self.head_dim)
             q, k, v = (_first(lin.branch(key)(x)).view(shape)
                        for lin in (self.linear_q, self.linear_k, self.linear_v))
-            # The part holds vision rows iff it starts the sequence and the split is inside or
-            # beyond it; vision parts have no padding mask.
-            is_vision = not outs and split > 0
-            ctx = self.core_attention(q, k, v, text_pad_mask=None if is_vision else attention_mask,
-                                      split_position=s if is_vision else 0)
+            # Vision parts have no padding mask.
+            if modality is Modality.VISION:
+                ctx = self.core_attention(q, k, v, text_pad_mask=None, layout=_VISION_ONLY)
+            else:
+                ctx = self.core_attention(q, k, v, text_pad_mask=attention_mask,
+                                          layout=_TEXT_ONLY)
             outs.append(_first(self.linear_proj.branch(key)(self.inner_norm.branch(key)(ctx))))
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None
 

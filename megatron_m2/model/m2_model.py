@@ -11,6 +11,13 @@ Outputs (last stage) are L2-normalised embeddings:
 * ``vl_image_feats`` / ``vl_text_feats``: [CLS] after the VL stack → ``itc_vl_{image,text}_proj``
   (the official ``cls_vlffn_feats``, what retrieval uses);
 * ``logit_scale`` / ``logit_vl_scale``: the two learnable log-temperatures.
+
+Runtime state (:class:`~megatron_m2.model.multiway.MultiwayState`, ``model.multiway_state``):
+one object per model stage, created here and handed to every multiway module of the stage when
+the block is built (``get_m2_block_spec(..., state=)``). :meth:`M2EncoderModel.forward` sets
+its :class:`~megatron_m2.model.multiway.PackedLayout` once at the start of each forward, and the
+backbone output reaches the backbone heads through it: the first VL layer records it, the model
+takes it after the block. Nothing else is written during a forward.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from torch.nn import functional as F
 from ..config import M2ModelConfig
 from .embeddings import M2Embeddings
 from .layer_specs import M2VLEntryLayer, get_m2_block_spec
-from .multiway import SplitAware, _init_device
+from .multiway import MultiwayState, PackedLayout, _init_device
 from .transformer_config import M2TransformerConfig
 
 __all__ = ["M2EncoderModel"]
@@ -45,6 +52,10 @@ class M2EncoderModel(MegatronModule):
         post_process: this stage holds pooling and heads (last stage).
         transformer_impl: ``"local"`` (pure torch) or ``"te"`` (Transformer Engine).
         pg_collection: process groups; defaults to megatron's global ``parallel_state``.
+
+    ``multiway_state`` is this stage's :class:`MultiwayState`, shared by reference with all its
+    multiway modules: the layout of the current forward and the backbone output on its way to
+    the backbone heads (module docstring).
     """
 
     def __init__(self, config: M2TransformerConfig, pre_process: bool = True,
@@ -65,8 +76,11 @@ class M2EncoderModel(MegatronModule):
             self.pg_collection.pp is not None) else 0
         self.layer_offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
         num_local = get_num_layers_to_build(config, vp_stage, pp_rank)
+        # Starts at the training layout; every forward sets its own (forward, default_layout).
+        self.multiway_state = MultiwayState(layout=PackedLayout.both(config.vision_seq_len))
         spec = get_m2_block_spec(self.model_cfg.num_sep_layers, self.model_cfg.num_vl_layers,
-                                 self.layer_offset, num_local, transformer_impl)
+                                 self.layer_offset, num_local, transformer_impl,
+                                 state=self.multiway_state)
         if pre_process:
             self.embeddings = M2Embeddings(self.model_cfg, config, self.pg_collection.tp)
         self.encoder = TransformerBlock(config, spec, post_layer_norm=True,
@@ -83,12 +97,9 @@ class M2EncoderModel(MegatronModule):
             self.itc_vl_image_proj, self.itc_vl_text_proj = head(), head()
             self.logit_scale = nn.Parameter(torch.empty((), device=dev, dtype=dt))
             self.logit_vl_scale = nn.Parameter(torch.empty((), device=dev, dtype=dt))
-        # Plain references, not child modules: registering them would list their weights a
-        # second time in state_dict()/sharded_state_dict().
-        object.__setattr__(self, "_split_modules",
-                           [m for m in self.modules() if isinstance(m, SplitAware)])
-        object.__setattr__(self, "_entry", next(
-            (m for m in self.encoder.layers if isinstance(m, M2VLEntryLayer)), None))
+        # The backbone output is recorded only where the heads that read it live.
+        self.multiway_state.capture_backbone = post_process and any(
+            isinstance(m, M2VLEntryLayer) for m in self.encoder.layers)
 
     # -- pipeline plumbing -----------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -101,54 +112,63 @@ class M2EncoderModel(MegatronModule):
     def has_backbone_heads(self) -> bool:
         """Whether this stage can produce the backbone (``cls_feats``) embeddings: it must hold
         both the heads and the first VL layer."""
-        return self.post_process and self._entry is not None
+        return self.multiway_state.capture_backbone
+
+    def default_layout(self, images: Optional[torch.Tensor] = None,
+                       text_ids: Optional[torch.Tensor] = None) -> PackedLayout:
+        """The layout :meth:`forward` assumes when none is given: images only → vision only,
+        text only → text only, otherwise (both, or a later pipeline stage given neither) both
+        modalities with s_v vision rows, the training layout."""
+        if images is not None and text_ids is None:
+            return PackedLayout.vision_only()
+        if images is None and text_ids is not None:
+            return PackedLayout.text_only()
+        return PackedLayout.both(self.config.vision_seq_len)
 
     @contextlib.contextmanager
-    def split_position(self, position: int):
-        """Temporarily set the vision/text split point of every multiway module."""
-        saved = [m.split_position for m in self._split_modules]
-        for m in self._split_modules:
-            m.split_position = position
+    def using_layout(self, layout: PackedLayout):
+        """Set the layout for calls of this stage's modules made outside :meth:`forward` (a
+        single layer, in tests and measurements); the previous layout is restored after."""
+        state = self.multiway_state
+        saved = state.layout
+        state.layout = layout
         try:
             yield
         finally:
-            for m, s in zip(self._split_modules, saved):
-                m.split_position = s
+            state.layout = saved
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, images: Optional[torch.Tensor] = None,
                 text_ids: Optional[torch.Tensor] = None,
                 text_pad_mask: Optional[torch.Tensor] = None,
-                split_position: Optional[int] = None):
+                layout: Optional[PackedLayout] = None):
         """Run this stage.
 
         On the first stage ``images`` ``[b, 3, H, W]`` and/or ``text_ids`` ``[b, s_t]`` are
         embedded; later stages read the tensor given to :meth:`set_input_tensor`.
         ``text_pad_mask`` (``[b, s_t]``, True at padding) is needed on every stage that has text.
-        ``split_position`` defaults to s_v when both modalities are present, else to the whole
-        sequence (images only) or 0 (text only); later stages must be told when it differs
-        from the training default.
+        ``layout`` (what the packed sequence holds) defaults to :meth:`default_layout`; later
+        stages see no inputs and must be told when it is not the training layout.
+
+        The layout is written to ``multiway_state`` here, once, before anything runs, and stays
+        there until the next forward: activation recomputation re-runs layers during the
+        backward and reads it then (a training step's forwards all use one layout).
 
         Returns the hidden states ``[s, b, d]`` on non-last stages and a dict of embeddings on
         the last stage.
         """
-        if split_position is None:
-            if images is not None and text_ids is None:
-                split_position = 1 << 30
-            elif images is None and text_ids is not None:
-                split_position = 0
-            else:
-                split_position = self.config.vision_seq_len
-        with self.split_position(split_position):
-            x = self.embeddings(images, text_ids, text_pad_mask) if self.pre_process else None
-            h = self.encoder(x, attention_mask=text_pad_mask)
-            if not self.post_process:
-                return h
-            return self._heads(h, split_position)
+        if layout is None:
+            layout = self.default_layout(images, text_ids)
+        self.multiway_state.begin(layout)
+        x = self.embeddings(images, text_ids, text_pad_mask) if self.pre_process else None
+        h = self.encoder(x, attention_mask=text_pad_mask)
+        if not self.post_process:
+            return h
+        return self._heads(h)
 
-    def _heads(self, h: torch.Tensor, split: int) -> Dict[str, torch.Tensor]:
+    def _heads(self, h: torch.Tensor) -> Dict[str, torch.Tensor]:
         s = h.shape[0]
-        split = min(split, s)
+        split = self.multiway_state.layout.vision_rows(s)
         has_image, has_text = split > 0, split < s
         out: Dict[str, torch.Tensor] = {"logit_scale": self.logit_scale,
                                         "logit_vl_scale": self.logit_vl_scale}
@@ -160,9 +180,10 @@ class M2EncoderModel(MegatronModule):
             out["vl_image_feats"] = pool(h, self.itc_vl_image_proj, 0)
         if has_text:
             out["vl_text_feats"] = pool(h, self.itc_vl_text_proj, split)
-        if self._entry is not None and self._entry.backbone_output is not None:
-            hb = self._entry.backbone_output
-            self._entry.backbone_output = None
+        # The backbone output of this forward, recorded by the first VL layer (if this stage
+        # holds it; None otherwise).
+        hb = self.multiway_state.take_backbone()
+        if hb is not None:
             if has_image:
                 out["image_feats"] = pool(hb, self.itc_image_proj, 0)
             if has_text:

@@ -9,7 +9,7 @@ GELU is the exact (erf) form, as in the official release.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -18,7 +18,7 @@ from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch.nn import functional as F
 
 from .attention import multiway_linear, multiway_sharded_norm
-from .multiway import _first
+from .multiway import MultiwayState, _first
 
 __all__ = ["M2MLP", "M2MLPSubmodules"]
 
@@ -34,22 +34,23 @@ class M2MLP(MegatronModule):
     """Returns ``(output, None)`` like megatron's MLP (biases are added inside each branch)."""
 
     def __init__(self, config, submodules: M2MLPSubmodules, shared: bool = False,
-                 tp_group=None, **kwargs):
+                 tp_group=None, state: Optional[MultiwayState] = None, **kwargs):
         super().__init__(config=config)
         # TransformerLayer hands tp_group only to its own MLP class; fall back to megatron's
         # global TP group (what the parallel linears would use anyway).
         tp_group = get_tensor_model_parallel_group_if_none(tp_group)
         d, f = config.hidden_size, config.ffn_hidden_size
         self.linear_fc1 = multiway_linear(submodules.linear_fc1, config, d, f, "column",
-                                          tp_group, shared)
-        self.ffn_norm = multiway_sharded_norm(submodules.ffn_norm, config, f, tp_group, shared)
+                                          tp_group, shared, state=state)
+        self.ffn_norm = multiway_sharded_norm(submodules.ffn_norm, config, f, tp_group, shared,
+                                              state=state)
         self.linear_fc2 = multiway_linear(submodules.linear_fc2, config, f, d, "row",
-                                          tp_group, shared)
+                                          tp_group, shared, state=state)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
         # Branch by branch on its part of the packed sequence; one concatenation at the end.
         outs = []
-        for key, x in self.linear_fc1.parts(hidden_states):
+        for key, x, _ in self.linear_fc1.parts(hidden_states):
             h = F.gelu(_first(self.linear_fc1.branch(key)(x)))
             h = self.ffn_norm.branch(key)(h)
             outs.append(_first(self.linear_fc2.branch(key)(h)))

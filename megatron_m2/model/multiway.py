@@ -2,34 +2,139 @@
 
 A training micro-batch is one tensor ``[s_v + s_t, b, d]``: vision tokens (CLS + patches) followed
 by text tokens. A multiway module owns two copies of its weights, branch ``A`` (vision) and branch
-``B`` (text), and applies ``A`` to rows ``[:split]`` and ``B`` to rows ``[split:]``. In the shared
-VL layers (``shared=True``) branch ``A`` serves both modalities and ``B`` is carried only so that
+``B`` (text), and applies ``A`` to the vision rows and ``B`` to the text rows. In the shared VL
+layers (``shared=True``) branch ``A`` serves both modalities and ``B`` is carried only so that
 official checkpoints round-trip; its parameters are frozen (``requires_grad=False``) so that the
 optimizer neither decays nor updates weights that never see data.
 
-The split point is runtime state (``split_position``): training uses the static s_v from the
-config, while single-modality inference sets it to the sequence length (all vision) or 0 (all
-text). :class:`M2EncoderModel` sets it on every :class:`SplitAware` module before each forward.
+Which rows are which is runtime state with one source of truth: the :class:`MultiwayState` that
+:class:`~megatron_m2.model.m2_model.M2EncoderModel` owns. The model creates it, hands the same
+object to every multiway module of its stage when it builds them (through the layer specs), and
+sets its :class:`PackedLayout` once at the start of each forward: both modalities with s_v vision
+rows in training, :meth:`PackedLayout.vision_only` / :meth:`PackedLayout.text_only` for
+single-modality inference. Modules only read it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
-__all__ = ["SplitAware", "MultiwayWrapper", "TPLayerNorm", "MultiwayLayerNorm"]
+__all__ = ["Modality", "PackedLayout", "MultiwayState", "Part", "MultiwayWrapper", "TPLayerNorm",
+           "MultiwayLayerNorm"]
 
 
-class SplitAware:
-    """Mixin for modules that need the vision/text split point of the packed sequence."""
+class Modality(enum.Enum):
+    """What a packed sequence (or one part of it) holds."""
 
-    split_position: int = 0
+    VISION = "vision"
+    TEXT = "text"
+    BOTH = "both"
 
-    def _init_split(self, config) -> None:
-        self.split_position = int(getattr(config, "vision_seq_len", 0))
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Which rows of a packed ``[vision; text]`` sequence hold which modality.
+
+    * ``vision_only()``: every row is a vision token (image-only inference);
+    * ``text_only()``: every row is a text token (text-only inference);
+    * ``both(vision_len)``: rows ``[:vision_len]`` are vision tokens, the rest text (training,
+      with ``vision_len`` = s_v).
+    """
+
+    modality: Modality
+    vision_len: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.modality, Modality):
+            raise TypeError(f"modality must be a Modality, got {self.modality!r}")
+        if self.modality is Modality.BOTH and self.vision_len < 1:
+            raise ValueError(f"a layout with both modalities needs vision_len >= 1, got "
+                             f"{self.vision_len}")
+        if self.modality is not Modality.BOTH and self.vision_len != 0:
+            raise ValueError(f"vision_len is only for Modality.BOTH (got {self.vision_len} "
+                             f"with {self.modality})")
+
+    @classmethod
+    def vision_only(cls) -> "PackedLayout":
+        return cls(Modality.VISION)
+
+    @classmethod
+    def text_only(cls) -> "PackedLayout":
+        return cls(Modality.TEXT)
+
+    @classmethod
+    def both(cls, vision_len: int) -> "PackedLayout":
+        return cls(Modality.BOTH, int(vision_len))
+
+    def vision_rows(self, seq_len: int) -> int:
+        """How many of the first rows of a ``seq_len``-row sequence are vision tokens."""
+        if self.modality is Modality.VISION:
+            return seq_len
+        if self.modality is Modality.TEXT:
+            return 0
+        return min(self.vision_len, seq_len)
+
+
+@dataclass(eq=False)
+class MultiwayState:
+    """The runtime state of one forward pass of one model stage, shared by reference.
+
+    One object per :class:`~megatron_m2.model.m2_model.M2EncoderModel`, created by it and passed
+    to every multiway module of the stage at construction; only the model writes ``layout``
+    (once per forward, :meth:`begin`).
+
+    It also carries the backbone output to the backbone ITC heads: the first VL layer
+    (:class:`~megatron_m2.model.layer_specs.M2VLEntryLayer`) hands the normalised input of the
+    VL stack to :meth:`record_backbone`, and the model takes it with :meth:`take_backbone` after
+    the block has run. Recording is open only between :meth:`begin` and :meth:`take_backbone`
+    on a stage that has the backbone heads (``capture_backbone``): calls of the layer outside a
+    forward of the model (a direct call, the re-run of activation recomputation during the
+    backward) record nothing and keep no tensor alive.
+    """
+
+    layout: PackedLayout
+    capture_backbone: bool = False
+    _backbone: Optional[torch.Tensor] = field(default=None, repr=False)
+    _recording: bool = field(default=False, repr=False)
+
+    def begin(self, layout: PackedLayout) -> None:
+        """Start a forward pass over a sequence of ``layout`` (called by the model)."""
+        if not isinstance(layout, PackedLayout):
+            raise TypeError(f"layout must be a PackedLayout, got {layout!r}")
+        self.layout = layout
+        self._backbone = None
+        self._recording = self.capture_backbone
+
+    def record_backbone(self, hidden: torch.Tensor) -> None:
+        """The backbone output ``[s, b, d]`` (called by the first VL layer)."""
+        if self._recording:
+            self._backbone = hidden
+
+    def take_backbone(self) -> Optional[torch.Tensor]:
+        """The backbone output recorded in this forward (None if none), then forget it."""
+        hidden, self._backbone, self._recording = self._backbone, None, False
+        return hidden
+
+
+class Part(NamedTuple):
+    """One part of the packed sequence: the branch that processes it, its rows, what it holds."""
+
+    branch: str
+    rows: torch.Tensor
+    modality: Modality
+
+
+def _require_state(state, who: str) -> MultiwayState:
+    if not isinstance(state, MultiwayState):
+        raise TypeError(f"{who} needs the model's MultiwayState (state=...), got {state!r}; "
+                        f"build it through M2EncoderModel or get_m2_block_spec(..., state=)")
+    return state
 
 
 def _first(out):
@@ -37,47 +142,50 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-class MultiwayWrapper(nn.Module, SplitAware):
+class MultiwayWrapper(nn.Module):
     """Two copies (``A``, ``B``) of a module applied to the two parts of the packed sequence.
 
     Args:
         factory: builds one branch; called twice.
-        config: the transformer config (for the default split point).
+        state: the model's :class:`MultiwayState` (the layout of the current forward).
         shared: apply ``A`` to the whole sequence and freeze ``B`` (shared VL expert).
     """
 
-    def __init__(self, factory: Callable[[], nn.Module], config, shared: bool = False):
+    def __init__(self, factory: Callable[[], nn.Module], *, state: MultiwayState,
+                 shared: bool = False):
         super().__init__()
         self.A = factory()
         self.B = factory()
         self.shared = shared
-        self._init_split(config)
+        # A plain attribute (not a module, no parameters): the object the model owns.
+        self.state = _require_state(state, type(self).__name__)
         if shared:
             for p in self.B.parameters():
                 p.requires_grad_(False)
 
-    def parts(self, x: torch.Tensor):
-        """``[(branch, rows), ...]``: the packed sequence cut at the split point, each part
-        paired with the branch that processes it (``A`` for both parts when shared).
+    def parts(self, x: torch.Tensor) -> List[Part]:
+        """The packed sequence cut where the current layout says, each part paired with the
+        branch that processes it (``A`` for both parts when shared) and its modality.
 
         Blocks that chain several multiway modules (attention, MLP) cut once, run every module
         of a branch on its part and concatenate once, instead of a cut and a concatenation
         around each module. Parts are made with one ``torch.split`` (see :meth:`forward`).
         """
-        s = self.split_position
+        s = self.state.layout.vision_rows(x.shape[0])
         if s >= x.shape[0]:
-            return [("A", x)]
+            return [Part("A", x, Modality.VISION)]
         if s <= 0:
-            return [("A" if self.shared else "B", x)]
+            return [Part("A" if self.shared else "B", x, Modality.TEXT)]
         xa, xb = torch.split(x, [s, x.shape[0] - s], dim=0)
-        return [("A", xa), ("A" if self.shared else "B", xb)]
+        return [Part("A", xa, Modality.VISION),
+                Part("A" if self.shared else "B", xb, Modality.TEXT)]
 
     def branch(self, key: str) -> nn.Module:
         """Branch ``"A"`` or ``"B"`` (as named by :meth:`parts`)."""
         return self.A if key == "A" else self.B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.split_position
+        s = self.state.layout.vision_rows(x.shape[0])
         if self.shared or s >= x.shape[0]:
             return _first(self.A(x))
         if s <= 0:
@@ -183,14 +291,15 @@ class MultiwayLayerNorm(MultiwayWrapper):
     """Per-modality LayerNorm with megatron's norm constructor signature.
 
     Built by ``TransformerLayer``/``TransformerBlock`` as ``(config, hidden_size, eps)``;
-    ``shared`` comes from the ModuleSpec params.
+    ``shared`` and ``state`` come from the ModuleSpec params.
     """
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, shared: bool = False):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, shared: bool = False,
+                 state: Optional[MultiwayState] = None):
         super().__init__(
             lambda: TPLayerNorm(hidden_size, eps, params_dtype=config.params_dtype,
                                 device=_init_device(config)),
-            config, shared=shared)
+            state=state, shared=shared)
 
 
 def _init_device(config) -> Optional[torch.device]:

@@ -20,8 +20,29 @@ explicit compatibility layer:
   random state it first ran with. Without them the getter raises (no CUDA) and megatron's setter
   silently queues a callback that never runs.
 
-The layer is only ever activated by :func:`enable` when the process has no usable CUDA device and
-the backend is gloo; on GPUs it is never installed. ``tools/bench_train.py`` measures its cost.
+It is never installed on a machine with a usable CUDA device (every entry point below is then a
+no-op). ``tools/bench_train.py`` measures its cost.
+
+One context API
+---------------
+* :func:`active` — the layer is on inside the block and back to what it was after; blocks nest
+  (an inner one changes nothing if the layer is already on). This is the primitive.
+* :func:`suspended` — the layer is off inside the block (for hot code that never asks for a CUDA
+  device — the model's forward — so that it does not pay one Python call per torch call), back
+  on after; a no-op where it is not on.
+* :func:`exempt_optimizer` — a torch optimizer whose ``step()`` runs suspended. megatron's
+  optimizer calls its inner torch optimizer's ``step()`` itself, in the middle of its own step
+  (buffers and gradient clipping around it need the layer), so no block of ours encloses exactly
+  that call; torch's own step hooks do (``register_step_pre_hook`` /
+  ``register_step_post_hook``), and nothing is assigned over ``optimizer.step``.
+* :func:`enable` / :func:`disable` — the layer for the rest of the process (launch:
+  :func:`megatron_m2.parallel.distributed.init_distributed`), i.e. an :func:`active` block that
+  stays open until :func:`disable`.
+
+The stubs are process-wide; the ``TorchFunctionMode`` is on the torch-function mode stack of the
+thread that entered the block (torch keeps one stack per thread). Each block records what it
+asked for, and the mode is on the stack exactly when the innermost open block of the thread
+asks for it, so blocks may also be closed out of order (``disable()`` inside an ``active()``).
 """
 
 from __future__ import annotations
@@ -30,14 +51,17 @@ import contextlib
 import logging
 import threading
 import warnings
+from typing import Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
-_state = threading.local()
-_GLOBAL = {"enabled": False, "mode": None, "saved": []}
+_lock = threading.RLock()
+_stubs = {"users": 0, "saved": []}  # process-wide: how many on-blocks are open, what was patched
+_tls = threading.local()  # per thread: its open blocks (innermost last) and its mode instance
+_process_block: list = []  # the block opened by enable() (at most one)
 
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
@@ -145,63 +169,195 @@ def _stub_cuda_functions():
     return saved
 
 
-def enable() -> bool:
-    """Install the CPU compatibility layer for this process.
+class _Block:
+    """One open block: whether it wants the layer on, and the thread list it sits in."""
 
-    Returns ``True`` if it was installed, ``False`` if CUDA is available (then nothing happens).
-    Idempotent.
+    __slots__ = ("on", "owner")
+
+    def __init__(self, on: bool, owner: list):
+        self.on, self.owner = on, owner
+
+
+def _blocks() -> list:
+    blocks = getattr(_tls, "blocks", None)
+    if blocks is None:
+        blocks = _tls.blocks = []
+    return blocks
+
+
+def _thread_mode() -> _CudaToCpuMode:
+    mode = getattr(_tls, "mode", None)
+    if mode is None:
+        mode = _tls.mode = _CudaToCpuMode()
+    return mode
+
+
+def _mode_index(mode) -> Optional[int]:
+    for i in range(torch._C._len_torch_function_stack()):
+        if torch._C._get_function_stack_at(i) is mode:
+            return i
+    return None
+
+
+def _sync() -> None:
+    """Put this thread's mode on or off its torch-function mode stack, as the innermost open
+    block of the thread asks.
+
+    A mode lifted by a :func:`suspended` block goes back where it was (other modes entered in
+    the meantime stay above it, so that their own exits pop them, not ours); a fresh one goes on
+    top.
+    """
+    blocks = _blocks()
+    want = bool(blocks) and blocks[-1].on
+    mode = _thread_mode()
+    index = _mode_index(mode)
+    if want and index is None:
+        at = getattr(_tls, "lifted_at", None)
+        depth = torch._C._len_torch_function_stack()
+        at = depth if at is None else min(at, depth)
+        above = [torch._C._pop_torch_function_stack() for _ in range(depth - at)]
+        torch._C._push_on_torch_function_stack(mode)
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
+        _tls.lifted_at = None
+    elif not want and index is not None:
+        above = [torch._C._pop_torch_function_stack()
+                 for _ in range(torch._C._len_torch_function_stack() - index - 1)]
+        torch._C._pop_torch_function_stack()  # ours
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
+        _tls.lifted_at = index if blocks else None
+
+
+def _open(on: bool) -> _Block:
+    if on:
+        with _lock:
+            if _stubs["users"] == 0:
+                _stubs["saved"] = _stub_cuda_functions()
+                logger.info("CPU compatibility layer for megatron-core enabled (no CUDA device)")
+            _stubs["users"] += 1
+    block = _Block(on, _blocks())
+    block.owner.append(block)
+    _sync()
+    return block
+
+
+def _close(block: _Block) -> None:
+    if not any(b is block for b in block.owner):
+        return  # already closed
+    block.owner[:] = [b for b in block.owner if b is not block]
+    _sync()
+    if block.on:
+        with _lock:
+            _stubs["users"] -= 1
+            if _stubs["users"] == 0:
+                for module, name, fn in reversed(_stubs["saved"]):
+                    setattr(module, name, fn)
+                _stubs["saved"] = []
+
+
+@contextlib.contextmanager
+def active():
+    """The layer on for the block (nesting-safe; what it was is restored on exit).
+
+    Yields whether the layer is in effect: ``False`` on a machine with a usable CUDA device, where
+    nothing is installed.
     """
     if torch.cuda.is_available():
-        return False
-    if _GLOBAL["enabled"]:
-        return True
-    _GLOBAL["saved"] = _stub_cuda_functions()
-    mode = _CudaToCpuMode()
-    mode.__enter__()
-    _GLOBAL["mode"] = mode
-    _GLOBAL["enabled"] = True
-    logger.info("CPU compatibility layer for megatron-core enabled (no CUDA device found)")
-    return True
-
-
-def disable() -> None:
-    """Remove the layer installed by :func:`enable` (used by tests)."""
-    if not _GLOBAL["enabled"]:
+        yield False
         return
-    _GLOBAL["mode"].__exit__(None, None, None)
-    for module, name, fn in reversed(_GLOBAL["saved"]):
-        setattr(module, name, fn)
-    _GLOBAL.update(enabled=False, mode=None, saved=[])
+    block = _open(True)
+    try:
+        yield True
+    finally:
+        _close(block)
 
 
 @contextlib.contextmanager
 def suspended():
-    """Run a block without the layer (no-op when it is not enabled).
-
-    For hot code that never asks for a CUDA device — the model's forward, the inner torch
-    optimizer step — so that it does not pay one Python call per torch call.
-    """
-    mode = _GLOBAL["mode"]
-    if mode is None:
+    """The layer off for the block on this thread, back to what it was after (a no-op where it
+    is not on). The stubs stay: only the per-call rewriting, the cost, is lifted."""
+    if not _blocks():  # nothing open on this thread: the layer is not on here
         yield
         return
-    mode.__exit__(None, None, None)
+    block = _open(False)
     try:
         yield
     finally:
-        mode.__enter__()
+        _close(block)
 
 
-def exempt(fn):
-    """``fn`` wrapped to run under :func:`suspended`."""
-    def wrapper(*args, **kwargs):
-        with suspended():
-            return fn(*args, **kwargs)
+class _OptimizerExemption:
+    """Handle of :func:`exempt_optimizer`; :meth:`remove` undoes it."""
 
-    wrapper.__wrapped__ = fn
-    return wrapper
+    def __init__(self, optimizer):
+        self._pending: list = []
+        self._handles = [optimizer.register_step_pre_hook(self._pre),
+                         optimizer.register_step_post_hook(self._post)]
+
+    def _pre(self, optimizer, args, kwargs):
+        # A step that raised never ran its post-hook: close its block first.
+        while self._pending:
+            _close(self._pending.pop())
+        if _blocks():  # else the layer is not on in this thread: nothing to lift
+            self._pending.append(_open(False))
+
+    def _post(self, optimizer, args, kwargs):
+        while self._pending:
+            _close(self._pending.pop())
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._post(None, (), {})
+
+
+def exempt_optimizer(optimizer) -> Optional[_OptimizerExemption]:
+    """Make ``optimizer.step()`` (a ``torch.optim.Optimizer``) run :func:`suspended`.
+
+    For the inner torch optimizer that megatron's optimizer steps itself: its per-parameter
+    arithmetic places every tensor by its parameter's device and never asks for a CUDA device,
+    while megatron's code around it does and keeps the layer. Done with torch's step hooks (a
+    pre-hook opens a :func:`suspended` block, the post-hook closes it), so the optimizer's
+    ``step`` is not replaced. If a step raises, its block stays open on that thread until the
+    optimizer's next step or :meth:`~_OptimizerExemption.remove`.
+
+    Returns a handle whose ``remove()`` undoes it; ``None`` (nothing registered) on a machine
+    with a usable CUDA device.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"exempt_optimizer needs a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if torch.cuda.is_available():
+        return None
+    return _OptimizerExemption(optimizer)
+
+
+def enable() -> bool:
+    """The layer on for the rest of the process (until :func:`disable`): an :func:`active`
+    block left open, for launch code (``init_distributed``). Idempotent.
+
+    Returns ``True`` if the layer is in effect, ``False`` if CUDA is available (then nothing
+    happens).
+    """
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if not _process_block:
+            _process_block.append(_open(True))
+    return True
+
+
+def disable() -> None:
+    """Close the block :func:`enable` opened (a no-op if none is open). The layer stays on
+    inside any :func:`active` block still open."""
+    with _lock:
+        block = _process_block.pop() if _process_block else None
+    if block is not None:
+        _close(block)
 
 
 def is_enabled() -> bool:
-    """Whether the CPU compatibility layer is active in this process."""
-    return _GLOBAL["enabled"]
+    """Whether the layer is installed in this process (an :func:`active` block or
+    :func:`enable` is open), suspended or not."""
+    return _stubs["users"] > 0

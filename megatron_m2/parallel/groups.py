@@ -22,6 +22,7 @@ from typing import List, Optional
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..layout import misaligned_itc_group, resolve_itc_group_size
 from .distributed import collective_timeout
 
 logger = logging.getLogger(__name__)
@@ -47,44 +48,6 @@ class ITCGroups:
     @property
     def num_groups(self) -> int:
         return self.dp_size // self.size
-
-
-def resolve_itc_group_size(dp_size: int, dp_ranks_per_node: int,
-                           group_size: Optional[int] = None,
-                           aggregate_nodes: Optional[int] = None) -> int:
-    """k from the user's choice.
-
-    Args:
-        dp_size: N, the data-parallel size.
-        dp_ranks_per_node: DP ranks (of one DP group) per node.
-        group_size: k in DP ranks (-1: all N). Mutually exclusive with ``aggregate_nodes``.
-        aggregate_nodes: k in nodes (-1: all nodes), i.e. k = nodes × DP ranks per node.
-        With neither, k is one node's DP ranks (node-aligned), capped at N.
-
-    Raises:
-        ConfigError: k does not divide N, is out of range, or both options were given.
-    """
-    if group_size is not None and aggregate_nodes is not None:
-        raise ConfigError("--itc-group-size and --itc-aggregate-nodes are mutually exclusive")
-    if group_size is not None:
-        k = dp_size if group_size == -1 else group_size
-        what = f"--itc-group-size ({group_size})"
-    elif aggregate_nodes is not None:
-        if aggregate_nodes != -1 and aggregate_nodes < 1:
-            raise ConfigError(f"--itc-aggregate-nodes must be -1 or >= 1, got {aggregate_nodes}")
-        k = dp_size if aggregate_nodes == -1 else aggregate_nodes * dp_ranks_per_node
-        what = (f"--itc-aggregate-nodes ({aggregate_nodes}) x {dp_ranks_per_node} DP ranks "
-                f"per node")
-    else:
-        k = min(dp_ranks_per_node, dp_size)
-        what = f"one node's DP ranks ({dp_ranks_per_node})"
-    if not 1 <= k <= dp_size:
-        raise ConfigError(f"ITC group size {what} = {k} must lie in [1, data-parallel size "
-                          f"{dp_size}]")
-    if dp_size % k:
-        raise ConfigError(f"ITC group size {what} = {k} must divide the data-parallel size "
-                          f"({dp_size})")
-    return k
 
 
 def node_ids(world_size: Optional[int] = None) -> List[int]:
@@ -121,13 +84,15 @@ def create_itc_groups(group_size: Optional[int] = None, aggregate_nodes: Optiona
     if require_node_aligned is None:
         require_node_aligned = group_size is None
 
+    if require_node_aligned:
+        bad = misaligned_itc_group(dp_groups, k, nodes)
+        if bad:
+            raise ConfigError(bad)
     mine, layout = None, []
     for dp in dp_groups:  # same order on every rank: new_group is collective over the world
         for i in range(0, len(dp), k):
             ranks = list(dp[i:i + k])
             layout.append(ranks)
-            if require_node_aligned:
-                _check_aligned(ranks, dp, nodes)
             # The job's collective timeout (new_group's default would be 30 minutes).
             pg = dist.new_group(ranks, timeout=collective_timeout(),
                                 group_desc="ITC_GROUP") if k > 1 else None
@@ -136,14 +101,3 @@ def create_itc_groups(group_size: Optional[int] = None, aggregate_nodes: Optiona
     logger.info("ITC groups: k=%d of N=%d DP ranks (%d groups per DP group, %d DP ranks per "
                 "node)", k, len(my_dp), len(my_dp) // k, dp_ranks_per_node)
     return ITCGroups(mine, k, len(my_dp), dp_ranks_per_node, layout)
-
-
-def _check_aligned(ranks: List[int], dp: tuple, nodes: List[int]) -> None:
-    spanned = {nodes[r] for r in ranks}
-    if len(spanned) == 1:
-        return
-    for n in spanned:
-        on_node = {r for r in dp if nodes[r] == n}
-        if not on_node <= set(ranks):
-            raise ConfigError(f"ITC group {ranks} is not node-aligned: it holds part of node "
-                              f"{n}'s DP ranks {sorted(on_node)}")

@@ -7,7 +7,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 __all__ = ["DistEnv", "discover_env", "expand_nodelist"]
 
@@ -22,6 +22,9 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm" or "single"
+    local_world_size: Optional[int] = None
+    """Ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``, Slurm's ``SLURM_NTASKS_PER_NODE``);
+    ``None`` when the launcher does not say."""
 
 
 def expand_nodelist(nodelist: str) -> List[str]:
@@ -57,13 +60,23 @@ def discover_env(environ=None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
-                       "torchrun")
+                       "torchrun", _int_or_none(env.get("LOCAL_WORLD_SIZE")))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         master = env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0]
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
         port = int(env.get("MASTER_PORT", 20000 + job % 20000))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                       int(env.get("SLURM_LOCALID", 0)), master, port, "slurm")
+                       int(env.get("SLURM_LOCALID", 0)), master, port, "slurm",
+                       _int_or_none(env.get("SLURM_NTASKS_PER_NODE")))
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(),
-                   "single")
+                   "single", 1)
+
+
+def _int_or_none(value: Optional[str]) -> Optional[int]:
+    """An integer environment value; ``None`` when absent or not a plain integer (Slurm writes
+    e.g. ``8(x4)`` for heterogeneous layouts)."""
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None

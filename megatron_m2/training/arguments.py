@@ -13,10 +13,11 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from ..config import ConfigError
-from ..flavors import FLAVORS, get_flavor
+from ..flavors import FLAVORS
 
-__all__ = ["build_parser", "parse_args", "validate_args", "parse_data_path", "parse_split",
-           "parse_randaugment", "recompute_options", "fp8_options", "have_transformer_engine",
+__all__ = ["build_parser", "parse_args", "parse_data_path", "parse_split",
+           "parse_randaugment", "recompute_options", "recompute_setting", "fp8_options",
+           "parallel_layout",
            "scheduler_settings", "output_dirs"]
 
 
@@ -67,6 +68,7 @@ def parse_randaugment(value: str) -> Optional[Tuple[int, int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..cli.common import ArgumentParser
+    from ..objectives import objective_names
 
     p = ArgumentParser(
         prog="m2-pretrain",
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--flavor", default="tiny", choices=sorted(FLAVORS),
-                   help="architecture preset (`python -m megatron_m2.flavors` describes them)")
+                   help="architecture preset (`m2-plan --list-flavors` describes them)")
     g.add_argument("--transformer-impl", default="local", choices=["local", "te"],
                    help="layer implementation: pure torch or Transformer Engine")
     g.add_argument("--vocab-size", type=int, default=None,
@@ -145,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.98)
     g.add_argument("--adam-eps", type=float, default=1e-6)
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default="itc", choices=objective_names(),
+                   help="training objective (megatron_m2.objectives): itc is M2's GBA-ITC "
+                        "contrastive loss")
 
     g = p.add_argument_group("contrastive loss (GBA-ITC)")
     g.add_argument("--itc-heads", default="both", choices=["both", "vl"],
@@ -268,13 +275,6 @@ def scheduler_settings(args: argparse.Namespace) -> Dict[str, object]:
             "wd_incr_style": "constant"}
 
 
-_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
-                   "lr_decay_steps": "--lr-decay-iters/--train-iters",
-                   "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay",
-                   "end_wd": "--weight-decay", "wd_incr_steps": "--lr-decay-iters/--train-iters",
-                   "wd_incr_style": "weight-decay style"}
-
-
 def output_dirs(args: argparse.Namespace) -> Dict[str, str]:
     """``{flag: directory}`` of every directory the run writes into."""
     dirs = {}
@@ -286,183 +286,6 @@ def output_dirs(args: argparse.Namespace) -> Dict[str, str]:
     if args.tensorboard_dir:
         dirs["--tensorboard-dir"] = args.tensorboard_dir
     return dirs
-
-
-def _prepare_output_dirs(args: argparse.Namespace) -> None:
-    """Create the run's output folders and check that they take files, so that a first run
-    into a fresh folder works and a read-only or mistyped one fails now, not at the first save
-    after hours of training."""
-    import tempfile
-
-    for flag, d in output_dirs(args).items():
-        if os.path.exists(d) and not os.path.isdir(d):
-            raise ConfigError(f"{flag}: {d} exists and is not a directory")
-        try:
-            os.makedirs(d, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=d, prefix=".m2-write-test-"):
-                pass
-        except OSError as e:
-            raise ConfigError(f"{flag}: cannot write into {d} ({e.strerror or e})") from None
-    if args.log_json and os.path.isdir(args.log_json):
-        raise ConfigError(f"--log-json {args.log_json} is a directory; give a file name")
-
-
-def _validate_numbers(args: argparse.Namespace) -> None:
-    import math
-
-    for flag, value in (("--lr", args.lr), ("--min-lr", args.min_lr),
-                        ("--weight-decay", args.weight_decay), ("--clip-grad", args.clip_grad),
-                        ("--adam-eps", args.adam_eps)):
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
-    if args.min_lr > args.lr:
-        raise ConfigError(f"--min-lr ({args.min_lr}) is above --lr ({args.lr})")
-    for flag, value in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{flag} must be in [0, 1), got {value}")
-    for flag, value, low in (("--lr-warmup-iters", args.lr_warmup_iters, 0),
-                             ("--num-workers", args.num_workers, 0),
-                             ("--skip-bad-samples", args.skip_bad_samples, 0),
-                             ("--log-interval", args.log_interval, 1),
-                             ("--eval-max-samples", args.eval_max_samples, 0)):
-        if value < low:
-            raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
-        raise ConfigError(f"--lr-decay-iters must be >= 1, got {args.lr_decay_iters}")
-    if args.eval_interval is not None and args.eval_interval < 1:
-        raise ConfigError(f"--eval-interval must be >= 1, got {args.eval_interval}")
-    if args.exit_interval is not None and args.exit_interval < 1:
-        raise ConfigError(f"--exit-interval must be >= 1, got {args.exit_interval}")
-    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
-        raise ConfigError(f"--exit-duration-in-mins must be > 0, got "
-                          f"{args.exit_duration_in_mins}")
-
-
-def _validate_data(args: argparse.Namespace, cfg) -> None:
-    """Datasets exist, are valid, hold samples (also after --split), and were made with this
-    run's tokenizer and text length (their cards); the tokenizer loads."""
-    from ..data.identity import check_datasets, tokenizer_identity
-    from ..data.indexed import read_index, split_ranges
-    from ..data.tokenizer import M2Tokenizer
-
-    tokenizer = M2Tokenizer(args.tokenizer_model)
-    identity = tokenizer_identity(tokenizer)
-    identity.pop("text_style")  # the data's: it says how its captions were made
-    train = [prefix for _, prefix in parse_data_path(args.data_path)] if args.data_path else []
-    split = parse_split(args.split) if train else None
-    # In full (linear in the index, vectorised; the data file is not read): pointers and lengths
-    # inside the .bin, modes, every sample captions then one image. A bad index fails here,
-    # naming the dataset, not in a loader worker when the bad sample comes up.
-    for prefix in train:
-        n = read_index(prefix, full=True).num_samples
-        if n == 0:
-            raise ConfigError(f"--data-path {prefix}: {prefix}.idx holds no samples")
-        lo, hi = split_ranges(n, split)[0]
-        if hi <= lo:
-            raise ConfigError(f"--split {args.split} leaves no training sample of {prefix} "
-                              f"({n} samples)")
-    valid = [args.valid_data_path] if args.valid_data_path else []
-    for prefix in valid:
-        if read_index(prefix, full=True).num_samples == 0:
-            raise ConfigError(f"--valid-data-path {prefix}: {prefix}.idx holds no samples")
-    langs = [args.caption_lang] if args.caption_lang in ("en", "zh") else []
-    against = f"this run (--tokenizer-model {args.tokenizer_model}, text length " \
-              f"{cfg.max_text_len})"
-    check_datasets(train + valid, identity, cfg.max_text_len, langs, against=against,
-                   allow=args.allow_dataset_mismatch, languages_of=train)
-
-
-def _validate_resumed_tokenizer(args: argparse.Namespace, directory: str, meta: Dict) -> None:
-    """The checkpoint's token embeddings belong to its tokenizer: another one (even of the same
-    vocabulary size) would silently give every id another meaning."""
-    import hashlib
-
-    if not args.tokenizer_model or args.allow_tokenizer_mismatch:
-        return
-    saved = (meta.get("tokenizer") or {}).get("sha256")
-    saved_file = os.path.join(directory, "tokenizer.model")
-    if saved is None and os.path.isfile(saved_file):
-        with open(saved_file, "rb") as f:
-            saved = hashlib.sha256(f.read()).hexdigest()
-    if saved is None:
-        return  # the checkpoint records no tokenizer (e.g. converted without one)
-    with open(args.tokenizer_model, "rb") as f:
-        mine = hashlib.sha256(f.read()).hexdigest()
-    if mine != saved:
-        raise ConfigError(
-            f"--tokenizer-model {args.tokenizer_model} (sha256 {mine[:12]}…) is not the "
-            f"tokenizer of the checkpoint {directory} (sha256 {saved[:12]}…; its copy is "
-            f"{saved_file}): the token embeddings would take other ids. Use that tokenizer, or "
-            "pass --allow-tokenizer-mismatch to train on anyway")
-
-
-def _validate_save(args: argparse.Namespace) -> None:
-    """A --save folder that already holds checkpoints is written into only by a run that
-    resumes from it: a new run there would replace them (the first save of step N overwrites
-    its iter_N, the tracker then names the new run's)."""
-    from .checkpoint_meta import complete_iterations, holds_checkpoint
-
-    if not args.save or not holds_checkpoint(args.save):
-        return
-    save = os.path.realpath(args.save)
-    load = os.path.realpath(args.load) if args.load else None
-    if load and (load == save or load.startswith(save + os.sep)):
-        return
-    steps = complete_iterations(args.save)
-    newest = f" (newest: iter_{steps[-1]:07d})" if steps else ""
-    raise ConfigError(f"--save {args.save} already holds checkpoints{newest}: resume from them "
-                      f"with --load {args.save}, or save into another folder (this run would "
-                      "overwrite them)")
-
-
-def _validate_resume(args: argparse.Namespace, cfg) -> None:
-    """``--load``: the checkpoint's model fits this run's, and its LR schedule is the command
-    line's unless the flags say which one wins (Megatron-LM's rule)."""
-    from .checkpoint_meta import check_tensor_file, holds_checkpoint, resolve_checkpoint
-
-    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
-        raise ConfigError("--override-opt-param-scheduler and "
-                          "--use-checkpoint-opt-param-scheduler exclude each other")
-    if args.finetune and not args.load:
-        raise ConfigError("--finetune needs --load (the checkpoint to start from)")
-    if not args.load or not holds_checkpoint(args.load):
-        return
-    try:
-        directory, meta = resolve_checkpoint(args.load)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--load {args.load}: {e}") from None
-    # Every tensor file's framing now (cheap: headers only), so that a truncated or garbled
-    # shard is named before start-up rather than after it.
-    for fn in sorted(os.listdir(directory)):
-        if fn.endswith(".safetensors"):
-            check_tensor_file(os.path.join(directory, fn))
-    saved = meta.get("model_config", {})
-    wrong = [f"{k} {saved[k]} (this run: {getattr(cfg, k)})" for k in (
-        "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_sep_layers",
-        "num_vl_layers", "embed_dim", "image_size", "patch_size", "max_text_len")
-        if k in saved and saved[k] != getattr(cfg, k)]
-    if wrong:
-        raise ConfigError(f"--load {directory}: the checkpoint's model differs from --flavor "
-                          f"{args.flavor}: {', '.join(wrong)}")
-    _validate_resumed_tokenizer(args, directory, meta)
-    if args.finetune or args.no_load_optim or "scheduler" not in meta or (
-            args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
-        return
-    mine, theirs = scheduler_settings(args), meta["scheduler"]
-    ignored = set()
-    if mine["lr_decay_style"] == theirs.get("lr_decay_style") == "constant":
-        ignored |= {"lr_decay_steps", "min_lr"}  # no decay: its length and floor do not matter
-    if mine["wd_incr_style"] == theirs.get("wd_incr_style") == "constant":
-        ignored.add("wd_incr_steps")
-    diff = [f"{_SCHEDULE_FLAGS[k]}: checkpoint {theirs[k]}, now {v}"
-            for k, v in mine.items() if k in theirs and k not in ignored and theirs[k] != v]
-    if diff:
-        raise ConfigError(
-            f"--load {directory}: the LR schedule differs from the checkpoint's ("
-            f"{'; '.join(dict.fromkeys(diff))}); pass --override-opt-param-scheduler to follow "
-            f"this command line from step {meta.get('step')}, --use-checkpoint-opt-param-"
-            f"scheduler to keep the checkpoint's, or --finetune to start a new run from its "
-            f"weights")
 
 
 def recompute_options(args: argparse.Namespace) -> Dict[str, object]:
@@ -477,7 +300,10 @@ def recompute_options(args: argparse.Namespace) -> Dict[str, object]:
             "recompute_num_layers": args.recompute_num_layers}
 
 
-def _validate_recompute(args: argparse.Namespace, cfg, pp: int) -> None:
+def recompute_setting(args: argparse.Namespace) -> Tuple[Optional[str], Optional[int]]:
+    """``(method, layers)`` the recompute flags ask for (``(None, None)``: none); raises
+    :class:`ConfigError` for flag combinations that mean nothing. Whether the layers fit the
+    pipeline stages is a layout rule (:func:`megatron_m2.layout.check_layout`)."""
     explicit = [flag for flag, value in (
         ("--recompute-granularity", args.recompute_granularity),
         ("--recompute-method", args.recompute_method),
@@ -489,30 +315,12 @@ def _validate_recompute(args: argparse.Namespace, cfg, pp: int) -> None:
         if explicit:
             raise ConfigError(f"{', '.join(explicit)} needs --recompute-granularity full")
         if not args.recompute_activations:
-            return
+            return None, None
     elif args.recompute_method is None or args.recompute_num_layers is None:
         raise ConfigError("--recompute-granularity full needs --recompute-method (uniform or "
                           "block) and --recompute-num-layers")
     opts = recompute_options(args)
-    method, n = opts["recompute_method"], opts["recompute_num_layers"]
-    per_stage = cfg.num_layers // pp
-    if not 1 <= n <= per_stage:
-        raise ConfigError(f"--recompute-num-layers ({n}) must be between 1 and the layers per "
-                          f"pipeline stage ({per_stage})")
-    if method == "uniform" and per_stage % n:
-        raise ConfigError(f"--recompute-method uniform: --recompute-num-layers ({n}) must "
-                          f"divide the layers per pipeline stage ({per_stage})")
-
-
-def have_transformer_engine() -> bool:
-    """Whether Transformer Engine is importable (checked without importing it or torch)."""
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-FP8_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
-"""FP8 GEMMs need every GEMM dimension divisible by this (per recipe)."""
+    return opts["recompute_method"], opts["recompute_num_layers"]
 
 
 def fp8_options(args: argparse.Namespace) -> Dict[str, object]:
@@ -524,111 +332,20 @@ def fp8_options(args: argparse.Namespace) -> Dict[str, object]:
             "fp8_amax_compute_algo": args.fp8_amax_compute_algo}
 
 
-def _validate_fp8(args: argparse.Namespace, cfg) -> None:
-    """FP8 needs TE, the TE layer spec, BF16, and GEMM shapes FP8 kernels accept.
+def parallel_layout(args: argparse.Namespace, world_size: int,
+                    gpus_per_node: Optional[int] = None):
+    """The :class:`~megatron_m2.layout.ParallelLayout` of the command line on ``world_size``
+    ranks (``gpus_per_node`` ranks per node, when the launcher says)."""
+    from ..layout import ParallelLayout
 
-    Token counts: each branch's linears see ``s_part × micro_batch`` rows (vision part
-    ``s_v = 1 + patches``, text part ``max_text_len``), which must be divisible by the recipe's
-    alignment, as must the hidden, FFN and head widths; a micro-batch size that is a multiple
-    of the alignment always works.
-    """
-    if not args.fp8_format:
-        return
-    if not have_transformer_engine():
-        raise ConfigError("--fp8-format needs Transformer Engine, which is not installed; run "
-                          "in the Docker image or train in BF16 (--bf16 without --fp8-format)")
-    if args.transformer_impl != "te":
-        raise ConfigError("--fp8-format needs --transformer-impl te (FP8 GEMMs are Transformer "
-                          "Engine linears)")
-    if not args.bf16:
-        raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs inside BF16 mixed precision)")
-    align = FP8_ALIGN[args.fp8_recipe]
-    tp = args.tensor_model_parallel_size
-    widths = {"hidden size": cfg.hidden_size, "FFN width / TP": cfg.ffn_hidden_size // tp,
-              "hidden size / TP": cfg.hidden_size // tp}
-    bad = [f"{k} {v}" for k, v in widths.items() if v % align]
-    if bad:
-        raise ConfigError(f"--fp8-recipe {args.fp8_recipe}: GEMM widths must be multiples of "
-                          f"{align}: {', '.join(bad)}")
-    mbs = args.micro_batch_size
-    rows = {"vision": cfg.vision_seq_len * mbs, "text": cfg.max_text_len * mbs}
-    bad = [f"{k} {n // mbs} tokens x {mbs} = {n}" for k, n in rows.items() if n % align]
-    if bad:
-        raise ConfigError(f"--fp8-format: each branch's GEMM rows must be a multiple of {align} "
-                          f"({'; '.join(bad)}); use a --micro-batch-size that is a multiple "
-                          f"of {align}")
-
-
-def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Raise :class:`ConfigError` with one clear message if the run cannot work."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size "
-                          "must be >= 1")
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by "
-                          f"--tensor-model-parallel-size ({tp}) x "
-                          f"--pipeline-model-parallel-size ({pp})")
-    dp = world_size // (tp * pp)
-    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-    cfg = get_flavor(args.flavor, **overrides)
-    cfg.validate_parallel(tp, pp)
-    mbs, gbs = args.micro_batch_size, args.global_batch_size
-    if mbs < 1 or gbs < 1:
-        raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
-    if gbs % (mbs * dp):
-        raise ConfigError(f"--global-batch-size ({gbs}) must be divisible by "
-                          f"--micro-batch-size ({mbs}) x data-parallel size ({dp})")
-    if args.itc_group_size is not None and args.itc_aggregate_nodes is not None:
-        raise ConfigError("--itc-group-size and --itc-aggregate-nodes are mutually exclusive")
-    if args.itc_group_size is not None:
-        k = dp if args.itc_group_size == -1 else args.itc_group_size
-        if k < 1 or dp % k:
-            raise ConfigError(f"--itc-group-size ({args.itc_group_size}) must divide the "
-                              f"data-parallel size ({dp})")
-    if args.save_interval is not None and args.save_interval < 1:
-        raise ConfigError("--save-interval must be >= 1")
-    if args.save_interval and not args.save:
-        raise ConfigError("--save-interval needs --save")
-    if args.load and not os.path.exists(args.load):
-        raise ConfigError(f"--load {args.load} does not exist")
-    if args.valid_data_path:
-        if not args.tokenizer_model:
-            raise ConfigError("--valid-data-path needs --tokenizer-model")
-        for ext in (".bin", ".idx"):
-            if not os.path.exists(args.valid_data_path + ext):
-                raise ConfigError(f"--valid-data-path {args.valid_data_path}: "
-                                  f"{args.valid_data_path + ext} does not exist")
-    if args.train_iters < 1:
-        raise ConfigError("--train-iters must be >= 1")
-    _validate_numbers(args)
-    if args.synthetic == bool(args.data_path):
-        raise ConfigError("pass exactly one of --data-path and --synthetic")
-    if args.data_path:
-        parse_data_path(args.data_path)
-        if not args.tokenizer_model:
-            raise ConfigError("--data-path needs --tokenizer-model")
-        parse_split(args.split)
-        ra = parse_randaugment(args.randaugment)
-        if ra is not None and not (ra[0] >= 0 and 0 <= ra[1] <= 30):
-            raise ConfigError(f"--randaugment {args.randaugment}: N >= 0 operations of "
-                              "magnitude M in 0..30")
-    if args.tokenizer_model:
-        if not os.path.exists(args.tokenizer_model):
-            raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
-        _validate_data(args, cfg)
-    _validate_resume(args, cfg)
-    if args.transformer_impl == "te" and not have_transformer_engine():
-        raise ConfigError("--transformer-impl te needs Transformer Engine, which is not "
-                          "installed; use --transformer-impl local (or run in the Docker image)")
-    _validate_fp8(args, cfg)
-    if pp > 1 and args.itc_heads == "both":
-        per_stage = cfg.num_layers // pp
-        if cfg.num_vl_layers > per_stage:
-            raise ConfigError(
-                f"--itc-heads both needs the backbone/VL boundary on the last pipeline stage, "
-                f"but {pp} stages of {per_stage} layers put VL layers on earlier stages; "
-                f"use fewer stages or --itc-heads vl")
-    _validate_recompute(args, cfg, pp)
-    _validate_save(args)
-    _prepare_output_dirs(args)  # last: nothing is created for a run that cannot start
+    method, layers = recompute_setting(args)
+    precision = "fp8" if args.fp8_format else "bf16" if args.bf16 else "fp32"
+    return ParallelLayout(
+        tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+        world_size=world_size, micro_batch=args.micro_batch_size,
+        global_batch=args.global_batch_size, precision=precision, fp8_recipe=args.fp8_recipe,
+        transformer_impl=args.transformer_impl, itc_heads=args.itc_heads,
+        itc_group_size=args.itc_group_size, itc_aggregate_nodes=args.itc_aggregate_nodes,
+        itc_accumulate_features=args.itc_accumulate_features, recompute_method=method,
+        recompute_num_layers=layers, distributed_optimizer=args.use_distributed_optimizer,
+        gpus_per_node=gpus_per_node)

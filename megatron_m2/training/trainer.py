@@ -4,45 +4,45 @@ Order of start-up (each step fails fast with one message rather than hanging a c
 
 1. parse and validate arguments against the world size from the launcher environment;
 2. ``torch.distributed`` (NCCL on GPUs; gloo + the CPU compatibility layer on CPUs);
-3. megatron-core model-parallel groups, the ITC sub-mesh of GBA-ITC, seeds;
-4. this rank's pipeline stage of M2-Encoder, wrapped in megatron DDP;
+3. megatron-core model-parallel groups, seeds;
+4. this rank's pipeline stage of M2-Encoder, wrapped in megatron DDP, and the objective
+   (``--objective``, :mod:`megatron_m2.objectives`; GBA-ITC creates its ITC groups);
 5. megatron optimizer (AdamW; no weight decay on biases, norms, position tables, tokens and
    logit scales) and megatron's LR schedule;
 6. steps through megatron-core's forward/backward schedule.
 
-A step is either one pass of the schedule over the step's M micro-batches (each micro-batch's
-contrastive loss uses the k·b pairs of its ITC group), or, with ``--itc-accumulate-features``, the
-two-phase batch (feature) accumulation of GBA-ITC: embed all M micro-batches without a graph
-(schedule, ``forward_only``), compute the loss over the k·M·b pairs of the ITC group and the
-gradients of the cached embeddings, then re-run the schedule with a surrogate loss that injects
-those gradients.
+The step code knows objectives only through their interface
+(:class:`megatron_m2.objectives.Objective`). A step is either one pass of the schedule over the
+step's M micro-batches, each micro-batch's loss computed by the objective on the last stage, or,
+with ``--itc-accumulate-features``, two-phase feature accumulation (GradCache): the objective's
+outputs of all M micro-batches without a graph (schedule, ``forward_only``), the objective's
+loss over the whole step and the gradients of the cached outputs, then the schedule again with
+a surrogate loss that injects those gradients.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import re
-import sys
 import time
 import warnings
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .run_state import ExitConditions, phase, plot_curves, ranks, warn_changed_args
 
 logger = logging.getLogger("megatron_m2.train")
 
 FAULT_ENV = "M2_FAULT_INJECT"
 """Fault injection for tests: ``nan_loss:STEP`` makes step STEP's loss NaN."""
 
-__all__ = ["run", "Trainer", "no_weight_decay"]
+__all__ = ["Trainer", "no_weight_decay"]
 
 
 def _quiet_imports() -> None:
@@ -52,43 +52,12 @@ def _quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*tp_group is None.*")
 
 
-_PHASE = ["start-up (process groups, model)"]
-"""What this rank is doing, in words naming the process groups involved: the one-line message
-of a collective that fails or times out (a peer died or hung) says where it happened."""
-
-
-@contextlib.contextmanager
-def _phase(what: str):
-    """Mark ``what`` as the current phase. On an exception the phase stays set (no finally):
-    the failure message names where it happened."""
-    previous = _PHASE[0]
-    _PHASE[0] = what
-    yield
-    _PHASE[0] = previous
-
-
-def _ranks(group) -> str:
-    """``"ranks [0, 1]"`` of a process group (the world for None)."""
-    try:
-        return f"ranks {dist.get_process_group_ranks(group or dist.group.WORLD)}"
-    except (RuntimeError, ValueError):
-        return "its ranks"
-
-
 def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
     """Parameters excluded from weight decay: biases, norms (all 1-D), position tables,
     [CLS]/mask tokens and logit scales."""
     return (param.ndim <= 1 or name.endswith(".bias") or "embed_positions" in name
             or "cls_token" in name or "mask_token" in name or "logit_scale" in name
             or "logit_vl_scale" in name)
-
-
-def _setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
-    # megatron-core logs its full configs and bucket layouts at INFO; keep its warnings only.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def _unwrap(model):
@@ -108,8 +77,10 @@ def _run_model(model, batch):
         if unwrapped.pre_process:
             out = model(batch["images"], batch["text_ids"], batch["text_pad_mask"])
         else:
+            from ..model.multiway import PackedLayout
+
             out = model(text_pad_mask=batch["text_pad_mask"],
-                        split_position=unwrapped.config.vision_seq_len)
+                        layout=PackedLayout.both(unwrapped.config.vision_seq_len))
     if isinstance(out, dict):
         # Last stage: the loss runs in fp32 whatever the parameters' dtype (as megatron's
         # Float16Module returns fp32 outputs under --bf16); a no-op for an fp32 model.
@@ -117,14 +88,12 @@ def _run_model(model, batch):
     return out
 
 
-def _loss_step(data_iterator, model, heads: str, itc_group, poison: bool = False):
-    """forward_step_func of the plain step: the micro-batch's GBA-ITC loss."""
-    from ..loss import itc_loss
-
+def _loss_step(data_iterator, model, objective, poison: bool = False):
+    """forward_step_func of the plain step: the micro-batch's loss of ``objective``."""
     out = _run_model(model, next(data_iterator))
 
     def loss_func(outputs):
-        loss, metrics = itc_loss(outputs, group=itc_group, heads=heads)
+        loss, metrics = objective.loss(outputs)
         if poison:  # fault injection (tests of the non-finite-loss handling)
             loss = loss * float("nan")
         metrics = {k: v.detach() for k, v in metrics.items()}
@@ -136,13 +105,14 @@ def _loss_step(data_iterator, model, heads: str, itc_group, poison: bool = False
     return out, loss_func
 
 
-def _embed_step(data_iterator, model):
-    """forward_step_func of phase 1 of feature accumulation: keep the embeddings."""
+def _keep_step(data_iterator, model, keys):
+    """forward_step_func of a forward-only pass that keeps the outputs named ``keys`` (phase 1
+    of feature accumulation, and evaluation)."""
     out = _run_model(model, next(data_iterator))
 
     def keep(outputs):
-        feats = {k: v.detach() for k, v in outputs.items() if k.endswith("feats")}
-        return torch.zeros((), device=next(iter(feats.values())).device), feats
+        kept = {k: v.detach() for k, v in outputs.items() if k in keys}
+        return torch.zeros((), device=next(iter(outputs.values())).device), kept
 
     return out, keep
 
@@ -182,8 +152,8 @@ class Trainer:
 
         from ..flavors import get_flavor
         from ..model import build_model
+        from ..objectives import ObjectiveContext, build_objective
         from ..parallel.distributed import initialize_model_parallel, set_seed
-        from ..parallel.groups import create_itc_groups
         from .arguments import fp8_options, recompute_options, scheduler_settings
         from .synthetic import SyntheticImageText
 
@@ -194,7 +164,6 @@ class Trainer:
         self.run_id = self._start_run()
         self.dp = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
-        self.itc = create_itc_groups(args.itc_group_size, args.itc_aggregate_nodes)
         set_seed(args.seed)
 
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
@@ -227,9 +196,11 @@ class Trainer:
                                  params_dtype=params_dtype, **recompute_options(args),
                                  **fp8_options(args))
         n_params = sum(p.numel() for p in self.model.parameters())
-        logger.info("flavor %s: TP=%d PP=%d DP=%d, ITC groups of k=%d (%d groups), %.2fM "
-                    "parameters on this rank", args.flavor, tp, pp, self.dp, self.itc.size,
-                    self.itc.num_groups, n_params / 1e6)
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.objective = build_objective(args.objective, ObjectiveContext(
+            args=args, model=self.model, is_last_stage=self.is_last_stage))
+        logger.info("flavor %s: TP=%d PP=%d DP=%d, objective %s, %.2fM parameters on this rank",
+                    args.flavor, tp, pp, self.dp, self.objective.describe(), n_params / 1e6)
 
         config = self.model.config
         ddp_config = DistributedDataParallelConfig(
@@ -256,23 +227,24 @@ class Trainer:
             **scheduler_settings(args))
         from ..parallel import cpu_compat
 
-        if cpu_compat.is_enabled():
-            # The inner torch optimizer's per-parameter arithmetic needs no CUDA rewriting;
-            # megatron's own step around it (buffers, clipping) keeps the layer.
-            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                opt.optimizer.step = cpu_compat.exempt(opt.optimizer.step)
+        # The inner torch optimizer's per-parameter arithmetic needs no CUDA rewriting: its
+        # step runs outside the CPU layer (torch step hooks; nothing on GPUs); megatron's own
+        # step around it (buffers, clipping) keeps the layer.
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            cpu_compat.exempt_optimizer(opt.optimizer)
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.ddp_model.no_sync
-        dp_ranks = _ranks(ps.get_data_parallel_group())
+        dp_ranks = ranks(ps.get_data_parallel_group())
 
         def finalize(*a, **k):  # the schedule's last step: the DP gradient all-reduce
-            with _phase(f"the gradient all-reduce of the data-parallel group ({dp_ranks})"):
+            with phase(f"the gradient all-reduce of the data-parallel group ({dp_ranks})"):
                 return finalize_model_grads(*a, **k)
 
         config.finalize_model_grads_func = finalize
-        self._step_groups = (f"tensor-parallel {_ranks(ps.get_tensor_model_parallel_group())}, "
-                             f"pipeline {_ranks(ps.get_pipeline_model_parallel_group())}, "
-                             f"ITC {_ranks(self.itc.group)}")
+        self._step_groups = ", ".join(
+            [f"tensor-parallel {ranks(ps.get_tensor_model_parallel_group())}",
+             f"pipeline {ranks(ps.get_pipeline_model_parallel_group())}"]
+            + [f"{name} {ranks(g)}" for name, g in self.objective.process_groups().items()])
 
         self.num_micro = args.global_batch_size // (args.micro_batch_size * self.dp)
         self._loader = None  # real data: built at the first step (after a possible resume)
@@ -283,7 +255,6 @@ class Trainer:
             self.dataset = self._build_train_dataset()
         self.seq_len = cfg.vision_seq_len + cfg.max_text_len
         self.forward_backward = get_forward_backward_func()
-        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.is_logger_rank = self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
         self.step = 0
         self.consumed_samples = 0  # global samples of the steps taken (the data position)
@@ -294,17 +265,20 @@ class Trainer:
                              and ps.is_pipeline_first_stage(ignore_virtual=True))
         self.evaluator = None
         if args.valid_data_path:
-            from .evaluation import Evaluator
+            from .evaluation import Evaluator, ScheduleEncoder
 
-            self.evaluator = Evaluator(self, args.valid_data_path,
-                                       max_samples=args.eval_max_samples)
+            encoder = ScheduleEncoder(self.forward_only, cfg, self.tokenizer,
+                                      args.micro_batch_size, self.is_last_stage)
+            self.evaluator = Evaluator(encoder, args.valid_data_path,
+                                       max_samples=args.eval_max_samples,
+                                       report=self.is_logger_rank)
         if args.load:
             self._resume(args.load)
 
     def _start_run(self) -> str:
         """A run id for this run (rank 0's, on every rank) and, with --save, the save folder's
         lock (rank 0 takes it; every rank fails alike when another run holds it)."""
-        from .save_lock import SaveLock, SaveLockError
+        from ..checkpoint import SaveLock, SaveLockError
 
         box = [None, None]
         if dist.get_rank() == 0:
@@ -316,7 +290,7 @@ class Trainer:
                     self._save_lock = SaveLock.acquire(self.args.save, box[0])
                 except SaveLockError as e:
                     box[1] = str(e)
-        with _phase("start-up (run id and save-folder lock, all ranks)"):
+        with phase("start-up (run id and save-folder lock, all ranks)"):
             dist.broadcast_object_list(box, src=0)
         if box[1]:
             raise SaveLockError(box[1])
@@ -334,8 +308,7 @@ class Trainer:
     def _resume(self, path: str) -> None:
         """Load ``--load``: everything (resume), weights and step (``--no-load-optim``), or
         weights only as the start of a new run (``--finetune``)."""
-        from .checkpoint_meta import holds_checkpoint
-        from .checkpointing import load_checkpoint
+        from ..checkpoint import holds_checkpoint, load_checkpoint
 
         a = self.args
         if not holds_checkpoint(path):
@@ -354,7 +327,7 @@ class Trainer:
                                              self.step * a.global_batch_size))
         if a.no_load_optim:  # fresh AdamW states; the command line's schedule at this step
             self.scheduler.step(increment=self.step)
-        _warn_changed_args(meta.get("args", {}), vars(a))
+        warn_changed_args(meta.get("args", {}), vars(a))
         decay_end = self.scheduler.lr_decay_steps
         if a.train_iters > decay_end and self.scheduler.min_lr == 0.0 and dist.get_rank() == 0:
             logger.warning("the LR schedule ends at step %d (lr %g from then on) but "
@@ -365,13 +338,13 @@ class Trainer:
 
     def save(self) -> str:
         """Write a checkpoint of the current step (collective)."""
-        from .checkpointing import save_checkpoint
+        from ..checkpoint import save_checkpoint
 
         meta = {"model_config": self.cfg.to_dict(), "args": vars(self.args),
                 "run_id": self.run_id,
                 "consumed_samples": self.consumed_samples, "flavor": self.args.flavor,
                 "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
-        with _phase(f"saving the checkpoint of step {self.step}"):
+        with phase(f"saving the checkpoint of step {self.step}"):
             return save_checkpoint(self.args.save, self.step, self.model, self.optimizer,
                                    self.scheduler, meta, tokenizer_path=self.args.tokenizer_model)
 
@@ -428,7 +401,7 @@ class Trainer:
         return batches
 
     def _schedule(self, step_func, batches, forward_only: bool):
-        with _phase(f"the forward/backward schedule ({self._step_groups})"):
+        with phase(f"the forward/backward schedule ({self._step_groups})"):
             return self._run_schedule(step_func, batches, forward_only)
 
     def _run_schedule(self, step_func, batches, forward_only: bool):
@@ -437,24 +410,26 @@ class Trainer:
             num_microbatches=len(batches), seq_length=self.seq_len,
             micro_batch_size=self.args.micro_batch_size, forward_only=forward_only)
 
-    def _accumulated_losses(self, batches) -> List[float]:
-        """Two-phase GBA-ITC step with feature accumulation; returns this rank's loss."""
-        from ..loss import cached_feature_loss
+    def forward_only(self, batches, keys) -> List[Dict[str, torch.Tensor]]:
+        """The outputs named ``keys`` of every micro-batch in ``batches`` (one forward-only
+        pass of the schedule; the outputs exist on the last pipeline stage, ``[]`` elsewhere)."""
+        return self._schedule(partial(_keep_step, keys=frozenset(keys)), batches,
+                              forward_only=True)
 
-        feats = self._schedule(_embed_step, batches, forward_only=True)
+    def _accumulated_losses(self, batches):
+        """Two-phase step of feature accumulation (GradCache): cache the objective's outputs
+        of every micro-batch, its loss and their gradients over the whole step, then re-run the
+        micro-batches injecting those gradients. Returns this rank's ``(losses, metrics)``."""
+        cached = self.forward_only(batches, self.objective.outputs)
         grads: List[Dict[str, torch.Tensor]] = []
-        losses: List[float] = []
+        losses, metrics = [], []
         if self.is_last_stage:
-            scales = {"logit_scale": self.model.logit_scale.float(),
-                      "logit_vl_scale": self.model.logit_vl_scale.float()}
             backward_scale = float(self.optimizer.get_loss_scale())
-            loss, grads, _ = cached_feature_loss(feats, scales, group=self.itc.group,
-                                                 heads=self.args.itc_heads,
-                                                 backward_scale=backward_scale)
-            losses = [float(loss)]
+            loss, grads, m = self.objective.cached_loss(cached, backward_scale)
+            losses, metrics = [float(loss)], [m]
         self._schedule(partial(_inject_step, grads=grads, counter=[0]), batches,
                        forward_only=False)
-        return losses
+        return losses, metrics
 
     def train_step(self) -> Dict[str, float]:
         """Forward, backward and optimizer step on the next global batch; returns its record."""
@@ -463,26 +438,32 @@ class Trainer:
         batches = self._microbatches()
         poison = os.environ.get(FAULT_ENV, "") == f"nan_loss:{self.step + 1}"
         if self.args.itc_accumulate_features:
-            losses = self._accumulated_losses(batches)
+            losses, metrics = self._accumulated_losses(batches)
         else:
-            out = self._schedule(partial(_loss_step, heads=self.args.itc_heads,
-                                         itc_group=self.itc.group, poison=poison), batches,
-                                 forward_only=False)
+            out = self._schedule(partial(_loss_step, objective=self.objective, poison=poison),
+                                 batches, forward_only=False)
             losses = [float(m["loss"]) for m in out] if self.is_last_stage else []
-        # Global mean loss over the DP ranks, and whether any rank saw a non-finite one; the
-        # decision below is then identical on every rank.
-        local = torch.zeros(4, dtype=torch.float64)
+            metrics = out if self.is_last_stage else []
+        # Global mean loss and metrics over the DP ranks, and whether any rank saw a non-finite
+        # loss; the decision below is then identical on every rank.
+        names = [k for k in self.objective.metrics if all(k in m for m in metrics)]
+        local = torch.zeros(4 + len(self.objective.metrics), dtype=torch.float64)
         if self.is_logger_rank and losses:
             local[0], local[1] = sum(losses) / len(losses), 1.0
+            for j, k in enumerate(self.objective.metrics):
+                if k in names:
+                    local[4 + j] = sum(float(m[k]) for m in metrics) / len(metrics)
         if any(not math.isfinite(x) for x in losses):
             local[2] = 1.0
         if self._counts_data:  # one rank per data-parallel replica loads distinct samples
             local[3] = self._bad_this_step
         self._bad_this_step = 0
-        with _phase("the loss all-reduce over all ranks"):
+        with phase("the loss all-reduce over all ranks"):
             dist.all_reduce(local)
         self._note_bad_samples(int(local[3]))
         loss = float(local[0] / local[1])
+        step_metrics = {k: float(local[4 + j] / local[1])
+                        for j, k in enumerate(self.objective.metrics) if k in names}
         self.step += 1
         self.consumed_samples += self.args.global_batch_size
         if local[2] > 0:
@@ -495,14 +476,15 @@ class Trainer:
                            self.skipped_steps)
             return {"step": self.step, "loss": float("nan"), "skipped": True,
                     "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float("nan")}
-        with _phase("the optimizer step (gradient norm over the model-parallel group, "
+        with phase("the optimizer step (gradient norm over the model-parallel group, "
                     "parameter all-gather of the distributed optimizer)"):
             ok, grad_norm, _ = self.optimizer.step()
         if ok:
-            self._clamp_logit_scales()
+            self.objective.after_optimizer_step(self.optimizer)
             self.scheduler.step(increment=1)
         rec = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               **step_metrics}
         if self.bad_samples:
             rec["bad_samples"] = self.bad_samples
         return rec
@@ -522,37 +504,15 @@ class Trainer:
                                  f"--skip-bad-samples {self.args.skip_bad_samples} (the "
                                  "warnings above name them)")
 
-    def _clamp_logit_scales(self) -> None:
-        """Keep the log-temperatures in ``[0, LOGIT_SCALE_MAX]`` after the update, as OpenCLIP
-        does: the parameter and the optimizer's copy of it (fp32 main weight, or this rank's
-        shard of it), so that the next step starts from the clamped value. A clamp in the loss
-        instead would zero the scale's gradient once it overshoots."""
-        if not self.is_last_stage:
-            return
-        from ..loss import LOGIT_SCALE_MAX
-        from .checkpointing import _state_holders
-
-        params = (self.model.logit_scale, self.model.logit_vl_scale)
-        scales = {id(p) for p in params}
-        with torch.no_grad():
-            # Every rank holds the updated parameter (the distributed optimizer has gathered
-            # it), so every rank clamps it alike; the optimizer's own copy is clamped where it
-            # lives (this rank's shard, if any).
-            for param in params:
-                param.clamp_(0.0, LOGIT_SCALE_MAX)
-            for param, holder, _, _ in _state_holders(self.optimizer):
-                if id(param) in scales:
-                    holder.clamp_(0.0, LOGIT_SCALE_MAX)
-
     # -- the loop --------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """Held-out retrieval per language (every rank gets the same figures)."""
         from ..eval.retrieval import chance_recall, format_table
 
-        with _phase(f"held-out evaluation at step {self.step}"):
-            results = self.evaluator.evaluate()
+        with phase(f"held-out evaluation at step {self.step}"):
+            results = self.evaluator.evaluate(self.ddp_model)
         rows = dict(results)
-        sizes = {len(idx) for _, idx in self.evaluator.sets.values()}
+        sizes = set(self.evaluator.chance_sizes())
         if len(sizes) == 1:  # one caption per image: R@k of a random ranking is k / N
             rows["chance"] = chance_recall(sizes.pop())
         logger.info("held-out retrieval at step %d (VL head, %%):\n%s", self.step,
@@ -573,7 +533,7 @@ class Trainer:
         t_start = time.perf_counter()
         first_step = self.step  # after a resume, ETA counts only this run's steps
         t_last, last_step = t_start, self.step
-        stop = _ExitConditions(a, t_start)
+        stop = ExitConditions(a, t_start)
         try:
             while self.step < a.train_iters:
                 rec = self.train_step()
@@ -592,7 +552,8 @@ class Trainer:
                                        or rec["step"] == a.train_iters):
                     rec["eval"] = self.evaluate()
                 if tb:
-                    for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+                    for key in ("loss", "lr", "grad_norm", "samples_per_s",
+                                *self.objective.metrics):
                         if key in rec and math.isfinite(rec[key]):
                             tb.add_scalar(f"train/{key}", rec[key], rec["step"])
                     for lang, m in rec.get("eval", {}).items():
@@ -622,177 +583,3 @@ class Trainer:
             plot_curves(records, curve)
             logger.info("loss curve written to %s", curve)
         return records
-
-
-class _ExitConditions:
-    """Megatron-LM's ways of ending a run early, cleanly (the loop then saves, with --save,
-    and the process exits 0): ``--exit-signal-handler`` (the signal of ``--exit-signal``, e.g.
-    Slurm's SIGTERM before a time limit or a preemption, received by any rank),
-    ``--exit-duration-in-mins`` (training time of this process, any rank), ``--exit-interval``
-    (a step divisible by it). The first two differ between ranks, so they are agreed on with
-    one all-reduce per step, and only when they are enabled."""
-
-    def __init__(self, args, t_start: float):
-        import signal
-
-        self.args, self.t_start = args, t_start
-        self.received: Optional[str] = None
-        self._previous = None
-        self._signal = getattr(signal, args.exit_signal)
-        if args.exit_signal_handler:
-            self._previous = signal.signal(self._signal, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        import signal
-
-        if self.received is None:
-            logger.warning("received %s: finishing step and stopping", signal.Signals(signum).name)
-        self.received = signal.Signals(signum).name
-
-    def reason(self, step: int) -> Optional[str]:
-        a = self.args
-        if a.exit_signal_handler or a.exit_duration_in_mins:
-            elapsed = (time.perf_counter() - self.t_start) / 60
-            flags = torch.tensor([float(self.received is not None),
-                                  float(bool(a.exit_duration_in_mins)
-                                        and elapsed >= a.exit_duration_in_mins)])
-            with _phase("the exit check (all ranks)"):
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[0]:
-                return f"{a.exit_signal} received (--exit-signal-handler)"
-            if flags[1]:
-                return f"--exit-duration-in-mins {a.exit_duration_in_mins:g} reached"
-        if a.exit_interval and step % a.exit_interval == 0 and step < a.train_iters:
-            return f"--exit-interval {a.exit_interval}"
-        return None
-
-    def close(self) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(self._signal, self._previous)
-
-
-_RUN_ONLY_ARGS = frozenset({
-    "load", "save", "save_interval", "finetune", "no_load_optim", "no_load_rng",
-    "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "log_json",
-    "tensorboard_dir", "loss_curve", "log_interval", "eval_interval", "num_workers",
-    "distributed_timeout_minutes", "train_iters", "allow_dataset_mismatch",
-    "no_verify_checksums", "exit_signal_handler", "exit_signal", "exit_duration_in_mins",
-    "exit_interval", "allow_tokenizer_mismatch", "skip_bad_samples"})
-"""Arguments expected to change between a run and its resumption (not worth a warning)."""
-
-
-def _warn_changed_args(saved: Dict, now: Dict) -> None:
-    """One warning (rank 0) listing the arguments that differ from the checkpoint's run."""
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
-               if k in saved and k not in _RUN_ONLY_ARGS and saved[k] != now[k]]
-    if changed and dist.get_rank() == 0:
-        logger.warning("resuming with arguments that differ from the checkpoint's run: %s",
-                       "; ".join(changed))
-
-
-def plot_curves(records: List[Dict], path: str) -> None:
-    """Loss per step and, when evaluated, the mean recall per language."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    steps = [r["step"] for r in records if math.isfinite(r["loss"])]
-    ax.plot(steps, [r["loss"] for r in records if math.isfinite(r["loss"])], color="tab:blue",
-            label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss")
-    ax.grid(alpha=0.3)
-    evals = [r for r in records if "eval" in r]
-    if evals:
-        ax2 = ax.twinx()
-        for lang, color in (("en", "tab:orange"), ("zh", "tab:red")):
-            pts = [(r["step"], r["eval"][lang]["mean_recall"]) for r in evals
-                   if lang in r["eval"]]
-            if pts:
-                ax2.plot(*zip(*pts), marker="o", color=color, label=f"mean recall ({lang})")
-        ax2.set_ylabel("held-out mean recall (%)")
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
-    ax.set_title("M2-Encoder training")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def run(args) -> List[Dict[str, float]]:
-    """Start the distributed runtime and train ``args`` (already validated by
-    :func:`.arguments.validate_args`); returns the per-step records.
-
-    Errors end this rank with one line, not a traceback: the user's (a checkpoint or dataset
-    that does not fit: exit 2), a non-finite loss (exit 1), and a collective that failed because
-    another rank died or stopped (exit 1, saying so, so that the real error, reported by that
-    rank, is not buried under this rank's). Anything else keeps its traceback.
-    """
-    from ..errors import is_user_error
-    from ..parallel.distributed import destroy, init_distributed
-    from .cli import fail
-
-    _exit_with_launcher()
-    env = init_distributed(timeout_s=args.distributed_timeout_minutes * 60)
-    _setup_logging(env.rank)
-    trainer = None
-    try:
-        trainer = Trainer(args)
-        return trainer.train()
-    except Exception as exc:  # noqa: BLE001 - sorted below; bugs keep their traceback
-        if is_user_error(exc):
-            fail(exc)
-        if isinstance(exc, FloatingPointError):
-            fail(exc, status=1)
-        if _peer_lost(exc):
-            # gloo/NCCL messages start with their source location: keep what they say.
-            first = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip() or type(exc).__name__)
-                           .splitlines()[0])
-            fail(f"rank {env.rank}: a collective failed or timed out during {_PHASE[0]} "
-                 f"({first[:120]}{'...' if len(first) > 120 else ''}): another rank failed, "
-                 f"hung or was stopped first (its own error, if any, is the one to read)",
-                 status=1)
-        raise
-    finally:
-        if trainer is not None:
-            trainer.close()
-        destroy()
-
-
-def _exit_with_launcher() -> None:
-    """Under torchrun, let the kernel send this process SIGTERM when torchrun's agent dies: the
-    agent starts workers in sessions of their own, so an agent killed with SIGKILL would
-    otherwise leave them training (and writing checkpoints) as orphans next to the job that
-    replaces it. (srun keeps its tasks in its own process tracking.) Linux only."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-_PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
-                      "timed out", "connection refused")
-
-
-def _peer_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective or store failing because a peer went away (torch's
-    distributed errors; older torch raises a RuntimeError that says so)."""
-    dist_error = getattr(dist, "DistError", None)
-    if dist_error is not None and isinstance(exc, dist_error):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(m in text for m in _PEER_LOST_MARKERS)

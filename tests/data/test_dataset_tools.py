@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from megatron_m2.cli import inspect_dataset, merge_datasets
+from megatron_m2.data import contact_sheet
 from megatron_m2.data.indexed import ImageTextIndexedDataset, ImageTextWriter
 from megatron_m2.data.tokenizer import M2Tokenizer
 
@@ -165,9 +166,9 @@ def test_contact_sheet(datasets, tokenizer_model, tmp_path, with_tokenizer, caps
     assert inspect_dataset.main(argv) == 0
     sheet = json.loads(capsys.readouterr().out)["contact_sheet"]
     assert len(sheet["samples"]) == 5 and sheet["samples"] == sorted(set(sheet["samples"]))
-    width, height = inspect_dataset.sheet_size(5, inspect_dataset.COLUMNS)
+    width, height = contact_sheet.sheet_size(5, contact_sheet.COLUMNS)
     assert (sheet["width"], sheet["height"]) == (width, height)
-    assert width == 4 * inspect_dataset.TILE_WIDTH + 5 * inspect_dataset.GAP
+    assert width == 4 * contact_sheet.TILE_WIDTH + 5 * contact_sheet.GAP
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (width, height)
         pixels = np.asarray(im.convert("RGB"))
@@ -180,27 +181,27 @@ def test_contact_sheet(datasets, tokenizer_model, tmp_path, with_tokenizer, caps
 
 
 def test_caption_layout_fits_the_tile(tokenizer_model):
-    font, _ = inspect_dataset.find_cjk_font()
+    font, _ = contact_sheet.find_cjk_font()
     tok = M2Tokenizer(tokenizer_model)
-    width = inspect_dataset.TILE_WIDTH - 2 * inspect_dataset.PAD
+    width = contact_sheet.TILE_WIDTH - 2 * contact_sheet.PAD
     long_zh = tok.frame(tok.encode("一只猫的照片" * 20), max_length=1 << 20)
     caps = [("en", tok.frame(tok.encode("two dogs playing " * 10), max_length=1 << 20)),
             ("zh", long_zh)] + [("zh", tok.frame(tok.encode("山和湖")))] * 8
-    layout = inspect_dataset._layout_captions(caps, font, width, tok)
-    assert sum(len(lines) for _, _, lines in layout) == inspect_dataset.TEXT_LINES - 1
+    layout = contact_sheet._layout_captions(caps, font, width, tok)
+    assert sum(len(lines) for _, _, lines in layout) == contact_sheet.TEXT_LINES - 1
     assert layout[-1] == (None, 0, ["+4 more captions"])
     for lang, indent, lines in layout[:-1]:
         for line in lines:
-            assert inspect_dataset._text_width(font, line) <= width - indent
+            assert contact_sheet._text_width(font, line) <= width - indent
     assert layout[0][2][-1].endswith("…")
 
 
 def test_contact_sheet_without_cjk_font(datasets, tokenizer_model, tmp_path, monkeypatch, caplog):
     d, _ = datasets
-    monkeypatch.setattr(inspect_dataset, "CJK_FONT_CANDIDATES", ())
-    with caplog.at_level("WARNING", logger=inspect_dataset.__name__):
-        sheet = inspect_dataset.contact_sheet(str(d / "b"), str(tmp_path / "s.png"),
+    monkeypatch.setattr(contact_sheet, "CJK_FONT_CANDIDATES", ())
+    with caplog.at_level("WARNING", logger=contact_sheet.__name__):
+        sheet = contact_sheet.contact_sheet(str(d / "b"), str(tmp_path / "s.png"),
                                               tokenizer_model=tokenizer_model, samples=2)
     assert sheet["font"].startswith("Pillow default")
     assert "no CJK font found" in caplog.text
-    assert Image.open(tmp_path / "s.png").size == inspect_dataset.sheet_size(2)
+    assert Image.open(tmp_path / "s.png").size == contact_sheet.sheet_size(2)

@@ -14,7 +14,8 @@ from megatron_m2.config import ConfigError
 from megatron_m2.data.identity import DatasetMismatchError, read_card
 from megatron_m2.data.preprocess import PreprocessConfig, preprocess
 from megatron_m2.errors import UserError
-from megatron_m2.training.arguments import parse_args, validate_args
+from megatron_m2.training.arguments import parse_args
+from megatron_m2.training.validation import validate_args
 from tests.helpers.tools import ROOT
 
 DEMO_TOKENIZER = str(ROOT / "data" / "emoji_demo" / "tokenizer.model")

@@ -20,14 +20,29 @@ def test_official_parameter_counts_within_one_percent(name):
     assert abs(n - OFFICIAL[name]) / OFFICIAL[name] < 0.01, (name, n)
 
 
+def _list_flavors(*flags) -> str:
+    """``m2-plan --list-flavors`` (the console script's module, so no install is needed)."""
+    return subprocess.run([sys.executable, "-m", "megatron_m2.cli.plan", "--list-flavors",
+                           *flags], capture_output=True, text=True, check=True).stdout
+
+
 def test_flavors_cli_json():
-    out = subprocess.run([sys.executable, "-m", "megatron_m2.flavors", "--json"],
-                         capture_output=True, text=True, check=True).stdout
-    table = json.loads(out)
+    table = json.loads(_list_flavors("--json"))
     assert set(table) == set(FLAVORS)
     for name, row in table.items():
         assert row["params"] == count_parameters(FLAVORS[name])
         assert M2ModelConfig.from_dict({k: v for k, v in row.items() if k != "params"})
+
+
+def test_flavors_cli_table():
+    lines = _list_flavors().strip().splitlines()
+    assert lines[0].split() == ["flavor", "d", "heads", "d_ffn", "layers", "embed", "params"]
+    assert [line.split()[0] for line in lines[1:]] == list(FLAVORS)
+    for line in lines[1:]:
+        name = line.split()[0]
+        cfg = FLAVORS[name]
+        assert line.split()[-1] == f"{count_parameters(cfg):,}"
+        assert f"{cfg.num_sep_layers}+{cfg.num_vl_layers}" in line
 
 
 def test_count_matches_a_built_model(dist_world_of_one):

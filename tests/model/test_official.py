@@ -1,4 +1,4 @@
-"""Tests of the official-checkpoint adapter (:mod:`megatron_m2.model.official`).
+"""Tests of the official-checkpoint adapter (:mod:`megatron_m2.checkpoint.official`).
 
 Single process: torch.distributed with gloo and a world of one, megatron model parallel 1×1.
 The official layout and the forward equations are written out here from the release's module
@@ -11,9 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from megatron_m2.config import M2ModelConfig
-from megatron_m2.model import build_model
-from megatron_m2.model.official import (
+from megatron_m2.checkpoint import (
     RELEASE_UNUSED_KEYS,
     StateDictKeyError,
     from_official,
@@ -24,6 +22,8 @@ from megatron_m2.model.official import (
     unused_official_keys,
     unwrap_official,
 )
+from megatron_m2.config import M2ModelConfig
+from megatron_m2.model import build_model
 
 CFG = M2ModelConfig(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, num_sep_layers=2,
                     num_vl_layers=2, embed_dim=32, image_size=32, patch_size=16, vocab_size=1000,

@@ -22,7 +22,8 @@ from megatron_m2.model.layer_specs import (
     get_m2_layer_local_spec,
     get_m2_layer_te_spec,
 )
-from megatron_m2.training.arguments import fp8_options, parse_args, validate_args
+from megatron_m2.training.arguments import fp8_options, parse_args
+from megatron_m2.training.validation import validate_args
 
 LINEARS = {"linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1", "linear_fc2"}
 
@@ -71,12 +72,14 @@ def _factory_kwargs(parallel_mode):
         return torch.nn.Identity()
 
     from megatron_m2.model import attention
+    from megatron_m2.model.multiway import MultiwayState, PackedLayout
 
     saved = attention.build_module
     attention.build_module = fake_build
     try:
         cfg = type("C", (), {"vision_seq_len": 3})()
-        attention.multiway_linear(None, cfg, 64, 128, parallel_mode, None, shared=False)
+        attention.multiway_linear(None, cfg, 64, 128, parallel_mode, None, shared=False,
+                                  state=MultiwayState(PackedLayout.both(3)))
     finally:
         attention.build_module = saved
     return captured["args"], captured["kwargs"]
@@ -136,9 +139,9 @@ FP8 = ["--bf16", "--transformer-impl", "te", "--fp8-format", "hybrid"]
 
 
 def _validate(flags, monkeypatch, te=True):
-    from megatron_m2.training import arguments
+    from megatron_m2.training import validation
 
-    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: te)
+    monkeypatch.setattr(validation, "have_transformer_engine", lambda: te)
     args = parse_args(BASE + flags)
     validate_args(args, 4)
     return args

@@ -4,7 +4,7 @@ tests/loss/test_gba_itc.py and tests/training/test_gba_training.py)."""
 import pytest
 
 from megatron_m2.config import ConfigError
-from megatron_m2.parallel.groups import _check_aligned, resolve_itc_group_size
+from megatron_m2.layout import misaligned_itc_group, resolve_itc_group_size
 
 
 @pytest.mark.parametrize("kwargs,k", [
@@ -36,9 +36,9 @@ def test_resolve_errors(kwargs, msg):
 
 def test_node_alignment():
     nodes = [0, 0, 1, 1, 2, 2, 3, 3]  # 2 ranks per node
-    dp = tuple(range(8))
-    _check_aligned([0, 1], dp, nodes)            # inside one node
-    _check_aligned([0], dp, nodes)
-    _check_aligned([0, 1, 2, 3], dp, nodes)      # two whole nodes
-    with pytest.raises(ConfigError, match="not node-aligned"):
-        _check_aligned([1, 2], dp, nodes)        # straddles two nodes
+    dp = [list(range(8))]
+    assert misaligned_itc_group(dp, 2, nodes) is None      # inside one node
+    assert misaligned_itc_group(dp, 1, nodes) is None
+    assert misaligned_itc_group(dp, 4, nodes) is None      # two whole nodes
+    # Groups of 2 starting at rank 1 straddle two nodes.
+    assert "not node-aligned" in misaligned_itc_group([[1, 2, 3, 4]], 2, nodes)

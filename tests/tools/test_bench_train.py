@@ -1,22 +1,23 @@
-"""tools/bench_train.py: its plain baseline model, its report, and its plumbing end to end.
+"""tools/bench_train.py: its plain baseline, its report, and its plumbing end to end.
 
-The figures themselves belong to the benchmark's output; here the plain model is checked against
-the spec's reference forward (tests/model/test_official.py), and one tiny run checks the JSON
-figures and ``--check`` (the plain model's first step equals ours).
+The figures themselves belong to the benchmark's output. The plain model is
+:mod:`megatron_m2.model.reference`, checked against the spec's forward and against our model in
+tests/model/test_reference.py; here one tiny run checks the JSON figures and ``--check`` (the
+plain model's first training step equals ours).
 """
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
-import torch
 
+from megatron_m2.flavors import get_flavor
 from tests.helpers.tools import ROOT, load_tool
-from tests.model.test_official import CFG, _batch, official_shapes, random_official
-from tests.model.test_official import reference_forward as spec_forward
 
 TOOL = ROOT / "tools" / "bench_train.py"
+CFG = get_flavor("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +25,17 @@ def bench():
     return load_tool("bench_train")
 
 
-def test_plain_model_has_the_official_layout(bench):
-    model = bench.PlainM2(CFG)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official_shapes(CFG)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    # The shared VL stack's branch B and the mask token never see data, as in our model.
-    assert frozen == {n for n in official_shapes(CFG)
-                      if (n.startswith("backbone_vl.") and ".B." in n) or "mask_token" in n}
+def test_plain_baseline_is_the_reference_model(bench):
+    """The benchmark's plain model is :class:`megatron_m2.model.reference.ReferenceM2` (its
+    layout, spec forward and parity with our model: tests/model/test_reference.py)."""
+    from megatron_m2.model.reference import ReferenceM2
 
-
-def test_plain_model_matches_the_spec_forward(bench):
-    official = random_official(CFG, seed=3)
-    model = bench.PlainM2(CFG)
-    model.load_state_dict(official)
-    images, ids, pad = _batch()
-    ref = spec_forward(official, images, ids, pad)
-    with torch.no_grad():
-        out = model(images, ids, pad)
-    assert set(out) == set(ref)
-    for key in ref:
-        torch.testing.assert_close(out[key].double(), ref[key], atol=1e-5, rtol=0,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+    targs = bench.trainer_args(argparse.Namespace(flavor="tiny", global_batch_size=16,
+                                                  micro_batch_size=8, warmup=1, iters=2), tp=1)
+    plain = bench.PlainTrainer(CFG, targs)
+    assert type(plain.model) is ReferenceM2
+    trainable = {id(p) for p in plain.model.parameters() if p.requires_grad}
+    assert {id(p) for p in plain.params} == trainable
 
 
 def test_table_reports_every_figure(bench, capsys):

@@ -1,4 +1,4 @@
-"""Checkpoint conversion (``megatron_m2.convert``, ``tools/convert_checkpoint.py``).
+"""Checkpoint conversion (``megatron_m2.checkpoint``, ``tools/convert_checkpoint.py``).
 
 The official-layout source is written from the release's key layout by
 ``tests/model/test_official.py`` (random values, non-trivial LayerNorms), independently of the
@@ -20,24 +20,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_m2.cli.convert import main
-from megatron_m2.config import ConfigError
-from megatron_m2.convert import (
+from megatron_m2.checkpoint import (
     SINGLE_FILE_FORMAT,
     ConversionError,
     StateDictKeyError,
     UnsafeCheckpointError,
-    _torch_version,
     expected_shapes,
+    from_official,
+    key_mapping,
     load_official,
     load_single_file,
     read_any,
     read_checkpoint,
     save_single_file,
+    unused_official_keys,
     write_model_checkpoint,
 )
+from megatron_m2.checkpoint.official import _torch_version
+from megatron_m2.cli.convert import main
+from megatron_m2.config import ConfigError
 from megatron_m2.flavors import get_flavor
-from megatron_m2.model.official import from_official, key_mapping, unused_official_keys
 from tests.helpers.distributed import run_distributed
 from tests.model.common import gather_full, make_batch
 from tests.model.test_official import official_shapes, random_official
@@ -120,10 +122,10 @@ def test_cli_round_trip_is_exact(chain):
 def _load_worker(ckpt: str, release: str):
     from megatron.core import parallel_state as ps
 
+    from megatron_m2.checkpoint import load_checkpoint
     from megatron_m2.model import build_model
     from megatron_m2.model.init import canonical_name
     from megatron_m2.parallel.distributed import initialize_model_parallel
-    from megatron_m2.training.checkpointing import load_checkpoint
 
     source = from_official(torch.load(release, map_location="cpu", weights_only=True), CFG)
     images, ids, pad = make_batch(CFG, batch=3, seed=5)
@@ -296,7 +298,7 @@ def test_single_file_format_is_checked(tmp_path):
             load_single_file(bad)
         assert bad in str(err.value)
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    from megatron_m2.utils.tensor_files import IntegrityError
+    from megatron_m2.checkpoint import IntegrityError
 
     with pytest.raises(IntegrityError, match="not a readable safetensors file"):
         load_single_file(str(tmp_path / "junk.safetensors"))
@@ -436,7 +438,7 @@ def test_release_files_convert(tmp_path, capsys, caplog, wrapping):
                path)
     # The restricted reader takes the whole file (optimizer states, torch.Size, a set, ...).
     torch.load(path, map_location="cpu", weights_only=True)
-    caplog.set_level(logging.INFO, logger="megatron_m2.convert")
+    caplog.set_level(logging.INFO, logger="megatron_m2.checkpoint")
 
     code, captured, out = _convert(tmp_path, capsys, path)
     assert code == 0, captured.err
@@ -551,7 +553,7 @@ def test_outputs_get_the_umask_permissions(tmp_path, mask):
     """Serving files and checkpoints are shared: written with the process umask (safetensors
     alone creates 0600 files)."""
     import megatron_m2.utils.files as files
-    from megatron_m2.convert import save_official, write_model_checkpoint
+    from megatron_m2.checkpoint import save_official, write_model_checkpoint
 
     ours = from_official(random_official(CFG, seed=5), CFG)
     old = os.umask(mask)
@@ -582,13 +584,13 @@ def _flip_a_data_byte(path, at=0.5):
 def test_flipped_bytes_are_caught_by_every_reader(tmp_path, capsys):
     """A flipped byte in a weight: the single file, our checkpoint and m2-convert all refuse it,
     naming the file and the tensor; --no-verify-checksums reads it anyway."""
-    from megatron_m2.utils.tensor_files import IntegrityError
+    from megatron_m2.checkpoint import IntegrityError
 
     ours = from_official(random_official(CFG, seed=9), CFG)
     single = str(tmp_path / "m.safetensors")
     save_single_file(single, ours, CFG, tokenizer_bytes=TOKENIZER)
     ckpt = tmp_path / "ckpt"
-    from megatron_m2.convert import write_model_checkpoint
+    from megatron_m2.checkpoint import write_model_checkpoint
 
     write_model_checkpoint(str(ckpt), ours, CFG, pp=2)
     load_single_file(single)  # intact: verified without complaint

@@ -4,7 +4,7 @@
 * ``DRY_RUN=1`` of each Slurm recipe, for a fake 4-node allocation, both launchers and both
   precisions, prints one srun line that runs one torchrun per node with the recipe's layout;
 * the m2-pretrain arguments it prints parse and pass m2-pretrain's own validation
-  (:func:`megatron_m2.training.arguments.validate_args`) at world size nodes x 8.
+  (:func:`megatron_m2.training.validation.validate_args`) at world size nodes x 8.
 
 Torch-free apart from the FP8 validation; each dry run is one bash process (plus a Python one that
 expands the node list where Slurm's ``scontrol`` is absent).
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_m2.training.arguments import build_parser, validate_args
+from megatron_m2.training.arguments import build_parser
+from megatron_m2.training.validation import validate_args
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p for p in (ROOT / "examples").rglob("*")
@@ -173,9 +174,9 @@ def test_dry_run_args_validate(recipe, launcher, precision, data_root, monkeypat
     parser = build_parser()
     if precision == "fp8":
         # Transformer Engine is a GPU-image dependency; what is checked here is the arguments.
-        from megatron_m2.training import arguments
+        from megatron_m2.training import validation
 
-        monkeypatch.setattr(arguments, "have_transformer_engine", lambda: True)
+        monkeypatch.setattr(validation, "have_transformer_engine", lambda: True)
     args = parser.parse_args(m2)
     validate_args(args, NODES * GPUS_PER_NODE)
 

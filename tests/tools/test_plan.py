@@ -171,19 +171,20 @@ def test_all_errors_are_listed():
 
 
 def _validate_with_m2_pretrain(plan, world):
-    from megatron_m2.training.arguments import parse_args, validate_args
+    from megatron_m2.training.arguments import parse_args
+    from megatron_m2.training.validation import validate_args
 
     try:
-        validate_args(parse_args(plan.training_args() + ["--synthetic"]), world)
+        validate_args(parse_args(plan.training_args() + ["--synthetic"]), world,
+                      plan.cluster.gpus_per_node)
         return None
     except ConfigError as e:
         return str(e)
 
 
 def test_validation_agrees_with_m2_pretrain():
-    """On one 8-GPU node (so that 'TP within a node' and alignment never differ), the planner
-    accepts a layout exactly when m2-pretrain's validate_args does, and with the same first
-    message."""
+    """On one 8-GPU node, the planner accepts a layout exactly when m2-pretrain's validate_args
+    does, and m2-pretrain's message is the planner's errors, all of them, in order."""
     cl = Cluster(nodes=1, gpus_per_node=8)
     checked = 0
     for tp in (1, 2, 4, 8):
@@ -198,26 +199,26 @@ def test_validation_agrees_with_m2_pretrain():
                             msg = _validate_with_m2_pretrain(p, cl.world_size)
                             assert p.valid == (msg is None), (lay, p.errors, msg)
                             if msg is not None:
-                                assert msg in p.errors, (lay, p.errors, msg)
+                                assert msg == "; ".join(p.errors), (lay, p.errors, msg)
                             checked += 1
     assert checked == 4 * 4 * 2 * 3 * 2 * 2
 
 
 def test_explicit_misaligned_itc_group_warns_like_training():
-    from megatron_m2.parallel.groups import _check_aligned
+    from megatron_m2.layout import misaligned_itc_group
 
     cl = Cluster(nodes=2, gpus_per_node=3)  # DP 6, groups of 2: [2, 3] straddles nodes 0, 1
     p = make_plan(get_flavor("tiny"), Layout(micro_batch=1, itc_group_size=2), cl)
     assert p.valid and any("not node-aligned" in w for w in p.warnings)
     assert p.communication["itc"]["gba"]["link"] == "inter-node"
-    with pytest.raises(ConfigError, match="not node-aligned"):
-        _check_aligned([2, 3], tuple(range(6)), [0, 0, 0, 1, 1, 1])
+    # The rule training applies: the same group, found by the shared check.
+    assert "not node-aligned" in misaligned_itc_group([list(range(6))], 2, [0, 0, 0, 1, 1, 1])
     # The default (one node's DP ranks) is aligned.
     assert make_plan(get_flavor("tiny"), Layout(micro_batch=1), cl).derived["itc_group_size"] == 3
 
 
 def test_itc_group_size_matches_resolve_itc_group_size():
-    from megatron_m2.parallel.groups import resolve_itc_group_size
+    from megatron_m2.layout import resolve_itc_group_size
 
     for tp, pp in [(1, 1), (2, 1), (4, 2), (8, 4), (2, 8)]:
         for kw in (dict(), dict(itc_group_size=-1), dict(itc_aggregate_nodes=2)):
@@ -396,6 +397,8 @@ def test_layer_activations_match_saved_tensors(fake_backend, tp):
     CPU kernels keep in bf16, the text mask)."""
     import torch
 
+    from megatron_m2.model.multiway import PackedLayout
+
     cfg = get_flavor("tiny")
     b, s = 4, cfg.vision_seq_len + cfg.max_text_len
     with _fake_world(fake_backend, 0, tp, tp=tp):
@@ -414,7 +417,7 @@ def test_layer_activations_match_saved_tensors(fake_backend, tp):
             x = torch.randn(s, b, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
             pad = torch.zeros(b, cfg.max_text_len, dtype=torch.bool)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                with model.split_position(cfg.vision_seq_len):
+                with model.using_layout(PackedLayout.both(cfg.vision_seq_len)):
                     model.encoder.layers[index](x, attention_mask=pad)
             expected = planner.layer_activation_bytes(cfg, tp, s, b,
                                                       entry=index == cfg.num_sep_layers)

@@ -13,7 +13,8 @@ from PIL import Image
 from megatron_m2.data.dataset import BadSampleError
 from megatron_m2.data.indexed import DatasetError, ImageTextWriter, read_index
 from megatron_m2.data.tokenizer import M2Tokenizer
-from megatron_m2.training.arguments import parse_args, validate_args
+from megatron_m2.training.arguments import parse_args
+from megatron_m2.training.validation import validate_args
 from tests.helpers.distributed import run_distributed
 from tests.helpers.tools import ROOT
 

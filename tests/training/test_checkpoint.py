@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from megatron_m2.training.checkpointing import FAULT_INJECTION_ENV, TRACKER
+from megatron_m2.checkpoint import FAULT_INJECTION_ENV, TRACKER
 from tests.helpers.distributed import free_port
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,7 @@ import logging
 
 import pytest
 
-from megatron_m2.config import ConfigError
-from megatron_m2.training.arguments import parse_args, validate_args
-from megatron_m2.training.checkpoint_meta import (
+from megatron_m2.checkpoint import (
     TRACKER,
     CheckpointError,
     complete_iterations,
@@ -16,6 +14,9 @@ from megatron_m2.training.checkpoint_meta import (
     latest_iteration,
     resolve_checkpoint,
 )
+from megatron_m2.config import ConfigError
+from megatron_m2.training.arguments import parse_args
+from megatron_m2.training.validation import validate_args
 
 
 def _save_root(tmp_path, steps=(2, 4)):
@@ -111,7 +112,7 @@ def test_truncated_or_garbled_shards_are_named_at_validation(tmp_path):
     import numpy as np
     from safetensors.numpy import save_file
 
-    from megatron_m2.training.checkpoint_meta import check_tensor_file
+    from megatron_m2.checkpoint import check_tensor_file
 
     root = _save_root(tmp_path, steps=(2,))
     shard = root / "iter_0000002" / "model_pp000.safetensors"

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from megatron_m2.config import ConfigError
-from megatron_m2.training.arguments import parse_args, validate_args
+from megatron_m2.training.arguments import parse_args
+from megatron_m2.training.validation import validate_args
 from tests.helpers.distributed import free_port
 from tests.training.test_checkpoint import _descendants
 
@@ -157,7 +158,7 @@ def test_hung_peer_ends_the_job_within_the_timeout():
 def test_second_run_into_a_save_folder_in_use_is_refused(tmp_path):
     """A live run holds the save folder's lock (here: this test process): another run refuses to
     start there, on every rank, with one line naming the holder."""
-    from megatron_m2.training.save_lock import SaveLock
+    from megatron_m2.checkpoint import SaveLock
 
     lock = SaveLock.acquire(str(tmp_path / "ckpt"), "holder-run")
     try:

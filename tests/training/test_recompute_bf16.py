@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from megatron_m2.config import ConfigError
-from megatron_m2.training.arguments import parse_args, recompute_options, validate_args
+from megatron_m2.training.arguments import parse_args, recompute_options
+from megatron_m2.training.validation import validate_args
 from tests.helpers.distributed import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -251,11 +252,11 @@ def test_bf16_checkpoints_load_into_fp32_and_back(dist_world_of_one, tmp_path):
 def _bf16_distributed_optimizer(tmp):
     """DP=2 with --bf16 --use-distributed-optimizer: dtypes, two steps, then the checkpoint
     loaded into an fp32 run without the distributed optimizer."""
-    from megatron_m2.training.checkpointing import _state_holders
+    from megatron_m2.checkpoint import optimizer_state_holders
 
     run = _trainer(["--bf16", "--use-distributed-optimizer", "--micro-batch-size", "2",
                     "--save", tmp], world_size=2)
-    holders = list(_state_holders(run.optimizer))
+    holders = list(optimizer_state_holders(run.optimizer))
     out = {"model": {str(p.dtype) for p in run.model.parameters()},
            "main": {str(h.dtype) for _, h, rng, _ in holders if rng is not None},
            "sharded": sum(h.numel() for _, h, _, _ in holders)

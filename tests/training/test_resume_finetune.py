@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from megatron_m2.config import ConfigError
-from megatron_m2.training.arguments import parse_args, validate_args
+from megatron_m2.training.arguments import parse_args
+from megatron_m2.training.validation import validate_args
 from tests.helpers.distributed import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def _scenarios(ckpt):
     # A flipped byte in the saved weights: --load refuses it, naming the file and tensor.
     import shutil
 
-    from megatron_m2.utils.tensor_files import IntegrityError
+    from megatron_m2.checkpoint import IntegrityError
     from tests.tools.test_convert_checkpoint import _flip_a_data_byte
 
     bad = ckpt + "-bad"
@@ -86,7 +87,7 @@ def _scenarios(ckpt):
     shutil.copytree(ckpt, mixed)
     shutil.copyfile(os.path.join(ckpt + "-twin", "iter_0000004", "optim_pp000.safetensors"),
                     os.path.join(mixed, "iter_0000004", "optim_pp000.safetensors"))
-    from megatron_m2.training.checkpoint_meta import CheckpointError
+    from megatron_m2.checkpoint import CheckpointError
 
     try:
         _trainer(["--train-iters", "4", "--load", mixed])
@@ -113,10 +114,10 @@ def _scenarios(ckpt):
     tune = _trainer(["--train-iters", "3", "--load", ckpt, "--finetune"])
     out["tune_step"], out["tune_consumed"] = tune.step, tune.consumed_samples
     out["tune_weights_equal"] = all(torch.equal(w, saved[n]) for n, w in _weights(tune).items())
-    from megatron_m2.training.checkpointing import _state_holders
+    from megatron_m2.checkpoint import optimizer_state_holders
 
     out["tune_optimizer_state"] = sum(len(inner.state.get(h, {}))
-                                      for _, h, _, inner in _state_holders(tune.optimizer))
+                                      for _, h, _, inner in optimizer_state_holders(tune.optimizer))
     out["tune_lrs"] = _lrs(tune, 3)
     out["fresh_lrs"] = _lrs(_trainer(["--train-iters", "3"]), 3)
     return out
@@ -189,15 +190,15 @@ def test_fresh_output_folders_are_created_and_checked(tmp_path):
 
 
 def _clamp(flags):
+    from megatron_m2.checkpoint import optimizer_state_holders
     from megatron_m2.loss import LOGIT_SCALE_MAX
-    from megatron_m2.training.checkpointing import _state_holders
 
     trainer = _trainer(["--train-iters", "2", "--lr", "1e-2"] + flags,
                        world_size=int(os.environ["WORLD_SIZE"]))
     params = {"logit_scale": trainer.model.logit_scale,
               "logit_vl_scale": trainer.model.logit_vl_scale}
     ids = {id(p) for p in params.values()}
-    holders = [h for p, h, _, _ in _state_holders(trainer.optimizer) if id(p) in ids]
+    holders = [h for p, h, _, _ in optimizer_state_holders(trainer.optimizer) if id(p) in ids]
     with torch.no_grad():  # overshoot: above ln 100 in the parameter and the optimizer's copy
         for t in list(params.values()) + holders:
             t.fill_(5.0)

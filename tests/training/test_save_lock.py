@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from megatron_m2.training.save_lock import LOCK_NAME, SaveLock, SaveLockError
+from megatron_m2.checkpoint import LOCK_NAME, SaveLock, SaveLockError
 
 
 def _write_lock(folder, host, pid, age_s=0.0):

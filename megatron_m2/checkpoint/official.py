@@ -1,11 +1,12 @@
-"""Conversion between our state dict and the official M2-Encoder checkpoint layout.
+"""The official M2-Encoder release: reading and writing its files, and its key layout.
 
 Both directions work on *full* tensors: the state dict of a single-device model (TP=1, PP=1),
-or one gathered to that layout. The renaming is driven by one table of ``(ours, official)`` key
-patterns (:data:`GLOBAL_KEYS`, :data:`LAYER_KEYS`, :data:`LAYER_STACKS`), expanded for a given
-:class:`~megatron_m2.config.M2ModelConfig` into the exact list of key pairs
-(:func:`key_mapping`); :func:`to_official` and :func:`from_official` both read that list, so the
-two directions cannot drift apart.
+or one gathered to that layout. The renaming is driven by the key table of
+:mod:`megatron_m2.checkpoint.format` (``(ours, official)`` key patterns expanded for a given
+:class:`~megatron_m2.config.M2ModelConfig` by :func:`~megatron_m2.checkpoint.format.key_mapping`);
+:func:`to_official` and :func:`from_official` both read that list, so the two directions cannot
+drift apart. Registered parameter groups keep their names in both layouts; :func:`to_official`
+leaves training-only ones out unless asked.
 
 Layout differences handled here:
 
@@ -20,82 +21,59 @@ Layout differences handled here:
   :func:`to_official` skips them; :func:`from_official` takes them from ``target`` so that a strict
   ``model.load_state_dict(from_official(ckpt, cfg, target=model.state_dict()))`` succeeds.
 
-Official checkpoints are ``torch.save`` pickles, possibly wrapped (``state_dict``, ``module``,
-``model``) and with a ``_forward_module.`` key prefix; :func:`unwrap_official` removes both. The
-release's module also defines weights that our inference graph does not use
-(:data:`RELEASE_UNUSED_KEYS`: ``norm``, ``pooler.dense``, the training-only ``visual_tokenizer``);
-:func:`from_official` accepts and skips them (:func:`unused_official_keys` lists them), and refuses
-any key the release never defines. Release *training* checkpoints may hold a vision position table
-for another resolution; :func:`resize_release_positions` adapts it as the release's loader does.
+Official checkpoints are ``torch.save`` pickles (or ``.safetensors``), possibly wrapped
+(``state_dict``, ``module``, ``model``) and with a ``_forward_module.`` key prefix;
+:func:`unwrap_official` removes both. The release's module also defines weights that our
+inference graph does not use (:data:`RELEASE_UNUSED_KEYS`: ``norm``, ``pooler.dense``, the
+training-only ``visual_tokenizer``); :func:`from_official` accepts and skips them
+(:func:`unused_official_keys` lists them), and refuses any key the release never defines.
+Release *training* checkpoints may hold a vision position table for another resolution;
+:func:`resize_release_positions` adapts it as the release's loader does.
+
+Safety: nothing is ever fully unpickled. Pickled checkpoints are read with
+``torch.load(..., weights_only=True)``, whose restricted unpickler accepts tensors and plain
+containers only; a file that needs any other global is refused
+(:class:`~megatron_m2.checkpoint.UnsafeCheckpointError`) before that global is imported or
+called (:func:`load_official`).
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import math
-import string
+import os
+import pickle
+import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.nn import functional as F
 
 from ..config import M2ModelConfig
-from ..errors import UserError
+from .atomic import atomic_write
+from .errors import ConversionError, StateDictKeyError, UnsafeCheckpointError, first_few
+from .format import (
+    TEXT_EMBED_KEY,
+    ParameterGroup,
+    drop_training_only,
+    expand_pattern,
+    group_of,
+    is_extra_state,
+    key_mapping,
+)
+from .tensors import load_tensors, parse_dtype, save_tensors, standalone
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StateDictKeyError", "GLOBAL_KEYS", "LAYER_KEYS", "LAYER_STACKS", "key_mapping",
-           "RELEASE_UNUSED_KEYS", "unused_official_keys", "summarize_unused_keys",
-           "resize_release_positions", "unwrap_official", "to_official", "from_official"]
+__all__ = ["PICKLE_EXTENSIONS", "RELEASE_UNUSED_KEYS", "unused_official_keys",
+           "summarize_unused_keys", "resize_release_positions", "unwrap_official", "to_official",
+           "from_official", "load_official", "save_official"]
 
-# -- the mapping table ---------------------------------------------------------------------------
-# Placeholders: {X} multiway branch, {p} weight/bias, {h} ITC head, {g} our global layer index,
-# {i} the layer index inside an official stack, {Lsep} = cfg.num_sep_layers.
-_PLACEHOLDER_VALUES: Dict[str, Tuple[str, ...]] = {
-    "X": ("A", "B"),
-    "p": ("weight", "bias"),
-    "h": ("image", "text", "vl_image", "vl_text"),
-}
+PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
+"""File name endings read as ``torch.save`` pickles (with the restricted unpickler)."""
 
-GLOBAL_KEYS: Tuple[Tuple[str, str], ...] = (
-    ("embeddings.vision_proj.{p}", "backbone.vision_embed.proj.{p}"),
-    ("embeddings.cls_token", "backbone.vision_embed.cls_token"),
-    ("embeddings.mask_token", "backbone.vision_embed.mask_token"),
-    ("embeddings.text_embed.weight", "backbone.text_embed.weight"),
-    ("embeddings.embed_positions.{X}.weight", "backbone.encoder.embed_positions.{X}.weight"),
-    ("encoder.layers.{Lsep}.backbone_final_layernorm.{X}.{p}",
-     "backbone.encoder.layer_norm.{X}.{p}"),
-    ("encoder.final_layernorm.{X}.{p}", "backbone_vl.layer_norm.{X}.{p}"),
-    ("itc_{h}_proj.weight", "itc_{h}_proj.fc.weight"),
-    ("logit_scale", "logit_scale"),
-    ("logit_vl_scale", "logit_vl_scale"),
-)
-"""Keys outside the per-layer modules: ``(ours, official)``."""
-
-LAYER_KEYS: Tuple[Tuple[str, str], ...] = (
-    ("input_layernorm.{X}.{p}", "self_attn_layer_norm.{X}.{p}"),
-    ("self_attention.linear_q.{X}.{p}", "self_attn.q_proj.{X}.{p}"),
-    ("self_attention.linear_k.{X}.{p}", "self_attn.k_proj.{X}.{p}"),
-    ("self_attention.linear_v.{X}.{p}", "self_attn.v_proj.{X}.{p}"),
-    ("self_attention.inner_norm.{X}.{p}", "self_attn.inner_attn_ln.{X}.{p}"),
-    ("self_attention.linear_proj.{X}.{p}", "self_attn.out_proj.{X}.{p}"),
-    ("pre_mlp_layernorm.{X}.{p}", "final_layer_norm.{X}.{p}"),
-    # torchscale wraps the whole FFN in one MultiwayWrapper: the branch letter comes first.
-    ("mlp.linear_fc1.{X}.{p}", "ffn.{X}.fc1.{p}"),
-    ("mlp.ffn_norm.{X}.{p}", "ffn.{X}.ffn_layernorm.{p}"),
-    ("mlp.linear_fc2.{X}.{p}", "ffn.{X}.fc2.{p}"),
-)
-"""Keys inside one transformer layer, relative to the layer prefixes of :data:`LAYER_STACKS`."""
-
-LAYER_STACKS: Tuple[Tuple[str, str, str], ...] = (
-    # (which layers, our prefix, official prefix)
-    ("sep", "encoder.layers.{g}.", "backbone.encoder.layers.{i}."),
-    ("vl", "encoder.layers.{g}.", "backbone_vl.layers.{i}."),
-)
-"""Layer prefixes of the two official stacks: ``backbone`` (the ``L_sep`` multiway layers) and
-``backbone_vl`` (the ``L_vl`` shared layers, numbered from 0 again)."""
-
+# -- keys of the release that inference does not use ---------------------------------------------
 RELEASE_UNUSED_KEYS: Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...] = (
     # (official key pattern, shape in units of the config: "d" = hidden size). A pattern ending in
     # ".*" covers every key below that module, whatever its shape.
@@ -109,71 +87,10 @@ RELEASE_UNUSED_KEYS: Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...] = (
 checkpoint may hold them; they are accepted (``norm``/``pooler`` shapes checked), skipped and
 listed, grouped by module (``norm``, ``pooler.dense``, ``visual_tokenizer``)."""
 
-TEXT_EMBED_KEY = "embeddings.text_embed.weight"
 VISION_POS_KEY = "backbone.encoder.embed_positions.A.weight"
 _VISION_POS_PREFIX_ROWS = 3  # fairseq's 2 offset rows + the CLS position precede the patch grid
 
-_EXTRA_STATE_SUFFIX = "_extra_state"
 
-class StateDictKeyError(UserError, KeyError):
-    """Keys are missing from, or unknown to, a state dict being converted.
-
-    ``missing`` and ``unexpected`` hold the full sorted lists; the message names the first few.
-    """
-
-    def __init__(self, what: str, missing: Iterable[str] = (), unexpected: Iterable[str] = ()):
-        self.missing = sorted(missing)
-        self.unexpected = sorted(unexpected)
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing key(s): {_first_few(self.missing)}")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected key(s): "
-                         f"{_first_few(self.unexpected)}")
-        self.message = f"{what}: " + "; ".join(parts)
-        super().__init__(self.message)
-
-    def __str__(self) -> str:  # KeyError would repr() the message (quotes, escaped newlines)
-        return self.message
-
-
-def _first_few(keys: Sequence[str], n: int = 8) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def _expand(ours: str, official: str, fixed: Mapping[str, Any]) -> List[Tuple[str, str]]:
-    """All ``(ours, official)`` pairs of one pattern row, placeholders not in ``fixed``
-    ranging over :data:`_PLACEHOLDER_VALUES`."""
-    names = {f for _, f, _, _ in string.Formatter().parse(ours + official) if f}
-    free = sorted(names - set(fixed))
-    unknown = [n for n in free if n not in _PLACEHOLDER_VALUES]
-    if unknown:  # a typo in the table, not a user error
-        raise AssertionError(f"unknown placeholder(s) {unknown} in {ours!r} / {official!r}")
-    pairs = []
-    for values in itertools.product(*(_PLACEHOLDER_VALUES[n] for n in free)):
-        subst = dict(fixed, **dict(zip(free, values)))
-        pairs.append((ours.format(**subst), official.format(**subst)))
-    return pairs
-
-
-def key_mapping(cfg: M2ModelConfig) -> List[Tuple[str, str]]:
-    """Every ``(our key, official key)`` pair of the full model described by ``cfg``."""
-    fixed = {"Lsep": cfg.num_sep_layers}
-    pairs: List[Tuple[str, str]] = []
-    for ours, official in GLOBAL_KEYS:
-        pairs += _expand(ours, official, fixed)
-    stack_layers = {"sep": range(cfg.num_sep_layers),
-                    "vl": range(cfg.num_sep_layers, cfg.num_layers)}
-    for stack, ours_prefix, official_prefix in LAYER_STACKS:
-        for i, g in enumerate(stack_layers[stack]):
-            layer = dict(fixed, g=g, i=i)
-            for ours, official in LAYER_KEYS:
-                pairs += _expand(ours_prefix + ours, official_prefix + official, layer)
-    return pairs
-
-
-# -- keys of the release that inference does not use ---------------------------------------------
 def _unused_exact_and_prefixes() -> Tuple[Dict[str, Tuple[str, ...]], Tuple[str, ...]]:
     exact: Dict[str, Tuple[str, ...]] = {}
     prefixes = []
@@ -181,7 +98,7 @@ def _unused_exact_and_prefixes() -> Tuple[Dict[str, Tuple[str, ...]], Tuple[str,
         if pattern.endswith(".*"):
             prefixes.append(pattern[:-1])
         else:
-            exact.update((key, dims) for key, _ in _expand(pattern, pattern, {}))
+            exact.update((key, dims) for key, _ in expand_pattern(pattern, pattern, {}))
     return exact, tuple(prefixes)
 
 
@@ -229,7 +146,7 @@ def _check_unused_shapes(official: Mapping[str, Any], cfg: M2ModelConfig) -> Non
     if wrong:
         raise ValueError(f"from_official: {len(wrong)} shape mismatch(es) in weights the release "
                          f"defines but inference does not use (wrong config?): "
-                         f"{_first_few(wrong, 4)}")
+                         f"{first_few(wrong, 4)}")
 
 
 # -- the vision position table of release training checkpoints -----------------------------------
@@ -321,23 +238,24 @@ def unwrap_official(obj: Any) -> Dict[str, Any]:
 
 
 # -- conversion ----------------------------------------------------------------------------------
-def _is_extra_state(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] == _EXTRA_STATE_SUFFIX
-
-
 def _check_keys(what: str, present: Iterable[str], expected: Iterable[str]) -> None:
     present, expected = set(present), set(expected)
     if present != expected:
         raise StateDictKeyError(what, missing=expected - present, unexpected=present - expected)
 
 
-def to_official(state_dict: Mapping[str, Any], cfg: M2ModelConfig) -> Dict[str, torch.Tensor]:
+def to_official(state_dict: Mapping[str, Any], cfg: M2ModelConfig,
+                include_training: bool = False,
+                groups: Optional[Sequence[ParameterGroup]] = None) -> Dict[str, torch.Tensor]:
     """Rename our full (TP=1, PP=1) state dict to the official M2-Encoder layout.
 
     Args:
         state_dict: ``model.state_dict()`` of a single-device model (or one gathered to that
             layout). megatron's ``*._extra_state`` entries are skipped.
         cfg: the architecture; it fixes the exact key set expected.
+        include_training: keep registered training-only parameter groups (under their own
+            names, as other registered groups are); by default they are left out.
+        groups: the parameter groups to recognise (default: the registered ones).
 
     Returns:
         A new dict ``{official key: tensor}``; tensors are shared with the input except the text
@@ -352,12 +270,15 @@ def to_official(state_dict: Mapping[str, Any], cfg: M2ModelConfig) -> Dict[str, 
     weights: Dict[str, Any] = {}
     skipped = 0
     for key, value in state_dict.items():
-        if _is_extra_state(key):
+        if is_extra_state(key):
             skipped += 1
             continue
         weights[key] = value
+    if not include_training:
+        weights, _ = drop_training_only(weights, groups, source="to_official")
+    carried = {k: v for k, v in weights.items() if group_of(k, groups) is not None}
     _check_keys("to_official: our state dict does not match the M2 layout",
-                weights, (ours for ours, _ in mapping))
+                set(weights) - set(carried), (ours for ours, _ in mapping))
 
     out = {official: weights[ours] for ours, official in mapping}
     text = out["backbone.text_embed.weight"]
@@ -366,6 +287,7 @@ def to_official(state_dict: Mapping[str, Any], cfg: M2ModelConfig) -> Dict[str, 
                          f"({cfg.vocab_size})")
     if text.shape[0] > cfg.vocab_size:
         out["backbone.text_embed.weight"] = text[:cfg.vocab_size].clone()
+    out.update(carried)
     logger.debug("to_official: %d tensors converted, %d non-weight entries skipped", len(out),
                  skipped)
     return out
@@ -380,7 +302,7 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
     ``visual_tokenizer.*``) are accepted and skipped (``norm``/``pooler`` shapes checked; see
     :func:`unused_official_keys` to list them); any other key the mapping does not know is refused.
     A vision position table of another resolution is resized first
-    (:func:`resize_release_positions`).
+    (:func:`resize_release_positions`). Keys of registered parameter groups keep their names.
 
     Args:
         state_dict: the official weights, possibly still wrapped as released (see
@@ -389,10 +311,11 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
         target: optional destination, a model or its ``state_dict()``. When given, the result
             has exactly ``target``'s keys, so that a strict ``load_state_dict`` works: the text
             embedding is zero-padded to ``target``'s (vocabulary-padded) row count, non-weight
-            entries (``*._extra_state``) are taken from ``target``, and every shape is checked
-            against ``target``. Without it the result holds only the weights, with
-            ``cfg.vocab_size`` text rows; megatron accepts the absent ``_extra_state`` entries,
-            so ``model.load_state_dict(result)`` works at TP=1.
+            entries (``*._extra_state``) and registered parameter groups the checkpoint lacks
+            are taken from ``target`` (groups it has but ``target`` lacks are left out), and
+            every shape is checked against ``target``. Without it the result holds only the
+            weights, with ``cfg.vocab_size`` text rows; megatron accepts the absent
+            ``_extra_state`` entries, so ``model.load_state_dict(result)`` works at TP=1.
 
     Returns:
         A new dict ``{our key: tensor}``, sharing tensors with the input (except a padded text
@@ -409,12 +332,14 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
     unused = unused_official_keys(official)
     _check_unused_shapes(official, cfg)
     mapping = key_mapping(cfg)
+    carried = {k: v for k, v in official.items() if group_of(k) is not None}
     _check_keys("from_official: the checkpoint does not match the official M2 layout",
-                set(official) - set(unused), (off for _, off in mapping))
+                set(official) - set(unused) - set(carried), (off for _, off in mapping))
     if unused:
         logger.debug("from_official: skipped %d key(s) inference does not use: %s", len(unused),
                      summarize_unused_keys(unused)["groups"])
     out: Dict[str, Any] = {ours: official[off] for ours, off in mapping}
+    out.update(carried)
     rows = out[TEXT_EMBED_KEY].shape[0]
     if rows != cfg.vocab_size:
         raise ValueError(f"backbone.text_embed.weight has {rows} rows, expected vocab_size "
@@ -425,17 +350,21 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
     if isinstance(target, torch.nn.Module):
         target = target.state_dict()
     # Sort the target's entries into weights (must be exactly ours) and extra state.
-    ours_keys = set(out)
-    extras = [key for key in target if _is_extra_state(key)]
-    target_weights = {key for key in target if not _is_extra_state(key)}
+    extras = [key for key in target if is_extra_state(key)]
+    target_weights = {key for key in target if not is_extra_state(key)}
+    for key in set(carried) - target_weights:  # a group the target model does not have
+        del out[key]
+    held = {group_of(k).prefix for k in out if group_of(k) is not None}
+    extras += [k for k in target_weights  # a group the checkpoint lacks: the target's values
+               if group_of(k) is not None and group_of(k).prefix not in held]
     _check_keys("from_official: the target model's weights do not match the M2 layout",
-                target_weights, ours_keys)
+                target_weights - set(extras), set(out))
 
     text, target_rows = out[TEXT_EMBED_KEY], target[TEXT_EMBED_KEY].shape[0]
     if target_rows > text.shape[0]:  # vocabulary padded for tensor parallelism: zero rows
         pad = text.new_zeros((target_rows - text.shape[0],) + tuple(text.shape[1:]))
         out[TEXT_EMBED_KEY] = torch.cat([text, pad], dim=0)
-    for key in extras:  # no official counterpart: keep the destination's own value
+    for key in extras:  # no official counterpart here: keep the destination's own value
         out[key] = target[key]
 
     mismatched = [f"{k} {tuple(out[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
@@ -443,5 +372,100 @@ def from_official(state_dict: Any, cfg: M2ModelConfig,
                   and out[k].shape != v.shape]
     if mismatched:
         raise ValueError(f"from_official: {len(mismatched)} shape mismatch(es) (checkpoint vs "
-                         f"target): {_first_few(mismatched)}")
+                         f"target): {first_few(mismatched)}")
     return out
+
+
+# -- reading and writing release files ----------------------------------------------------------
+_REFUSED_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+# The release's config is a sacred config; a Lightning checkpoint keeps the module's init arguments
+# under "hyper_parameters", so a run that hands sacred's read-only config to the module pickles
+# these container classes there. They are read as the plain dict / list they wrap: the restricted
+# unpickler resolves the names to the builtins, sacred is never imported, and every other global
+# is still refused. (torch >= 2.6 maps a pickled name onto another callable; before, refused.)
+_PLAIN_CONTAINER_ALIASES = ((dict, "sacred.config.custom_containers.ReadOnlyDict"),
+                            (list, "sacred.config.custom_containers.ReadOnlyList"))
+
+
+def _restricted_torch_load(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with :data:`_PLAIN_CONTAINER_ALIASES`."""
+    aliases = contextlib.nullcontext()
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is not None and _torch_version() >= (2, 6):
+        aliases = safe_globals(list(_PLAIN_CONTAINER_ALIASES))
+    with aliases:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _torch_version() -> Tuple[int, ...]:
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def load_official(path: str) -> Dict[str, torch.Tensor]:
+    """The flat official state dict of a release checkpoint, read without unpickling code.
+
+    ``.safetensors`` files are read with safetensors; anything else (``.pt``, ``.pth``,
+    ``.ckpt``, ``.bin``) with ``torch.load(path, map_location="cpu", weights_only=True)``.
+    Wrappers and the ``_forward_module.`` prefix are removed
+    (:func:`unwrap_official`): a plain state dict, a Lightning
+    checkpoint (``state_dict`` beside epoch, optimizer, scheduler, callback and loop states and
+    ``hyper_parameters``) or a DeepSpeed ``mp_rank_00_model_states.pt`` (``module`` beside
+    ``param_shapes``, ``ds_config``, ... and Lightning's client state). Non-tensor entries next to
+    the weights are ignored. The weights the release defines but inference does not use
+    (:data:`RELEASE_UNUSED_KEYS`) are kept and logged at INFO; :func:`from_official` skips them.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: the pickle needs a global other than tensors and plain
+            containers (nothing in it is executed).
+        ConversionError: the file holds no state dict.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        obj: Any = load_tensors(path)  # verified when it records checksums
+    else:
+        try:
+            obj = _restricted_torch_load(path)
+        except pickle.UnpicklingError as exc:
+            text = str(exc)
+            found = _REFUSED_GLOBAL_RE.search(text)
+            reason = next((line.strip() for line in text.splitlines()
+                           if "Unsupported" in line or "GLOBAL" in line), text.splitlines()[0])
+            raise UnsafeCheckpointError(path, found.group(1) if found else None,
+                                        reason) from None
+        except (RuntimeError, EOFError, ValueError) as exc:  # not a torch/pickle file at all
+            raise ConversionError(f"{path}: not a readable torch checkpoint: {exc}") from None
+    try:
+        flat = unwrap_official(obj)
+    except ValueError as exc:
+        raise ConversionError(f"{path}: {exc}") from None
+    weights = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    ignored = sorted(set(flat) - set(weights))
+    if ignored:
+        logger.info("%s: ignored %d non-tensor entr(y/ies): %s", path, len(ignored),
+                    first_few(ignored, 4))
+    logger.info("read %d tensors from official checkpoint %s", len(weights), path)
+    unused = summarize_unused_keys(weights)
+    if unused["count"]:
+        logger.info("%s: %d tensor(s) that the release's module defines but inference does not "
+                    "use (skipped on conversion): %s", path, unused["count"],
+                    ", ".join(f"{group}.* ({n})" for group, n in unused["groups"].items()))
+    return weights
+
+
+def save_official(path: str, state_dict: Mapping[str, torch.Tensor],
+                  dtype: Union[None, str, torch.dtype] = None) -> None:
+    """Write an official-layout state dict as a plain ``{key: tensor}`` dict.
+
+    ``.safetensors`` paths are written with safetensors, anything else with ``torch.save``.
+    ``dtype`` optionally casts every tensor (fp32, bf16, fp16). The write is atomic.
+    """
+    cast = None if dtype is None else parse_dtype(dtype)
+    tensors = {k: standalone(v, cast) for k, v in state_dict.items()}
+    if path.endswith(".safetensors"):
+        atomic_write(path, lambda tmp: save_tensors(tmp, tensors, metadata={"format": "pt"}))
+    else:
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    logger.info("wrote official checkpoint %s (%d tensors)", path, len(tensors))

@@ -1,6 +1,6 @@
-"""Sharded, atomic, layout-independent checkpoints.
+"""Sharded, atomic, layout-independent training checkpoints (collective save and load).
 
-Layout of ``<save>/``::
+Layout of ``<save>/`` (file names and ``meta.json`` fields: :mod:`megatron_m2.checkpoint.format`)::
 
     latest_checkpointed_iteration.txt     tracker: the newest *complete* checkpoint
     iter_0000100/
@@ -33,67 +33,45 @@ import logging
 import os
 import random
 import shutil
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..utils.tensor_files import TensorFile, save_tensors
-from .checkpoint_meta import (
-    TRACKER,
-    CheckpointError,
+from .atomic import fsync_file, publish_checkpoint
+from .errors import CheckpointError
+from .format import (
+    META_FILE,
+    MODEL_CONFIG_MUST_MATCH,
+    RUN_ID_KEY,
+    STEP_KEY,
+    TMP_SUFFIX,
+    TOKENIZER_FILE,
+    group_of,
+    groups_record,
     iter_dir,
-    latest_iteration,
-    resolve_checkpoint,
+    layout_record,
+    optim_key,
+    parameter_groups,
+    rng_file,
+    stage_file,
+    stage_files,
+    strip_vocab_padding,
+    training_meta,
 )
+from .meta import latest_iteration, resolve_checkpoint
+from .tensors import TensorFile, save_tensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "resolve_checkpoint",
-           "latest_iteration", "TRACKER", "FAULT_INJECTION_ENV"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights",
+           "optimizer_state_holders", "FAULT_INJECTION_ENV"]
 
-FORMAT_VERSION = 1
-RUN_ID_KEY, STEP_KEY = "m2_run_id", "m2_step"
-"""Metadata entries of every checkpoint file: the run and step that wrote it."""
 FAULT_INJECTION_ENV = "M2_FAULT_INJECT"
 """Fault injection for tests: ``checkpoint_write:STEP`` kills the process (SIGKILL) after it
 has written its first file of the checkpoint of step STEP; ``checkpoint_enospc:STEP:RANK``
 makes rank RANK's disk full while it saves step STEP. Unset in normal runs."""
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_checkpoint(root: str, step: int) -> str:
-    """Make the fully written ``iter_N.tmp/`` the checkpoint of ``step``: fsync its files,
-    rename it to ``iter_N/`` and then atomically rewrite the tracker. A crash at any point
-    leaves the tracker naming the previous complete checkpoint. Returns the final dir."""
-    final, tmp = iter_dir(root, step), iter_dir(root, step) + ".tmp"
-    for fn in os.listdir(tmp):
-        _fsync_file(os.path.join(tmp, fn))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tracker_tmp, "w") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    _fsync_dir(root)
-    return final
 
 
 def _maybe_inject_fault(step: int) -> None:
@@ -117,7 +95,7 @@ def _optimizers(optimizer) -> List:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _state_holders(optimizer) -> Iterator[Tuple[torch.nn.Parameter, torch.Tensor,
+def optimizer_state_holders(optimizer) -> Iterator[Tuple[torch.nn.Parameter, torch.Tensor,
                                                 Optional[Tuple[int, int]], object]]:
     """``(model param, param holding the optimizer state, flat range or None, torch optimizer)``.
 
@@ -206,26 +184,21 @@ def _full_name_map(model) -> Dict[int, str]:
     return {id(p): canonical_name(n, model.layer_offset) for n, p in model.named_parameters()}
 
 
-def _strip_padding(name: str, t: torch.Tensor, cfg) -> torch.Tensor:
-    if name == "embeddings.text_embed.weight":
-        return t[:cfg.vocab_size]
-    return t
-
-
 # -- save --------------------------------------------------------------------------------------
 def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dict,
                     tokenizer_path: Optional[str] = None) -> str:
     """Write the checkpoint of ``step`` (collective: every rank calls it). Returns its dir.
 
     A rank that cannot write its files (a full disk, a quota) makes every rank raise one
-    :class:`~megatron_m2.training.checkpoint_meta.CheckpointError` naming the rank and the
-    file; the partial ``iter_N.tmp`` is removed and the tracker keeps naming the last good
-    checkpoint.
+    :class:`~megatron_m2.checkpoint.CheckpointError` naming the rank and the file; the partial
+    ``iter_N.tmp`` is removed and the tracker keeps naming the last good checkpoint.
+    Parameters of registered groups (:func:`~megatron_m2.checkpoint.register_parameter_group`)
+    are saved like any other; ``meta.json`` records the groups the model holds.
     """
     from megatron.core import parallel_state as ps
 
     rank = dist.get_rank()
-    final, tmp = iter_dir(root, step), iter_dir(root, step) + ".tmp"
+    final, tmp = iter_dir(root, step), iter_dir(root, step) + TMP_SUFFIX
     # Every file names the run and step it belongs to: a checkpoint mixing two runs' files
     # (say, two runs sharing a save folder) is refused when loaded.
     stamp = {RUN_ID_KEY: str(meta.get("run_id")), STEP_KEY: str(step)}
@@ -246,9 +219,10 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
     pp = ps.get_pipeline_model_parallel_rank()
     cfg = model.model_cfg
     names = _full_name_map(model)
+    groups = _groups_of_all_stages(names.values())
 
     holders = {id(mp): (holder, rng, inner)
-               for mp, holder, rng, inner in _state_holders(optimizer)}
+               for mp, holder, rng, inner in optimizer_state_holders(optimizer)}
     distributed = _is_distributed(optimizer)
     optim, main = {}, {}
     for mp in model.parameters():  # the same order on every rank: collectives match
@@ -266,13 +240,13 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
         else:
             continue
         for key, t in entries.items():
-            t = _strip_padding(name, _tp_gather(t, mp, tp_group), cfg).contiguous()
+            t = strip_vocab_padding(name, _tp_gather(t, mp, tp_group), cfg).contiguous()
             if key == "main":
                 main[name] = t
             else:
-                optim[f"{key}/{name}"] = t
+                optim[optim_key(key, name)] = t
         if adam_step is not None:
-            optim[f"step/{name}"] = adam_step.detach().float().cpu()
+            optim[optim_key("step", name)] = adam_step.detach().float().cpu()
     # The weights are the optimizer's fp32 main copies where it keeps them (--bf16: the model's
     # bf16 parameters are their rounding), so any run, bf16 or fp32, loads the exact weights.
     weights = {}
@@ -281,12 +255,12 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
         if name in main:
             weights[name] = main[name].float()
         else:
-            weights[name] = _strip_padding(
+            weights[name] = strip_vocab_padding(
                 name, _tp_gather(p.detach().float().cpu(), p, tp_group), cfg).contiguous()
 
     try:
         _write_files(tmp, step, rank, writer, pp, weights, optim, stamp, meta, scheduler,
-                     bool(optim), tokenizer_path)
+                     bool(optim), tokenizer_path, groups)
         error = None
     except OSError as e:  # a full disk, a quota, a vanished mount: named, nothing half-kept
         error = _describe(e, rank)
@@ -303,24 +277,35 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
     return final
 
 
+def _groups_of_all_stages(names: Iterable[str]) -> Dict[str, Dict]:
+    """``meta.json``'s ``parameter_groups``: the registered groups any stage holds (collective
+    when groups are registered: the registry is the same on every rank)."""
+    if not parameter_groups():
+        return {}
+    records: List[Optional[Dict]] = [None] * dist.get_world_size()
+    dist.all_gather_object(records, groups_record(names))
+    merged: Dict[str, Dict] = {}
+    for record in records:
+        merged.update(record or {})
+    return dict(sorted(merged.items()))
+
+
 def _write_files(tmp, step, rank, writer, pp, weights, optim, stamp, meta, scheduler,
-                 has_optimizer, tokenizer_path) -> None:
+                 has_optimizer, tokenizer_path, groups) -> None:
     """This rank's files of the checkpoint: the stage's weights and optimizer states (one
     writer per stage), its RNG states, and (rank 0) meta.json and the tokenizer."""
-    from megatron.core import parallel_state as ps
-
     if writer:
-        path = os.path.join(tmp, f"model_pp{pp:03d}.safetensors")
+        path = os.path.join(tmp, stage_file("model", pp))
         save_tensors(path, weights, stamp)  # with per-tensor checksums, umask permissions
-        _fsync_file(path)
+        fsync_file(path)
         _maybe_inject_fault(step)
         if optim:
-            path = os.path.join(tmp, f"optim_pp{pp:03d}.safetensors")
+            path = os.path.join(tmp, stage_file("optim", pp))
             save_tensors(path, optim, stamp)
-            _fsync_file(path)
+            fsync_file(path)
 
     # Per-rank RNG states (exact resume on the same layout).
-    rng_path = os.path.join(tmp, f"rng_rank{rank:05d}")
+    rng_path = os.path.join(tmp, rng_file(rank))
     _maybe_inject_enospc(step, rank, rng_path + ".safetensors")
     save_tensors(rng_path + ".safetensors", {"torch": torch.get_rng_state()}, stamp)
     np_state = np.random.get_state()
@@ -330,17 +315,20 @@ def _write_files(tmp, step, rank, writer, pp, weights, optim, stamp, meta, sched
                    "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]),
                              int(np_state[3]), float(np_state[4])]}, f)
     if rank == 0:
-        full_meta = dict(meta, step=step, format_version=FORMAT_VERSION,
-                         scheduler=scheduler.state_dict(),
-                         layout={"tp": ps.get_tensor_model_parallel_world_size(),
-                                 "pp": ps.get_pipeline_model_parallel_world_size(),
-                                 "dp": ps.get_data_parallel_world_size(),
-                                 "world": dist.get_world_size()},
-                         has_optimizer=has_optimizer or None)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
+        full_meta = training_meta(meta, step, scheduler.state_dict(), _running_layout(),
+                                  has_optimizer, groups)
+        with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(full_meta, f, indent=1, default=str)
         if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
+
+
+def _running_layout() -> Dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return layout_record(ps.get_tensor_model_parallel_world_size(),
+                         ps.get_pipeline_model_parallel_world_size(),
+                         ps.get_data_parallel_world_size(), dist.get_world_size())
 
 
 def _describe(e: OSError, rank: int) -> str:
@@ -358,7 +346,7 @@ def _all_or_none(error: Optional[str], root: str, step: int) -> None:
     if not failed:
         return
     if dist.get_rank() == 0:
-        shutil.rmtree(iter_dir(root, step) + ".tmp", ignore_errors=True)
+        shutil.rmtree(iter_dir(root, step) + TMP_SUFFIX, ignore_errors=True)
     dist.barrier()
     try:
         last = latest_iteration(root)
@@ -380,16 +368,14 @@ class _StageFiles:
         self.where: Dict[str, str] = {}
         self._files: Dict[str, TensorFile] = {}
         self._verified: set = set()
-        for fn in sorted(os.listdir(directory)):
-            if fn.startswith(kind + "_pp") and fn.endswith(".safetensors"):
-                path = os.path.join(directory, fn)
-                f = self._files[path] = TensorFile(path, verify)
-                _check_stamp(path, f.metadata(), meta)
-                for k in f.keys():
-                    if k in self.where:
-                        raise CheckpointError(f"{path}: tensor {k!r} is also in "
-                                              f"{self.where[k]}")
-                    self.where[k] = path
+        for fn in stage_files(os.listdir(directory), kind):
+            path = os.path.join(directory, fn)
+            f = self._files[path] = TensorFile(path, verify)
+            _check_stamp(path, f.metadata(), meta)
+            for k in f.keys():
+                if k in self.where:
+                    raise CheckpointError(f"{path}: tensor {k!r} is also in {self.where[k]}")
+                self.where[k] = path
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -425,7 +411,10 @@ def load_model_weights(model, weights: Mapping[str, torch.Tensor],
     rank's stage of ``model``, slicing them for its tensor-parallel rank.
 
     ``weights`` needs ``in`` and ``[]`` only (a state dict, or a checkpoint's stage files read
-    tensor by tensor); ``source`` names it in errors.
+    tensor by tensor); ``source`` names it in errors. A registered parameter group
+    (:func:`~megatron_m2.checkpoint.register_parameter_group`) that ``weights`` lacks entirely
+    keeps its current (initial) values, with a warning: a checkpoint written before the group
+    existed still loads.
     """
     from megatron.core import parallel_state as ps
 
@@ -434,18 +423,37 @@ def load_model_weights(model, weights: Mapping[str, torch.Tensor],
     tp_size = ps.get_tensor_model_parallel_world_size()
     tp_rank = ps.get_tensor_model_parallel_rank()
     names = _full_name_map(model)
-    missing = sorted(n for n in names.values() if n not in weights)
+    fresh = _absent_groups(names.values(), weights, source)
+    missing = sorted(n for n in names.values() if n not in weights and n not in fresh)
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s) of this stage, e.g. "
                               f"{missing[:3]}")
     with torch.no_grad():
         for p in model.parameters():
             name = names[id(p)]
+            if name in fresh:
+                continue
             full = weights[name]  # read (and verified) first: its errors name the file
             try:
                 p.copy_(local_shard(full.to(p.dtype), p, tp_rank, tp_size))
             except (ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{source}: weight {name!r}: {e}") from None
+
+
+def _absent_groups(names: Iterable[str], weights, source: str) -> set:
+    """The names of the registered groups that ``weights`` lacks entirely (logged)."""
+    by_group: Dict[str, List[str]] = {}
+    for name in names:
+        group = group_of(name)
+        if group is not None:
+            by_group.setdefault(group.prefix, []).append(name)
+    fresh = set()
+    for prefix, keys in sorted(by_group.items()):
+        if not any(k in weights for k in keys):
+            logger.warning("%s has no %s* parameters (written before that group existed?): "
+                           "they keep their initial values", source, prefix)
+            fresh.update(keys)
+    return fresh
 
 
 def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
@@ -457,7 +465,8 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
     asked for) are sliced for this rank's TP/PP/DP position, so the layout may differ from the
     one that saved it. RNG states are restored only on an identical layout. Every tensor read is
     checked against the checksum recorded when it was saved (``verify``; an
-    :class:`~megatron_m2.utils.tensor_files.IntegrityError` names the file and tensor).
+    :class:`~megatron_m2.checkpoint.IntegrityError` names the file and tensor). Registered
+    parameter groups the checkpoint lacks start fresh (:func:`load_model_weights`).
     """
     from megatron.core import parallel_state as ps
 
@@ -466,8 +475,7 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
     directory, meta = resolve_checkpoint(path)
     cfg = model.model_cfg
     saved_cfg = meta.get("model_config", {})
-    for key in ("hidden_size", "num_attention_heads", "ffn_hidden_size", "num_sep_layers",
-                "num_vl_layers", "embed_dim", "vocab_size", "image_size", "patch_size"):
+    for key in MODEL_CONFIG_MUST_MATCH:
         if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
             raise CheckpointError(f"checkpoint {directory}: model {key}={saved_cfg[key]} does "
                                   f"not match this run's {getattr(cfg, key)}")
@@ -481,9 +489,9 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
         optim = _StageFiles(directory, "optim", verify, meta) if load_optimizer else None
         if optim is not None and not optim.where:
             logger.warning("checkpoint %s has no optimizer state; starting it fresh", directory)
-        for mp, holder, rng, inner in _state_holders(optimizer):
+        for mp, holder, rng, inner in optimizer_state_holders(optimizer):
             name = names.get(id(mp))
-            if name is None:
+            if name is None or name not in weights:  # a group the checkpoint lacks: fresh
                 continue
 
             def piece(full):
@@ -498,26 +506,23 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
                 # otherwise write the stale initial main weights back into the model.
                 with torch.no_grad():
                     holder.copy_(piece(weights.get(name)))
-            if optim is None or f"exp_avg/{name}" not in optim:
+            if optim is None or optim_key("exp_avg", name) not in optim:
                 continue
             state = inner.state.setdefault(holder, {})
-            state["exp_avg"] = piece(optim.get(f"exp_avg/{name}"))
-            state["exp_avg_sq"] = piece(optim.get(f"exp_avg_sq/{name}"))
-            if f"step/{name}" in optim:
-                state["step"] = optim.get(f"step/{name}").clone()
+            state["exp_avg"] = piece(optim.get(optim_key("exp_avg", name)))
+            state["exp_avg_sq"] = piece(optim.get(optim_key("exp_avg_sq", name)))
+            if optim_key("step", name) in optim:
+                state["step"] = optim.get(optim_key("step", name)).clone()
         if load_optimizer and scheduler is not None and "scheduler" in meta:
             scheduler.load_state_dict(meta["scheduler"])
 
     layout = meta.get("layout", {})
-    same_layout = layout == {"tp": ps.get_tensor_model_parallel_world_size(),
-                             "pp": ps.get_pipeline_model_parallel_world_size(),
-                             "dp": ps.get_data_parallel_world_size(),
-                             "world": dist.get_world_size()}
+    same_layout = layout == _running_layout()
     if load_rng and same_layout:
-        base = os.path.join(directory, f"rng_rank{dist.get_rank():05d}")
-        rng_file = TensorFile(base + ".safetensors", verify)
-        _check_stamp(rng_file.path, rng_file.metadata(), meta)
-        torch.set_rng_state(rng_file.load_all()["torch"])
+        base = os.path.join(directory, rng_file(dist.get_rank()))
+        rng_states = TensorFile(base + ".safetensors", verify)
+        _check_stamp(rng_states.path, rng_states.metadata(), meta)
+        torch.set_rng_state(rng_states.load_all()["torch"])
         try:
             with open(base + ".json") as f:
                 st = json.load(f)

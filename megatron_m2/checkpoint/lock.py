@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Dict, Optional
 
-from .checkpoint_meta import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["LOCK_NAME", "HEARTBEAT_S", "STALE_AFTER_S", "SaveLock", "SaveLockError"]
 

@@ -2,7 +2,8 @@
 
 Argument validation reads a ``--load`` checkpoint's meta (model config, LR schedule, arguments)
 before anything heavy is imported, so that a mismatch fails on every rank in a fraction of a
-second; :mod:`megatron_m2.training.checkpointing` builds on the same functions.
+second; :mod:`megatron_m2.checkpoint.distributed` builds on the same functions. File names
+come from :mod:`megatron_m2.checkpoint.format`.
 
 The tracker (``latest_checkpointed_iteration.txt``) is the commit point of a save. A save folder
 whose tracker is missing or unreadable but which holds complete ``iter_N`` checkpoints (renamed
@@ -15,30 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import UserError
+from .errors import CheckpointError
+from .format import META_FILE, TRACKER, iter_dir, iter_step
 
 __all__ = ["TRACKER", "iter_dir", "latest_iteration", "resolve_checkpoint", "holds_checkpoint",
            "complete_iterations", "check_tensor_file", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint cannot be used as asked (another model, missing weights, a broken tracker);
-    the message names the checkpoint."""
-
-
-TRACKER = "latest_checkpointed_iteration.txt"
-"""The tracker file of a save root: the step of its newest complete checkpoint."""
-
-
-def iter_dir(root: str, step: int) -> str:
-    """``root/iter_NNNNNNN``: the directory of the checkpoint of ``step``."""
-    return os.path.join(root, f"iter_{step:07d}")
 
 
 def complete_iterations(root: str) -> List[int]:
@@ -48,9 +34,9 @@ def complete_iterations(root: str) -> List[int]:
         return []
     steps = []
     for name in os.listdir(root):
-        m = _ITER_RE.match(name)
-        if m and os.path.isfile(os.path.join(root, name, "meta.json")):
-            steps.append(int(m.group(1)))
+        step = iter_step(name)
+        if step is not None and os.path.isfile(os.path.join(root, name, META_FILE)):
+            steps.append(step)
     return sorted(steps)
 
 
@@ -73,7 +59,7 @@ def latest_iteration(root: str) -> Optional[int]:
         except ValueError:
             problem = f"does not hold an iteration number ({text[:40]!r})"
         else:
-            if os.path.isfile(os.path.join(iter_dir(root, step), "meta.json")):
+            if os.path.isfile(os.path.join(iter_dir(root, step), META_FILE)):
                 return step
             problem = f"names iteration {step}, but {iter_dir(root, step)} is not a checkpoint"
     steps = complete_iterations(root)
@@ -90,7 +76,7 @@ def holds_checkpoint(path: str) -> bool:
     """Whether ``path`` is a checkpoint directory or a save root holding one (with or without
     a readable tracker)."""
     return (os.path.exists(os.path.join(path, TRACKER))
-            or os.path.exists(os.path.join(path, "meta.json"))
+            or os.path.exists(os.path.join(path, META_FILE))
             or bool(complete_iterations(path)))
 
 
@@ -98,11 +84,11 @@ def resolve_checkpoint(path: str) -> Tuple[str, Dict]:
     """``(directory, meta)`` of the checkpoint at ``path``: an ``iter_N`` directory, or a save
     root whose tracker names one. Raises FileNotFoundError when there is no ``meta.json``."""
     directory = path
-    if not os.path.exists(os.path.join(path, "meta.json")):
+    if not os.path.exists(os.path.join(path, META_FILE)):
         step = latest_iteration(path)
         if step is not None:
             directory = iter_dir(path, step)
-    meta_path = os.path.join(directory, "meta.json")
+    meta_path = os.path.join(directory, META_FILE)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{directory} is not a checkpoint (no meta.json, no {TRACKER})")
     try:

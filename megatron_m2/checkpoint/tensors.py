@@ -10,6 +10,7 @@ or other tools) are read unverified. ``verify=False`` skips the hashing (for spe
 
 Hashes are computed on the tensors' raw bytes, so they do not depend on where safetensors puts a
 tensor in the file; large tensors are hashed in threads (``hashlib`` releases the GIL).
+:func:`standalone` and :func:`parse_dtype` prepare tensors for the files exports write.
 """
 
 from __future__ import annotations
@@ -18,23 +19,20 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..errors import UserError
-from .files import apply_umask
+from ..utils.files import apply_umask
+from .errors import ConversionError, IntegrityError
 
 __all__ = ["CHECKSUM_KEY", "IntegrityError", "tensor_digest", "tensor_digests", "save_tensors",
-           "TensorFile", "load_tensors"]
+           "TensorFile", "load_tensors", "standalone", "parse_dtype"]
 
 CHECKSUM_KEY = "m2_sha256"
 _THREADS = min(8, os.cpu_count() or 1)
-
-
-class IntegrityError(UserError, ValueError):
-    """A tensor file is corrupt (a checksum differs), truncated or not a safetensors file; the
-    message names the file (and the tensor)."""
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -141,3 +139,31 @@ class TensorFile:
 def load_tensors(path: str, verify: bool = True) -> Dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, verified against its recorded checksums."""
     return TensorFile(path, verify).load_all()
+
+
+def standalone(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``t`` (cast to ``dtype``) as a contiguous tensor owning its storage, so that it is
+    written alone (no shared or oversized storage reaches the file)."""
+    t = t.detach().to("cpu")
+    if dtype is not None:
+        t = t.to(dtype)
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        t = t.clone()
+    return t
+
+
+def parse_dtype(dtype: Union[None, str, torch.dtype]) -> torch.dtype:
+    """A storage dtype of exports: fp32 (None), bf16 or fp16, by name or as a torch dtype.
+
+    Raises:
+        ConversionError: any other dtype.
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ConversionError(f"unsupported dtype {dtype!r}; choose fp32, bf16 or fp16")

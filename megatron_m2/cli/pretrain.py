@@ -4,34 +4,34 @@ A wrong configuration is reported by every rank in a fraction of a second, with 
 (``m2-pretrain: error: ...``, exit status 2), and no rank reaches ``torch.distributed``
 initialisation (so none can wait in a rendezvous or a collective for a peer that has already
 exited). Errors found later (a checkpoint or dataset that does not fit, a non-finite loss, a
-peer that died) are one line as well; see :func:`megatron_m2.training.trainer.run`.
+peer that died) are one line as well; see :func:`megatron_m2.training.run.run`.
+
+``python -m megatron_m2.pretrain`` (what ``torchrun -m`` and the Slurm recipes start) is an
+alias of :func:`main`. The flags are defined in :mod:`megatron_m2.training.arguments`.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import List, NoReturn, Optional
+from typing import List, Optional
 
-from ..errors import report_error, run_cli
+from ..errors import run_cli
 from ..parallel.launch_env import discover_env
-from .arguments import parse_args, validate_args
+from ..training.arguments import build_parser, parse_args
+from ..training.validation import validate_args
 
-__all__ = ["main", "fail", "PROG"]
+__all__ = ["main", "build_parser", "PROG"]
 
 PROG = "m2-pretrain"
 
 
-def fail(msg, status: int = 2) -> NoReturn:
-    """Print the one-line error this rank reports (a message or an exception) and exit with
-    ``status``."""
-    report_error(PROG, msg)
-    raise SystemExit(status)
-
-
 def _main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    validate_args(args, discover_env().world_size)
-    from .trainer import run  # heavy: torch, megatron-core
+    env = discover_env()
+    # The node size (torchrun's LOCAL_WORLD_SIZE) lets the layout rules that depend on nodes
+    # (TP inside a node, the default ITC group of one node's DP ranks) fail here, on every rank.
+    validate_args(args, env.world_size, env.local_world_size)
+    from ..training.run import run  # heavy: torch, megatron-core
 
     run(args)
     return 0

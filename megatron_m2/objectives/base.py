@@ -1,0 +1,81 @@
+"""The objective interface: what a pretraining objective is to the trainer.
+
+An objective says
+
+* **what the model must return**: :attr:`Objective.outputs`, the keys of the last pipeline
+  stage's output dict that its loss reads;
+* **what it needs from the data**: :attr:`Objective.data_keys`, the keys of a micro-batch;
+* **where it runs in the pipeline**: :attr:`Objective.stage` — ``"last"``: its loss runs on the
+  last stage's outputs inside megatron-core's schedule (the only placement today);
+* **the loss and its logged metrics**: :meth:`Objective.loss` returns the micro-batch's loss
+  and a dict of scalar metrics named by :attr:`Objective.metrics` (averaged over micro-batches
+  and data-parallel replicas, logged to the console, JSON and TensorBoard as ``train/<name>``);
+* optionally, **a loss over the whole step's micro-batches** (:meth:`Objective.cached_loss`,
+  with :attr:`Objective.supports_feature_accumulation`): the trainer then embeds every
+  micro-batch without a graph, asks the objective for the loss and the gradient of each cached
+  output, and re-runs the micro-batches injecting those gradients (GradCache);
+* hooks: :meth:`Objective.after_optimizer_step` (e.g. clamp a temperature) and
+  :meth:`Objective.process_groups` (the groups its collectives use, named in failure messages).
+
+The trainer's step code calls only this interface; objectives are looked up by name in
+:mod:`megatron_m2.objectives` (``--objective``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Tuple
+
+if TYPE_CHECKING:  # torch-free at import: argument parsing lists the objectives
+    import torch
+
+__all__ = ["Objective", "ObjectiveContext"]
+
+
+@dataclass
+class ObjectiveContext:
+    """What an objective is built from: the run's arguments and this rank's stage of the model
+    (unwrapped; its parameters are the trained ones)."""
+
+    args: Any
+    model: torch.nn.Module
+    is_last_stage: bool
+
+
+class Objective:
+    """Base class of training objectives (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    outputs: ClassVar[Tuple[str, ...]] = ()
+    data_keys: ClassVar[Tuple[str, ...]] = ("images", "text_ids", "text_pad_mask")
+    stage: ClassVar[str] = "last"
+    metrics: ClassVar[Tuple[str, ...]] = ()
+    supports_feature_accumulation: ClassVar[bool] = False
+
+    def __init__(self, ctx: ObjectiveContext):
+        self.ctx = ctx
+
+    def loss(self, outputs: Dict[str, torch.Tensor]
+             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``(loss, metrics)`` of one micro-batch from the last stage's outputs (fp32)."""
+        raise NotImplementedError
+
+    def cached_loss(self, cached: List[Dict[str, torch.Tensor]], backward_scale: float
+                    ) -> Tuple[torch.Tensor, List[Dict[str, torch.Tensor]],
+                               Dict[str, torch.Tensor]]:
+        """Loss over the step's cached micro-batch outputs (:attr:`outputs` only, no graph):
+        runs its own backward (scaled by ``backward_scale``) for the parameters it uses directly
+        and returns ``(loss, grads, metrics)`` with ``grads[i][key]`` the gradient of the
+        unscaled loss with respect to micro-batch i's output ``key``."""
+        raise NotImplementedError(f"objective {self.name!r} has no feature accumulation")
+
+    def after_optimizer_step(self, optimizer) -> None:
+        """Called on every rank after a successful optimizer step."""
+
+    def process_groups(self) -> Dict[str, object]:
+        """``{name: process group}`` of the collectives the loss issues."""
+        return {}
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        return self.name

@@ -1,0 +1,125 @@
+"""The planner's inputs: the cluster, the layout, the model's knobs, and the units.
+
+:class:`Cluster` (the machines), :class:`Layout` (how the model is parallelised and trained,
+m2-pretrain's flags), :class:`Assumptions` (the knobs of the time and memory model), the byte
+and rank-order constants every section shares, and the model-config loaders of ``m2-plan``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from ..config import ConfigError, M2ModelConfig
+from ..flavors import get_flavor
+
+GB = 10 ** 9
+"""One gigabyte (decimal), the unit of the memory report and of the bandwidths (GB/s)."""
+BF16_BYTES = 2
+FP32_BYTES = 4
+ITC_BYTES_PER_ELEMENT = FP32_BYTES
+"""The trainer casts the last stage's outputs to fp32 before the loss, so the ITC gathers move
+fp32 embeddings whatever the training precision."""
+RANK_ORDER = "tp-cp-ep-dp-pp"
+"""megatron-core's default rank order (TP fastest, PP slowest)."""
+LN_STATS_BYTES = 8
+"""fp32 mean and reciprocal standard deviation a LayerNorm saves per token (GPU kernels)."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The machines: ``nodes`` × ``gpus_per_node`` GPUs.
+
+    Bandwidths are per GPU and direction: NVLink 4 on H100 SXM gives 450 GB/s; one 400 Gb/s
+    InfiniBand NIC per GPU gives 50 GB/s. ``peak_tflops`` is the dense BF16 peak (H100 SXM:
+    989); FP8 GEMMs run at twice that.
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    intra_node_gbps: float = 450.0
+    inter_node_gbps: float = 50.0
+    peak_tflops: float = 989.0
+
+    @property
+    def world_size(self) -> int:
+        """Total GPUs (ranks)."""
+        return self.nodes * self.gpus_per_node
+
+    def node_of(self, rank: int) -> int:
+        """Node index of a global rank (torchrun lays ranks out node by node)."""
+        return rank // self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model is parallelised and trained; field names follow m2-pretrain's flags.
+
+    ``global_batch=None`` means ``micro_batch × world size`` (every GPU processes
+    ``micro_batch`` samples' worth of compute per step whatever TP and PP are, so layouts
+    compare at equal work). ``itc_group_size``/``itc_aggregate_nodes`` behave as
+    ``--itc-group-size``/``--itc-aggregate-nodes`` (neither: one node's DP ranks). With
+    ``recompute=True`` and ``recompute_num_layers=None`` the planner recomputes every layer
+    (``--recompute-activations``: full, uniform, one layer per chunk); with
+    ``recompute_num_layers=N`` the first N layers of every stage (``--recompute-method block``).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    micro_batch: int = 8
+    global_batch: Optional[int] = None
+    itc_group_size: Optional[int] = None
+    itc_aggregate_nodes: Optional[int] = None
+    itc_heads: str = "both"
+    itc_accumulate_features: bool = False
+    distributed_optimizer: bool = False
+    precision: str = "bf16"
+    recompute: bool = False
+    recompute_num_layers: Optional[int] = None
+
+    def key(self) -> str:
+        """Short label, e.g. ``TP2 PP1 DO+ RC-``."""
+        return (f"TP{self.tp} PP{self.pp} DO{'+' if self.distributed_optimizer else '-'} "
+                f"RC{'+' if self.recompute else '-'}")
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """Knobs of the time and memory model that are not facts of the layout.
+
+    * ``mfu``: fraction of the dense peak the kernels reach while computing (all of a step's
+      FLOPs run at ``mfu × peak``).
+    * ``overhead_gb``: fixed memory per GPU outside the model: CUDA context (~0.5 GB), cuBLAS
+      and NCCL workspaces and buffers, allocator slack.
+    * ``collective_latency_us``: fixed cost of every collective and p2p transfer.
+    * ``dp_overlap``: fraction of the data-parallel gradient communication hidden behind the
+      backward; 0 because the trainer runs megatron DDP with ``overlap_grad_reduce=False``.
+    """
+
+    mfu: float = 0.4
+    overhead_gb: float = 3.0
+    collective_latency_us: float = 10.0
+    dp_overlap: float = 0.0
+
+
+def load_model_config(path: str) -> M2ModelConfig:
+    """An :class:`M2ModelConfig` from a JSON file of its fields (a ``params`` entry, as
+    ``python -m megatron_m2.flavors --json`` prints, is ignored)."""
+    with open(path) as f:
+        d = json.load(f)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object of M2ModelConfig fields")
+    d.pop("params", None)
+    return M2ModelConfig.from_dict(d)
+
+
+def resolve_model(flavor: Optional[str] = None, config_path: Optional[str] = None
+                  ) -> Tuple[str, M2ModelConfig]:
+    """``(name, config)`` from a flavor name or a model-config JSON file."""
+    if config_path:
+        return "custom", load_model_config(config_path)
+    name = (flavor or "tiny").lower()
+    return name, get_flavor(name)
+

@@ -1,0 +1,235 @@
+"""Parameters and memory: what each pipeline stage holds and what one GPU of it needs.
+
+The model stage by stage (:func:`stage_layout`, :func:`stage_parameters`), the bytes a layer
+saves for its backward (:func:`layer_activation_bytes`), and the ``parameters`` and ``memory``
+sections of a plan: bf16 weights (plus FP8 copies), fp32 gradients (``grad_reduce_in_fp32``),
+Adam's fp32 master weights and two moments (sharded over DP with the distributed optimizer),
+the activations of the micro-batches in flight and the fp32 contrastive loss, plus a fixed
+overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from ..config import M2ModelConfig
+from ..flavors import count_parameters
+from .context import Context
+from .inputs import BF16_BYTES, FP32_BYTES, GB, LN_STATS_BYTES
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """Which layers and modules one pipeline stage holds."""
+
+    index: int
+    first_layer: int
+    num_layers: int
+    num_sep: int
+    """Multiway layers (both branches trained)."""
+    num_vl: int
+    """Shared VL layers (branch A trained, branch B frozen)."""
+    has_entry: bool
+    """Holds the first VL layer (with the backbone's final LayerNorm)."""
+    is_first: bool
+    is_last: bool
+
+
+def stage_layout(cfg: M2ModelConfig, pp: int) -> List[StageShape]:
+    """Split the ``L_sep + L_vl`` layers into ``pp`` equal stages (megatron's even split)."""
+    per = cfg.num_layers // pp
+    stages = []
+    for i in range(pp):
+        lo, hi = i * per, (i + 1) * per
+        sep = max(0, min(hi, cfg.num_sep_layers) - lo)
+        stages.append(StageShape(i, lo, per, sep, per - sep, lo <= cfg.num_sep_layers < hi,
+                                 i == 0, i == pp - 1))
+    return stages
+
+
+def _branch_layer_params(cfg: M2ModelConfig, tp: int) -> int:
+    """One branch of one layer on one TP rank.
+
+    Column-parallel Q, K, V, FC1 (weight and bias sharded), row-parallel Out, FC2 (weight
+    sharded, bias replicated), LN1 and LN2 replicated, the Sub-LN LayerNorms LNinner (width d)
+    and LNffn (width d_ffn) sharded like their inputs. At TP=1 this is the per-branch layer of
+    :func:`megatron_m2.flavors.count_parameters`.
+    """
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    column = 3 * (d * d // tp + d // tp) + (d * f // tp + f // tp)
+    row = (d * d // tp + d) + (f * d // tp + d)
+    norms = 2 * 2 * d + 2 * d // tp + 2 * f // tp
+    return column + row + norms
+
+
+def _branch_gemm_weights(cfg: M2ModelConfig, tp: int) -> int:
+    """GEMM weight elements of one branch of one layer on one TP rank: (4d² + 2·d·d_ffn)/TP."""
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    return (4 * d * d + 2 * d * f) // tp
+
+
+def stage_parameters(cfg: M2ModelConfig, tp: int, pp: int) -> List[Dict[str, int]]:
+    """Parameters one TP rank of each stage holds: ``total``, ``trainable`` and ``gemm``.
+
+    * layers: 2 branches each; the shared VL layers' branch B is frozen (never sees data);
+    * the stage holding the first VL layer adds the backbone's final LayerNorm (2 branches);
+    * first stage: patch Conv2d (weight + bias), CLS token, the frozen mask token, the
+      vocabulary-parallel text table (``padded_vocab / TP`` rows), both position tables;
+    * last stage: the VL final LayerNorm (branch B frozen), four ITC heads (d × embed_dim,
+      no bias) and the two log-temperatures.
+
+    ``gemm`` counts the GEMM weights of the trained branches (the tensors FP8 keeps cast
+    copies of). Summed over stages at TP=1 ``total`` equals
+    :func:`~megatron_m2.flavors.count_parameters`.
+    """
+    d, e = cfg.hidden_size, cfg.embed_dim
+    branch, gemm = _branch_layer_params(cfg, tp), _branch_gemm_weights(cfg, tp)
+    out = []
+    for st in stage_layout(cfg, pp):
+        total = 2 * branch * st.num_layers
+        frozen = branch * st.num_vl
+        gemms = gemm * (2 * st.num_sep + st.num_vl)
+        if st.has_entry:
+            total += 2 * 2 * d
+        if st.is_first:
+            total += (cfg.in_channels * cfg.patch_size ** 2 * d + d + 2 * d
+                      + cfg.padded_vocab_size(tp) // tp * d
+                      + (cfg.vision_pos_table + cfg.text_pos_table) * d)
+            frozen += d
+        if st.is_last:
+            total += 2 * 2 * d + 4 * d * e + 2
+            frozen += 2 * d
+        out.append({"total": total, "trainable": total - frozen, "gemm": gemms})
+    return out
+
+
+def sequence_parts(cfg: M2ModelConfig, precision: str) -> Tuple[int, int]:
+    """Tokens of the vision and text parts of the packed sequence. The model never pads them,
+    in any precision: FP8 instead needs a micro-batch whose rows ``tokens × micro_batch`` are
+    aligned (a layout rule, :func:`megatron_m2.layout.check_layout`)."""
+    return cfg.vision_seq_len, cfg.max_text_len
+
+
+def layer_activation_bytes(cfg: M2ModelConfig, tp: int, tokens: int, batch: int,
+                           entry: bool = False) -> int:
+    """Bytes one layer saves for its backward, for ``batch`` samples of ``tokens`` tokens.
+
+    Counted tensor by tensor for the local layer spec in bf16 (h = d, f = d_ffn, a = heads,
+    t = TP; sequence parallelism is off, so LN1/LN2 and the inputs of the column-parallel
+    linears are replicated across TP ranks):
+
+    * LN1 input 2h, LN1 output (input of Q, K, V, shared by the three) 2h, LN2 input 2h,
+      LN2 output (FC1 input) 2h: ``8h`` replicated;
+    * attention: q, k, v and the output saved by SDPA ``8h/t``, its fp32 logsumexp ``4a/t``
+      (fused kernels keep no s × s matrix, so Korthikanti et al.'s ``5as/h`` term is absent,
+      and the block-diagonal split would make it ``a(s_v² + s_t²)/(s·h)`` anyway);
+    * LNinner reads the attention output (already saved) and its output feeds Out: ``2h/t``;
+      the FFN saves the GELU input, the LNffn input and the FC2 input: ``6f/t``. Sharded or
+      not, a Sub-LN keeps only its input and two fp32 statistics per token
+      (:class:`~megatron_m2.model.multiway.TPLayerNorm`);
+    * LayerNorm statistics: 8 bytes (fp32 mean and rstd) per token per LayerNorm, four of them.
+
+    Per token: ``8h + (10h + 6f + 4a)/t + 32`` (for f = 4h: 42h at TP=1, 25h at TP=2).
+    No dropout (probabilities are 0). The first VL layer adds the backbone's final LayerNorm:
+    ``2h + 8``. ``tests/tools/test_plan.py`` checks the total against the bytes autograd
+    actually saves for the tiny flavor at TP=1 and TP=2.
+    """
+    h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
+    per_token = 8 * h + (10 * h + 6 * f + 4 * a) // tp + 4 * LN_STATS_BYTES
+    if entry:
+        per_token += 2 * h + LN_STATS_BYTES
+    return per_token * tokens * batch
+
+
+def active_parameters_per_token(cfg: M2ModelConfig) -> int:
+    """GEMM weights one token goes through: one branch of every layer, ``L·(4d² + 2·d·d_ffn)``."""
+    return cfg.num_layers * (4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.ffn_hidden_size)
+
+
+def parameters_section(ctx: Context) -> Dict[str, object]:
+    """The plan's ``parameters``: model totals, active parameters per token, each stage's."""
+    cfg = ctx.cfg
+    return {
+        "model_total": count_parameters(cfg),
+        "model_total_padded_vocab": count_parameters(cfg, cfg.padded_vocab_size(ctx.tp)),
+        "active_per_token": active_parameters_per_token(cfg),
+        "per_stage_rank": ctx.params,
+    }
+
+
+def memory_section(ctx: Context) -> Dict[str, object]:
+    """The plan's ``memory``: every stage's bytes per GPU (:func:`stage_memory`), the fullest
+    stage and whether it fits the GPU."""
+    capacity = ctx.cluster.gpu_memory_gb * GB
+    overhead = int(ctx.assumptions.overhead_gb * GB)
+    mem_stages = [stage_memory(ctx, st_, p, overhead) for st_, p in zip(ctx.stages, ctx.params)]
+    peak = max(mem_stages, key=lambda x: x["total_bytes"])
+    return {"per_stage": mem_stages, "peak_stage": peak["stage"],
+            "peak_bytes": peak["total_bytes"], "capacity_bytes": int(capacity),
+            "fits": peak["total_bytes"] <= capacity,
+            "headroom_bytes": int(capacity) - peak["total_bytes"]}
+
+
+def stage_memory(ctx: Context, st_: StageShape, p: Dict[str, int],
+                 overhead: int) -> Dict[str, object]:
+    """Bytes one GPU of stage ``st_`` (holding the parameters ``p``) needs at its peak.
+
+    Weights ``2·total`` (+ ``2·gemm`` FP8 copies), gradients ``4·trainable``, optimizer
+    ``12·trainable`` (÷ DP, rounded up, with the distributed optimizer); activations: one
+    micro-batch's (:func:`micro_batch_activations`) × the micro-batches in flight (1F1B:
+    ``min(PP − stage, M)``), plus one re-materialised recomputed layer and, on the last
+    stage, the loss of one contrastive batch (:func:`loss_bytes`).
+    """
+    weights = BF16_BYTES * p["total"] + (2 * p["gemm"] if ctx.fp8 else 0)
+    grads = FP32_BYTES * p["trainable"]
+    optimizer = 3 * FP32_BYTES * p["trainable"]
+    if ctx.layout.distributed_optimizer:
+        optimizer = -(-optimizer // ctx.dp)
+    in_flight = min(ctx.pp - st_.index, ctx.m)
+    n_rc = ctx.recomputed_layers(st_)
+    per_micro, working = micro_batch_activations(ctx, st_, n_rc)
+    loss = loss_bytes(ctx) if st_.is_last else 0
+    activations = in_flight * per_micro + working + loss
+    total = weights + grads + optimizer + activations + overhead
+    return {
+        "stage": st_.index, "layers": [st_.first_layer, st_.first_layer + st_.num_layers],
+        "params": p["total"], "trainable_params": p["trainable"],
+        "weights_bytes": weights, "grads_bytes": grads, "optimizer_bytes": optimizer,
+        "activation_bytes_per_micro_batch": per_micro, "in_flight_micro_batches": in_flight,
+        "recomputed_layers": n_rc, "recompute_working_bytes": working,
+        "loss_bytes": loss, "activations_bytes": activations,
+        "overhead_bytes": overhead, "total_bytes": total,
+    }
+
+
+def micro_batch_activations(ctx: Context, st_: StageShape, n_rc: int) -> Tuple[int, int]:
+    """``(saved, working)``: the bytes stage ``st_`` keeps for one micro-batch's backward, and
+    those of one recomputed layer re-materialised during it.
+
+    Each layer keeps :func:`layer_activation_bytes`, a recomputed one (the first ``n_rc``)
+    only its bf16 input; the first stage adds the bf16 images (Conv2d input), the int64
+    token ids and the pad mask; the last the VL final LayerNorm's input and statistics.
+    """
+    cfg, s, b = ctx.cfg, ctx.s, ctx.b
+    full = [layer_activation_bytes(cfg, ctx.tp, s, b, entry=(st_.has_entry and i ==
+                                                            cfg.num_sep_layers - st_.first_layer))
+            for i in range(st_.num_layers)]
+    saved = sum(BF16_BYTES * cfg.hidden_size * s * b if i < n_rc else full[i]
+                for i in range(st_.num_layers))
+    if st_.is_first:
+        saved += b * (BF16_BYTES * cfg.in_channels * cfg.image_size ** 2
+                      + 10 * cfg.max_text_len)
+    if st_.is_last:
+        saved += (BF16_BYTES * cfg.hidden_size + LN_STATS_BYTES) * s * b
+    working = max(full[:n_rc]) if n_rc else 0
+    return saved, working
+
+
+def loss_bytes(ctx: Context) -> int:
+    """The fp32 contrastive loss of one batch on the last stage, per head: logits and
+    log-softmax of both directions (``2·2·4·rows·group_rows``) and the gathered image and text
+    embeddings (``2·4·group_rows·embed_dim``), with ``group_rows = k × rows``."""
+    group_rows = ctx.k * ctx.itc_rows
+    return ctx.heads * (2 * 2 * FP32_BYTES * ctx.itc_rows * group_rows
+                        + 2 * FP32_BYTES * group_rows * ctx.cfg.embed_dim)

@@ -1,0 +1,55 @@
+"""Step time, pipeline bubble, throughput and MFU (the ``time`` section of a plan).
+
+``slot`` = the slowest stage's compute + TP all-reduces (+ ITC on the last stage) per
+micro-batch; ``step = (M + PP − 1)·slot + 2·(M + PP − 1)·p2p + (1 − dp_overlap)·DP`` (1F1B,
+nothing overlapped: the trainer runs megatron DDP with ``overlap_grad_reduce=False``), plus the
+one ITC exchange of the step with feature accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from .context import Context
+from .flops import peak_flops
+
+
+def _slot(ctx: Context, flops: Dict[str, object], comm: Dict[str, object]) -> float:
+    """The slowest stage's time per micro-batch: compute + TP all-reduces, and on the last
+    stage the ITC gathers of one contrastive batch (without feature accumulation)."""
+    slots = []
+    for st_ in ctx.stages:
+        t = flops["per_stage_rank"][st_.index]["compute_time_s_per_micro_batch"]
+        t += comm["tp"]["per_stage"][st_.index]["time_s_per_micro_batch"]
+        if st_.is_last and not ctx.accum:
+            t += comm["itc"]["gba"]["time_s"] / ctx.m
+        slots.append(t)
+    return max(slots)
+
+
+def time_section(ctx: Context, flops: Dict[str, object],
+                 comm: Dict[str, object]) -> Dict[str, object]:
+    """The plan's ``time`` from its ``flops`` and ``communication`` sections."""
+    m, pp = ctx.m, ctx.pp
+    ticks = m + pp - 1  # 1F1B: M micro-batches + the PP − 1 bubble
+    gba_s = comm["itc"]["gba"]["time_s"]
+    pipeline = ticks * _slot(ctx, flops, comm)
+    p2p_transfer = max((x["time_s_per_transfer"] for x in comm["pp"]["boundaries"]),
+                       default=0.0)
+    p2p = 2 * ticks * p2p_transfer if pp > 1 else 0.0
+    dp_time = (max(x["time_s"] for x in comm["dp"]["per_stage"])
+               * (1 - ctx.assumptions.dp_overlap))
+    itc_once = gba_s if ctx.accum else 0.0
+    step = pipeline + p2p + dp_time + itc_once
+    stage_rows = flops["per_stage_rank"]
+    compute_only = ticks * max(r["compute_time_s_per_micro_batch"] for r in stage_rows)
+    peak_gemm = peak_flops(ctx)[1]
+    return {
+        "step_time_s": step, "compute_s": compute_only,
+        "tp_comm_s": ticks * max(x["time_s_per_micro_batch"] for x in comm["tp"]["per_stage"]),
+        "itc_s": gba_s, "pp_p2p_s": p2p, "dp_comm_s": dp_time,
+        "pipeline_bubble_fraction": (pp - 1) / ticks,
+        "samples_per_s": ctx.gbs / step,
+        "mfu": flops["model_flops_per_step"] / (step * ctx.world * peak_gemm),
+        "peak_tflops_used": peak_gemm / 1e12,
+    }
