@@ -10,12 +10,15 @@ so command-line validation is instant.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 from .errors import ConfigError
 
-__all__ = ["M2ModelConfig", "ConfigError"]
+__all__ = ["M2ModelConfig", "ConfigError", "load_model_config"]
 
 
 @dataclass
@@ -135,3 +138,31 @@ class M2ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+def load_model_config(source: str, base: Optional[M2ModelConfig] = None) -> M2ModelConfig:
+    """An :class:`M2ModelConfig` from ``--model-config``: a JSON file, or an inline JSON object,
+    of its fields, applied over ``base`` (a flavor; none: the defaults). A ``params`` entry (as
+    ``m2-plan --list-flavors --json`` prints) is ignored, and a checkpoint's ``meta.json`` works
+    too (its ``model_config``). Raises :class:`ConfigError` naming the source."""
+    inline = source.lstrip().startswith("{")
+    where = "--model-config" if inline else f"--model-config {source}"
+    try:
+        if inline:
+            fields = json.loads(source)
+        else:
+            with open(os.path.expanduser(source)) as f:
+                fields = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: invalid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: expected a JSON object of M2ModelConfig fields")
+    fields = dict(fields.get("model_config", fields))
+    fields.pop("params", None)
+    merged = dict(base.to_dict() if base is not None else {}, **fields)
+    try:
+        return M2ModelConfig.from_dict(merged)
+    except (TypeError, ConfigError) as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..checkpoint import holds_checkpoint
-from ..config import M2ModelConfig
+from ..config import M2ModelConfig, load_model_config
 from .common import ArgumentParser, run_cli
 
 __all__ = ["build_parser", "main"]
@@ -107,27 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args) -> Optional[M2ModelConfig]:
     if args.flavor is None and args.model_config is None:
         return None
-    overrides: Dict[str, Any] = {}
-    if args.model_config is not None:
-        text = args.model_config
-        if not text.lstrip().startswith("{"):
-            with open(text) as f:
-                text = f.read()
-        try:
-            overrides = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise _usage(f"--model-config: invalid JSON: {exc}") from None
-        if not isinstance(overrides, dict):
-            raise _usage("--model-config: expected a JSON object")
-        overrides = overrides.get("model_config", overrides)  # a meta.json works too
+    base = None
     if args.flavor is not None:
         from ..flavors import get_flavor
 
         try:
-            return get_flavor(args.flavor, **overrides)
+            base = get_flavor(args.flavor)
         except KeyError as exc:
             raise _usage(str(exc.args[0])) from None
-    return M2ModelConfig.from_dict(overrides)
+    if args.model_config is None:
+        return base
+    return load_model_config(args.model_config, base)
 
 
 def _check_output(args) -> None:

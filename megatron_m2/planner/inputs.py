@@ -7,11 +7,10 @@ and rank-order constants every section shares, and the model-config loaders of `
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ..config import ConfigError, M2ModelConfig
+from ..config import M2ModelConfig, load_model_config
 from ..flavors import get_flavor
 
 GB = 10 ** 9
@@ -104,22 +103,11 @@ class Assumptions:
     dp_overlap: float = 0.0
 
 
-def load_model_config(path: str) -> M2ModelConfig:
-    """An :class:`M2ModelConfig` from a JSON file of its fields (a ``params`` entry, as
-    ``python -m megatron_m2.flavors --json`` prints, is ignored)."""
-    with open(path) as f:
-        d = json.load(f)
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object of M2ModelConfig fields")
-    d.pop("params", None)
-    return M2ModelConfig.from_dict(d)
-
-
 def resolve_model(flavor: Optional[str] = None, config_path: Optional[str] = None
                   ) -> Tuple[str, M2ModelConfig]:
     """``(name, config)`` from a flavor name or a model-config JSON file."""
     if config_path:
-        return "custom", load_model_config(config_path)
+        return "custom", load_model_config(config_path)  # the fields in full (defaults: 0.4b)
     name = (flavor or "tiny").lower()
     return name, get_flavor(name)
 

@@ -4,6 +4,7 @@ per concern (parameters and memory, communication, FLOPs, time)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -59,11 +60,15 @@ class Plan:
                            self.cluster.gpus_per_node, self.derived["itc_group_size"], rank)
 
     def training_args(self) -> List[str]:
-        """The m2-pretrain arguments of this layout (a flavor's name, or ``--flavor CUSTOM``
-        for a configuration read from JSON; data arguments are not included)."""
+        """The m2-pretrain arguments of this layout: ``--flavor NAME`` for a named flavor, else
+        ``--model-config`` with the configuration's fields inline (data arguments are not
+        included)."""
         lay = self.layout
-        args = ["--flavor", self.model_name if self.model_name in FLAVORS else "CUSTOM",
-                "--tensor-model-parallel-size", str(lay.tp),
+        if self.model_name in FLAVORS and FLAVORS[self.model_name] == self.model:
+            args = ["--flavor", self.model_name]
+        else:
+            args = ["--model-config", json.dumps(self.model.to_dict(), separators=(",", ":"))]
+        args += ["--tensor-model-parallel-size", str(lay.tp),
                 "--pipeline-model-parallel-size", str(lay.pp),
                 "--micro-batch-size", str(lay.micro_batch),
                 "--global-batch-size", str(self.derived["global_batch"]),

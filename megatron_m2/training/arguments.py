@@ -17,7 +17,7 @@ from ..flavors import FLAVORS
 
 __all__ = ["build_parser", "parse_args", "parse_data_path", "parse_split",
            "parse_randaugment", "recompute_options", "recompute_setting", "fp8_options",
-           "parallel_layout",
+           "parallel_layout", "model_config",
            "scheduler_settings", "output_dirs"]
 
 
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture preset (`m2-plan --list-flavors` describes them)")
     g.add_argument("--transformer-impl", default="local", choices=["local", "te"],
                    help="layer implementation: pure torch or Transformer Engine")
+    g.add_argument("--model-config", default=None, metavar="JSON",
+                   help="M2ModelConfig fields over --flavor's: a JSON file or an inline JSON "
+                        "object (`m2-plan --list-flavors --json` prints the fields; a "
+                        "checkpoint's meta.json works too)")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="override the flavor's vocabulary size (must match the tokenizer)")
 
@@ -261,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
+
+
+def model_config(args: argparse.Namespace, **overrides):
+    """The run's :class:`~megatron_m2.config.M2ModelConfig`: ``--flavor``, then
+    ``--model-config``'s fields, then ``--vocab-size``, then ``overrides`` (e.g. the tokenizer's
+    vocabulary and special ids)."""
+    from ..config import M2ModelConfig, load_model_config
+    from ..flavors import get_flavor
+
+    cfg = get_flavor(args.flavor)
+    if args.model_config:
+        cfg = load_model_config(args.model_config, cfg)
+    fields = cfg.to_dict()
+    if args.vocab_size:
+        fields["vocab_size"] = args.vocab_size
+    fields.update(overrides)
+    return M2ModelConfig.from_dict(fields)
 
 
 def scheduler_settings(args: argparse.Namespace) -> Dict[str, object]:

@@ -150,11 +150,10 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from ..flavors import get_flavor
         from ..model import build_model
         from ..objectives import ObjectiveContext, build_objective
         from ..parallel.distributed import initialize_model_parallel, set_seed
-        from .arguments import fp8_options, recompute_options, scheduler_settings
+        from .arguments import fp8_options, model_config, recompute_options, scheduler_settings
         from .synthetic import SyntheticImageText
 
         self.args = args
@@ -166,7 +165,7 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         set_seed(args.seed)
 
-        overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        overrides = {}
         self.tokenizer = None
         if args.tokenizer_model:
             from ..data.identity import read_card, text_style_of
@@ -183,7 +182,7 @@ class Trainer:
             overrides.update(vocab_size=self.tokenizer.vocab_size,
                              eos_token_id=self.tokenizer.eos_id,
                              cls_token_id=self.tokenizer.cls_id)
-        self.cfg = cfg = get_flavor(args.flavor, **overrides)
+        self.cfg = cfg = model_config(args, **overrides)
         # --bf16: bf16 weights and activations, fp32 main weights and states in the optimizer.
         params_dtype = torch.bfloat16 if args.bf16 else torch.float32
         if args.fp8_format and args.fp8_recipe == "mxfp8" and torch.cuda.is_available() and (

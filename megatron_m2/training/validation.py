@@ -14,8 +14,8 @@ import os
 from typing import Dict, Optional
 
 from ..config import ConfigError
-from ..flavors import get_flavor
 from .arguments import (
+    model_config,
     output_dirs,
     parallel_layout,
     parse_data_path,
@@ -237,8 +237,7 @@ def validate_args(args: argparse.Namespace, world_size: int,
     are :func:`megatron_m2.layout.check_layout`'s."""
     from ..layout import check_layout
 
-    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-    cfg = get_flavor(args.flavor, **overrides)
+    cfg = model_config(args)
     _check_fp8_environment(args)
     check = check_layout(cfg, parallel_layout(args, world_size, gpus_per_node))
     if check.errors:

@@ -1,4 +1,4 @@
-"""The dry-run planner (megatron_m2/planner.py, tools/plan.py), checked against independent
+"""The dry-run planner (megatron_m2/planner/, m2-plan), checked against independent
 computations: flavor parameter counts, m2-pretrain's own argument validation, the ITC bytes
 that megatron_m2.loss counts when its collectives run, the all-reduces and saved activations
 of the real model, and the process groups megatron-core builds for a 256-GPU world.
