@@ -76,6 +76,20 @@ class Objective:
         """``{name: process group}`` of the collectives the loss issues."""
         return {}
 
+    def check_fits(self, batch_fields) -> None:
+        """Raise ``ConfigError`` when the trainer cannot serve this objective: a batch field the
+        data does not provide, or a placement other than the last pipeline stage."""
+        from ..errors import ConfigError
+
+        missing = sorted(set(self.data_keys) - set(batch_fields))
+        if missing:
+            raise ConfigError(f"objective {self.name!r} needs batch field(s) "
+                              f"{', '.join(missing)}, which the data does not provide (it "
+                              f"gives {', '.join(batch_fields)})")
+        if self.stage != "last":
+            raise ConfigError(f"objective {self.name!r} runs at stage {self.stage!r}; the "
+                              "trainer computes losses on the last pipeline stage only")
+
     def describe(self) -> str:
         """One line for the start-up log."""
         return self.name

@@ -198,6 +198,8 @@ class Trainer:
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.objective = build_objective(args.objective, ObjectiveContext(
             args=args, model=self.model, is_last_stage=self.is_last_stage))
+        # What every micro-batch holds (the synthetic set and the indexed datasets' loader).
+        self.objective.check_fits(("images", "text_ids", "text_pad_mask"))
         logger.info("flavor %s: TP=%d PP=%d DP=%d, objective %s, %.2fM parameters on this rank",
                     args.flavor, tp, pp, self.dp, self.objective.describe(), n_params / 1e6)
 

@@ -93,3 +93,22 @@ def test_feature_accumulation_needs_an_objective_that_has_it(toy_objective):
                        "--itc-accumulate-features"])
     with pytest.raises(ConfigError, match="toy_text_only"):
         validate_args(args, 1)
+
+
+def test_objective_needs_are_checked():
+    from megatron_m2.config import ConfigError
+
+    class NeedsBoxes(TextOnly):
+        name = "needs_boxes"
+        data_keys = ("images", "boxes")
+
+    class FirstStage(TextOnly):
+        name = "first"
+        stage = "first"
+
+    fields = ("images", "text_ids", "text_pad_mask")
+    TextOnly(None).check_fits(fields)
+    with pytest.raises(ConfigError, match="needs batch field\\(s\\) boxes"):
+        NeedsBoxes(None).check_fits(fields)
+    with pytest.raises(ConfigError, match="last pipeline stage only"):
+        FirstStage(None).check_fits(fields)
