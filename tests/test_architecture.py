@@ -23,28 +23,14 @@ def _modules():
     return mods
 
 
-def _runtime_nodes(tree):
-    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (annotations only: not
-    a dependency at run time)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
-        for child in ast.iter_child_nodes(node):
-            if (isinstance(child, ast.If) and isinstance(child.test, ast.Name)
-                    and child.test.id == "TYPE_CHECKING"):
-                stack.extend(child.orelse)
-                continue
-            stack.append(child)
-
-
 def _imports(mods):
-    """Module → the package modules it imports (at any depth, lazy imports included)."""
+    """Module → the package modules it imports (at any depth: lazy and type-only imports
+    included)."""
     edges = {}
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         targets = set()
-        for node in _runtime_nodes(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[: len(package.split(".")) - (node.level - 1)]

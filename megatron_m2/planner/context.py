@@ -8,13 +8,39 @@ communication, FLOPs, time) take it instead of a dozen arguments each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..config import M2ModelConfig
 from .inputs import Assumptions, Cluster, Layout
 
-if TYPE_CHECKING:
-    from .memory import StageShape
+
+@dataclass(frozen=True)
+class StageShape:
+    """Which layers and modules one pipeline stage holds."""
+
+    index: int
+    first_layer: int
+    num_layers: int
+    num_sep: int
+    """Multiway layers (both branches trained)."""
+    num_vl: int
+    """Shared VL layers (branch A trained, branch B frozen)."""
+    has_entry: bool
+    """Holds the first VL layer (with the backbone's final LayerNorm)."""
+    is_first: bool
+    is_last: bool
+
+
+def stage_layout(cfg: M2ModelConfig, pp: int) -> List[StageShape]:
+    """Split the ``L_sep + L_vl`` layers into ``pp`` equal stages (megatron's even split)."""
+    per = cfg.num_layers // pp
+    stages = []
+    for i in range(pp):
+        lo, hi = i * per, (i + 1) * per
+        sep = max(0, min(hi, cfg.num_sep_layers) - lo)
+        stages.append(StageShape(i, lo, per, sep, per - sep, lo <= cfg.num_sep_layers < hi,
+                                 i == 0, i == pp - 1))
+    return stages
 
 
 @dataclass(frozen=True)
@@ -37,7 +63,7 @@ class Context:
     k: int
     gbs: int
     recompute: Optional[Tuple[str, int]]
-    stages: List["StageShape"]
+    stages: List[StageShape]
     params: List[Dict[str, int]]
     sv: int
     st: int
@@ -97,7 +123,7 @@ class Context:
     def fp8(self) -> bool:
         return self.layout.precision == "fp8"
 
-    def recomputed_layers(self, stage: "StageShape") -> int:
+    def recomputed_layers(self, stage: StageShape) -> int:
         """Layers of ``stage`` whose activations are recomputed in the backward."""
         if self.recompute is None:
             return 0

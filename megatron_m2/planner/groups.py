@@ -9,13 +9,10 @@ order; :func:`build_groups` creates them with megatron-core and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from ..config import ConfigError
 from .inputs import RANK_ORDER
-
-if TYPE_CHECKING:
-    from .plan import Plan
 
 _GROUP_KEYS = ("tp_group", "pp_group", "dp_group", "itc_group")
 
@@ -47,7 +44,7 @@ def spans_nodes(groups: List[List[int]], gpn: int) -> bool:
     return any(len({r // gpn for r in g}) > 1 for g in groups)
 
 
-def build_groups(plan: Plan, ranks: Sequence[int]) -> Dict[str, object]:
+def build_groups(plan, ranks: Sequence[int]) -> Dict[str, object]:
     """Create this layout's process groups for each of ``ranks`` of the full world on CPU.
 
     For each rank, in this process: ``torch.distributed`` is initialised with the ``fake``
@@ -119,7 +116,7 @@ def build_groups(plan: Plan, ranks: Sequence[int]) -> Dict[str, object]:
             "consistent": all(not r["mismatches"] for r in results)}
 
 
-def _build_rank(plan: Plan, rank: int, dp_of: Dict[int, List[int]], store_cls: type,
+def _build_rank(plan, rank: int, dp_of: Dict[int, List[int]], store_cls: type,
                 create_itc_groups: Callable) -> Dict[str, object]:
     """The groups megatron-core and ``create_itc_groups`` build for ``rank`` in a fake world
     of the plan's size (``all_gather_object`` answered from ``dp_of``, every rank's DP group)."""
@@ -162,7 +159,7 @@ def _build_rank(plan: Plan, rank: int, dp_of: Dict[int, List[int]], store_cls: t
         dist.destroy_process_group()
 
 
-def _compare(plan: Plan, built: Dict[str, object]) -> Dict[str, object]:
+def _compare(plan, built: Dict[str, object]) -> Dict[str, object]:
     """``built`` with its ``itc_nodes`` and its ``mismatches`` with the plan: group ranks, ITC
     group size, and an ITC group spanning nodes where the plan says intra-node."""
     gpn = plan.cluster.gpus_per_node
@@ -182,7 +179,7 @@ def _compare(plan: Plan, built: Dict[str, object]) -> Dict[str, object]:
     return built
 
 
-def _check_with_rank_generator(plan: Plan, ranks: Sequence[int], reason: str
+def _check_with_rank_generator(plan, ranks: Sequence[int], reason: str
                                ) -> Dict[str, object]:
     """Fallback of :func:`build_groups` without a fake backend: megatron-core's
     ``RankGenerator`` (what ``initialize_model_parallel`` builds its groups from) gives the TP,

@@ -10,42 +10,12 @@ overhead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 from ..config import M2ModelConfig
 from ..flavors import count_parameters
-from .context import Context
+from .context import Context, StageShape, stage_layout
 from .inputs import BF16_BYTES, FP32_BYTES, GB, LN_STATS_BYTES
-
-
-@dataclass(frozen=True)
-class StageShape:
-    """Which layers and modules one pipeline stage holds."""
-
-    index: int
-    first_layer: int
-    num_layers: int
-    num_sep: int
-    """Multiway layers (both branches trained)."""
-    num_vl: int
-    """Shared VL layers (branch A trained, branch B frozen)."""
-    has_entry: bool
-    """Holds the first VL layer (with the backbone's final LayerNorm)."""
-    is_first: bool
-    is_last: bool
-
-
-def stage_layout(cfg: M2ModelConfig, pp: int) -> List[StageShape]:
-    """Split the ``L_sep + L_vl`` layers into ``pp`` equal stages (megatron's even split)."""
-    per = cfg.num_layers // pp
-    stages = []
-    for i in range(pp):
-        lo, hi = i * per, (i + 1) * per
-        sep = max(0, min(hi, cfg.num_sep_layers) - lo)
-        stages.append(StageShape(i, lo, per, sep, per - sep, lo <= cfg.num_sep_layers < hi,
-                                 i == 0, i == pp - 1))
-    return stages
 
 
 def _branch_layer_params(cfg: M2ModelConfig, tp: int) -> int:
