@@ -10,6 +10,11 @@ the full width d with statistics reduced across the TP group (:class:`TPLayerNor
 is row-parallel. Attention is block-diagonal: vision tokens attend vision tokens, text tokens
 attend text tokens, padded text keys masked. It is computed as two
 ``scaled_dot_product_attention`` calls, never as one masked (s_v + s_t)² matrix.
+
+In the fused image–text pass (a layout with ``full_attention``, :meth:`PackedLayout.fused`)
+Q/K/V, Sub-LN and ``Out`` still run part by part with each part's branch, but the attention is
+one ``scaled_dot_product_attention`` over the whole ``[image; text]`` sequence: every query
+attends to all vision keys and the unpadded text keys.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .multiway import (
 )
 
 __all__ = ["M2SelfAttention", "M2SelfAttentionSubmodules", "BlockDiagonalSDPA",
-           "multiway_linear", "multiway_sharded_norm"]
+           "multiway_linear", "multiway_sharded_norm", "fused_key_mask"]
 
 _VISION_ONLY, _TEXT_ONLY = PackedLayout.vision_only(), PackedLayout.text_only()
 
@@ -89,9 +94,13 @@ class BlockDiagonalSDPA(nn.Module):
     def forward(self, q, k, v, text_pad_mask: Optional[torch.Tensor] = None, *,
                 layout: PackedLayout):
         """``layout``: what the rows hold (:class:`M2SelfAttention` calls it on one part of the
-        sequence at a time, with ``vision_only()`` or ``text_only()``)."""
+        sequence at a time, with ``vision_only()`` or ``text_only()``; in the fused pass on the
+        whole sequence with the ``full_attention`` layout: one attention over all rows, keys
+        masked only at padded text positions)."""
         s = layout.vision_rows(q.shape[0])
         p = self.dropout if self.training else 0.0
+        if layout.full_attention:
+            return self._sdpa(q, k, v, fused_key_mask(text_pad_mask, s), p).flatten(2)
         mask = None
         if text_pad_mask is not None and s < q.shape[0]:
             # SDPA bool mask: True = may attend. [b, 1, 1, s_t] broadcasts over heads/queries.
@@ -107,6 +116,17 @@ class BlockDiagonalSDPA(nn.Module):
             out = torch.cat([self._sdpa(qv, kv, vv, None, p), self._sdpa(qt, kt, vt, mask, p)],
                             dim=0)
         return out.flatten(2)
+
+
+def fused_key_mask(text_pad_mask: Optional[torch.Tensor], vision_len: int
+                   ) -> Optional[torch.Tensor]:
+    """SDPA bool key mask ``[b, 1, 1, vision_len + s_t]`` of the fused pass: True (may attend)
+    at every vision key and every unpadded text key; None without a padding mask."""
+    if text_pad_mask is None:
+        return None
+    keep_text = ~text_pad_mask.bool()
+    keep_vision = keep_text.new_ones(keep_text.shape[0], vision_len)
+    return torch.cat([keep_vision, keep_text], dim=1)[:, None, None, :]
 
 
 @dataclass
@@ -147,6 +167,9 @@ class M2SelfAttention(MegatronModule):
                                            tp_group, shared, state=state)
 
     def forward(self, hidden_states, attention_mask=None, **unused):
+        layout = self.linear_q.state.layout
+        if layout.full_attention:
+            return self._fused_forward(hidden_states, attention_mask, layout), None
         # Each part of the packed sequence (vision rows, text rows) attends only to itself, so
         # the whole block runs part by part with that part's branch, and is concatenated once.
         outs = []
@@ -163,6 +186,25 @@ class M2SelfAttention(MegatronModule):
                                           layout=_TEXT_ONLY)
             outs.append(_first(self.linear_proj.branch(key)(self.inner_norm.branch(key)(ctx))))
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None
+
+    def _fused_forward(self, hidden_states, text_pad_mask, layout: PackedLayout):
+        """The fused pass: Q/K/V per part with its branch, one attention over the whole
+        sequence (padded text keys masked), Sub-LN and ``Out`` per part with its branch."""
+        parts = self.linear_q.parts(hidden_states)
+        qkv = []
+        for key, x, _ in parts:
+            s, b, _ = x.shape
+            shape = (s, b, self.num_heads_local, self.head_dim)
+            qkv.append([_first(lin.branch(key)(x)).view(shape)
+                        for lin in (self.linear_q, self.linear_k, self.linear_v)])
+        q, k, v = (qkv[0][i] if len(qkv) == 1 else torch.cat([t[i] for t in qkv], dim=0)
+                   for i in range(3))
+        ctx = self.core_attention(q, k, v, text_pad_mask=text_pad_mask, layout=layout)
+        sizes = [x.shape[0] for _, x, _ in parts]
+        ctxs = torch.split(ctx, sizes, dim=0)
+        outs = [_first(self.linear_proj.branch(key)(self.inner_norm.branch(key)(c)))
+                for (key, _, _), c in zip(parts, ctxs)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 __all__ += ["TPLayerNorm"]

@@ -12,6 +12,11 @@ Outputs (last stage) are L2-normalised embeddings:
   (the official ``cls_vlffn_feats``, what retrieval uses);
 * ``logit_scale`` / ``logit_vl_scale``: the two learnable log-temperatures.
 
+In the fused image–text pass (``forward(..., fused=True)`` or
+``layout=PackedLayout.fused(s_v)``, for the masked objectives) the last stage returns instead
+``{"fused_hidden": [s_v + s_t, b, d]}``: the packed sequence after the VL stack's final
+LayerNorm, computed with full attention across both modalities.
+
 Runtime state (:class:`~megatron_m2.model.multiway.MultiwayState`, ``model.multiway_state``):
 one object per model stage, created here and handed to every multiway module of the stage when
 the block is built (``get_m2_block_spec(..., state=)``). :meth:`M2EncoderModel.forward` sets
@@ -141,7 +146,7 @@ class M2EncoderModel(MegatronModule):
     def forward(self, images: Optional[torch.Tensor] = None,
                 text_ids: Optional[torch.Tensor] = None,
                 text_pad_mask: Optional[torch.Tensor] = None,
-                layout: Optional[PackedLayout] = None):
+                layout: Optional[PackedLayout] = None, fused: bool = False):
         """Run this stage.
 
         On the first stage ``images`` ``[b, 3, H, W]`` and/or ``text_ids`` ``[b, s_t]`` are
@@ -154,16 +159,33 @@ class M2EncoderModel(MegatronModule):
         there until the next forward: activation recomputation re-runs layers during the
         backward and reads it then (a training step's forwards all use one layout).
 
-        Returns the hidden states ``[s, b, d]`` on non-last stages and a dict of embeddings on
-        the last stage.
+        ``fused=True`` (the same as ``layout=PackedLayout.fused(s_v)``) runs the fused
+        image–text pass of the masked objectives: the packed ``[image; text]`` sequence with
+        full attention across both modalities (padded text keys masked), each token through its
+        modality's branch in the backbone and through the shared branch A in the VL layers.
+        Every pipeline stage must be given it (later stages see no inputs).
+
+        Returns the hidden states ``[s, b, d]`` on non-last stages; on the last stage a dict of
+        embeddings (contrastive layouts) or, in the fused pass, ``{"fused_hidden": h}`` with
+        ``h`` ``[s_v + s_t, b, d]`` after the VL stack's final LayerNorm (what masked-modelling
+        heads read: rows ``[:s_v]`` image, the rest text).
         """
+        if fused:
+            if layout is not None and not layout.full_attention:
+                raise ValueError(f"fused=True contradicts the layout {layout}")
+            layout = layout or PackedLayout.fused(self.config.vision_seq_len)
         if layout is None:
             layout = self.default_layout(images, text_ids)
+        if layout.full_attention and self.pre_process and (images is None or text_ids is None):
+            raise ValueError("the fused pass needs both images and text_ids")
         self.multiway_state.begin(layout)
         x = self.embeddings(images, text_ids, text_pad_mask) if self.pre_process else None
         h = self.encoder(x, attention_mask=text_pad_mask)
         if not self.post_process:
             return h
+        if layout.full_attention:
+            self.multiway_state.take_backbone()  # nothing was recorded; closes recording
+            return {"fused_hidden": h}
         return self._heads(h)
 
     def _heads(self, h: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -44,11 +44,15 @@ class PackedLayout:
     * ``vision_only()``: every row is a vision token (image-only inference);
     * ``text_only()``: every row is a text token (text-only inference);
     * ``both(vision_len)``: rows ``[:vision_len]`` are vision tokens, the rest text (training,
-      with ``vision_len`` = s_v).
+      with ``vision_len`` = s_v); attention is block-diagonal (each modality attends itself);
+    * ``fused(vision_len)``: the same rows, but ``full_attention``: every token attends to every
+      vision token and every unpadded text token (the fused image–text pass of the masked
+      objectives). The multiway split of the weights is unchanged.
     """
 
     modality: Modality
     vision_len: int = 0
+    full_attention: bool = False
 
     def __post_init__(self):
         if not isinstance(self.modality, Modality):
@@ -59,6 +63,9 @@ class PackedLayout:
         if self.modality is not Modality.BOTH and self.vision_len != 0:
             raise ValueError(f"vision_len is only for Modality.BOTH (got {self.vision_len} "
                              f"with {self.modality})")
+        if self.full_attention and self.modality is not Modality.BOTH:
+            raise ValueError(f"full_attention (the fused pass) needs both modalities, got "
+                             f"{self.modality}")
 
     @classmethod
     def vision_only(cls) -> "PackedLayout":
@@ -71,6 +78,11 @@ class PackedLayout:
     @classmethod
     def both(cls, vision_len: int) -> "PackedLayout":
         return cls(Modality.BOTH, int(vision_len))
+
+    @classmethod
+    def fused(cls, vision_len: int) -> "PackedLayout":
+        """Both modalities (``vision_len`` vision rows) with full attention across them."""
+        return cls(Modality.BOTH, int(vision_len), full_attention=True)
 
     def vision_rows(self, seq_len: int) -> int:
         """How many of the first rows of a ``seq_len``-row sequence are vision tokens."""
@@ -109,7 +121,8 @@ class MultiwayState:
             raise TypeError(f"layout must be a PackedLayout, got {layout!r}")
         self.layout = layout
         self._backbone = None
-        self._recording = self.capture_backbone
+        # The fused pass has no backbone heads: nothing to record.
+        self._recording = self.capture_backbone and not layout.full_attention
 
     def record_backbone(self, hidden: torch.Tensor) -> None:
         """The backbone output ``[s, b, d]`` (called by the first VL layer)."""

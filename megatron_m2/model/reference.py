@@ -24,7 +24,14 @@ Architecture (``d`` hidden size, ``L_sep`` / ``L_vl`` layers, multiway branch ``
 
 The megatron model packs ``[vision; text]`` into one sequence with block-diagonal attention; the
 reference runs image and text as two separate sequences, which is what that mask computes. Text
-attention masks the padded keys (``text_pad_mask`` True = padding). Branch B of the shared VL
+attention masks the padded keys (``text_pad_mask`` True = padding).
+
+Fused image–text pass (:meth:`ReferenceM2.forward_fused`, the input of the masked objectives):
+one batch-first sequence ``[image; text]``, full attention over it with padded text keys
+masked; in ``backbone`` each token goes through its modality's branch (``A`` for the first
+``s_v`` tokens, ``B`` for the rest) in every multiway module including the final LayerNorm, in
+``backbone_vl`` branch ``A`` serves every token. Returns the hidden states after the VL final
+LayerNorm. Branch B of the shared VL
 stack never sees data and is frozen, as is the release's masked-image-modelling token.
 
 Module and parameter names follow the official checkpoint (``backbone.encoder.layers.0.
@@ -56,6 +63,14 @@ def _multiway(make) -> nn.ModuleDict:
     return nn.ModuleDict({"A": make(), "B": make()})
 
 
+def _split_apply(branches: nn.ModuleDict, x: torch.Tensor, split: int) -> torch.Tensor:
+    """Branch ``A`` on tokens ``[:split]`` and ``B`` on the rest of a batch-first ``x``
+    (``split >= x.shape[1]``: ``A`` on every token)."""
+    if split >= x.shape[1]:
+        return branches["A"](x)
+    return torch.cat([branches["A"](x[:, :split]), branches["B"](x[:, split:])], dim=1)
+
+
 class Attention(nn.Module):
     """Multiway Sub-LN self-attention: ``out_m(LN_m(MHA(q_m(x), k_m(x), v_m(x))))``.
 
@@ -79,6 +94,17 @@ class Attention(nn.Module):
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj[m](self.inner_attn_ln[m](ctx.transpose(1, 2).reshape(b, s, d)))
+
+    def forward_fused(self, x: torch.Tensor, split: int, attn_mask: Optional[torch.Tensor]
+                      ) -> torch.Tensor:
+        """Fused pass: projections and Sub-LN of branch ``A`` on tokens ``[:split]`` and ``B`` on
+        the rest, one attention over all tokens (``attn_mask`` ``[b, 1, 1, s]``)."""
+        b, s, d = x.shape
+        q, k, v = (_split_apply(proj, x, split).view(b, s, self.heads, -1).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        ctx = ctx.transpose(1, 2).reshape(b, s, d)
+        return _split_apply(self.out_proj, _split_apply(self.inner_attn_ln, ctx, split), split)
 
 
 class FeedForward(nn.Module):
@@ -109,6 +135,13 @@ class Layer(nn.Module):
         x = x + self.self_attn(self.self_attn_layer_norm[m](x), m, attn_mask)
         return x + self.ffn[m](self.final_layer_norm[m](x))
 
+    def forward_fused(self, x: torch.Tensor, split: int, attn_mask: Optional[torch.Tensor]
+                      ) -> torch.Tensor:
+        """Fused pass: branch ``A`` on tokens ``[:split]``, ``B`` on the rest, full attention."""
+        h = _split_apply(self.self_attn_layer_norm, x, split)
+        x = x + self.self_attn.forward_fused(h, split, attn_mask)
+        return x + _split_apply(self.ffn, _split_apply(self.final_layer_norm, x, split), split)
+
 
 class Stack(nn.Module):
     """Layers and a final multiway LayerNorm (official ``backbone.encoder`` / ``backbone_vl``).
@@ -131,6 +164,13 @@ class Stack(nn.Module):
         for layer in self.layers:
             x = layer(x, m, attn_mask)
         return self.layer_norm[m](x)
+
+    def forward_fused(self, x: torch.Tensor, split: int, attn_mask: Optional[torch.Tensor]
+                      ) -> torch.Tensor:
+        """Fused pass of the stack (branch ``A`` on tokens ``[:split]``, ``B`` on the rest)."""
+        for layer in self.layers:
+            x = layer.forward_fused(x, split, attn_mask)
+        return _split_apply(self.layer_norm, x, split)
 
 
 class VisionEmbedding(nn.Module):
@@ -233,6 +273,24 @@ class ReferenceM2(nn.Module):
             x = self.backbone_vl(x, "A", mask)
             out[f"vl_{name}_feats"] = getattr(self, f"itc_vl_{name}_proj")(x)
         return out
+
+    def forward_fused(self, images: torch.Tensor, text_ids: torch.Tensor,
+                      text_pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The fused image–text pass: hidden states ``[b, s_v + s_t, d]`` (image tokens first)
+        after the VL stack's final LayerNorm. Every token attends to all image tokens and the
+        unpadded text tokens; ``backbone`` uses branch ``A`` for image and ``B`` for text
+        tokens, ``backbone_vl`` branch ``A`` for all."""
+        if text_pad_mask is None:
+            text_pad_mask = torch.zeros_like(text_ids, dtype=torch.bool)
+        xv = self.embed_images(images)
+        xt = self.embed_text(text_ids, text_pad_mask)
+        s_v = xv.shape[1]
+        keep = torch.cat([torch.ones(xv.shape[0], s_v, dtype=torch.bool, device=xv.device),
+                          ~text_pad_mask], dim=1)
+        mask = keep[:, None, None, :]  # SDPA: True = may attend
+        x = torch.cat([xv, xt], dim=1)
+        x = self.backbone.encoder.forward_fused(x, s_v, mask)
+        return self.backbone_vl.forward_fused(x, x.shape[1], mask)
 
     # -- weights shared with the megatron model ----------------------------------------------------
     def load_megatron_state_dict(self, state_dict: Mapping[str, Any]) -> None:
