@@ -1,4 +1,5 @@
-"""``m2-eval``: retrieval and zero-shot classification of a trained M2-Encoder.
+"""``m2-eval``: retrieval, zero-shot classification and the counting/relations probe of a
+trained M2-Encoder.
 
 Examples::
 
@@ -11,6 +12,9 @@ Examples::
     # zero-shot on an image folder (one sub-folder per class) with class-name files
     m2-eval --load model.safetensors --task zeroshot --image-folder photos/ \\
         --classnames en=names_en.txt zh=names_zh.txt
+
+    # fine-grained probe (counting, left/right/above/below) drawn from the bundled emoji
+    m2-eval --load runs/demo --task probe --data data/emoji_demo/test --probe-items 200
 
 One process by default; under ``torchrun`` every rank embeds a shard of the images (and of
 their captions) and the figures are computed jointly (``retrieval_metrics`` and
@@ -69,12 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "checksums (faster; corruption goes unnoticed)")
 
     g = p.add_argument_group("task")
-    g.add_argument("--task", required=True, choices=["retrieval", "zeroshot"])
+    g.add_argument("--task", required=True, choices=["retrieval", "zeroshot", "probe"])
     g.add_argument("--lang", nargs="+", default=None,
                    help="caption / class-name languages to evaluate (default: retrieval, the "
-                        "dataset's languages; zero-shot, en zh)")
+                        "dataset's languages; zero-shot and probe, en zh)")
     g.add_argument("--max-samples", type=int, default=0,
-                   help="evaluate at most this many images (0: all)")
+                   help="evaluate at most this many images (0: all); probe: draw the emoji "
+                        "from the first this many samples")
 
     g = p.add_argument_group("retrieval")
     g.add_argument("--data", default=None,
@@ -85,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-dataset-mismatch", action="store_true",
                    help="evaluate on a dataset whose card names another tokenizer, text style "
                         "or text length than the model's (a warning instead of an error)")
+
+    g = p.add_argument_group("probe (counting and spatial relations, --data an emoji dataset "
+                             "made by tools/make_demo_dataset.py)")
+    g.add_argument("--probe-items", type=int, default=200,
+                   help="items per probe kind (counting, relations)")
+    g.add_argument("--seed", type=int, default=0, help="seed the probe images are drawn from")
+    g.add_argument("--probe-canvas", type=int, default=224,
+                   help="probe image side in pixels (the model's transform resizes it)")
 
     g = p.add_argument_group("zero-shot classification")
     g.add_argument("--fashion-mnist", nargs="?", const=DEFAULT_FASHION_MNIST, default=None,
@@ -112,8 +125,10 @@ def _validate(args) -> Optional[str]:
         return f"--batch-size must be >= 1, got {args.batch_size}"
     if args.max_samples < 0:
         return f"--max-samples must be >= 0, got {args.max_samples}"
-    if args.task == "retrieval" and not args.data:
-        return "--task retrieval needs --data PREFIX (an indexed dataset)"
+    if args.task in ("retrieval", "probe") and not args.data:
+        return f"--task {args.task} needs --data PREFIX (an indexed dataset)"
+    if args.task == "probe" and args.probe_items < 1:
+        return f"--probe-items must be >= 1, got {args.probe_items}"
     if args.task == "zeroshot":
         sources = [s for s in (args.fashion_mnist, args.image_folder) if s]
         if len(sources) != 1:
@@ -219,9 +234,51 @@ def run_zeroshot(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str,
                                       progress=rank == 0 and not args.no_progress)
 
 
+# -- probe --------------------------------------------------------------------------------------
+def run_probe(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str, dict]]:
+    """Counting and relations accuracy per language on probe images drawn from the emoji of
+    ``args.data`` (:mod:`megatron_m2.eval.probe`); captions are decoded with the model's
+    tokenizer, so the dataset must have been made with it."""
+    from ..data.identity import check_datasets, tokenizer_identity
+    from ..eval.probe import build_probe, evaluate_probe
+
+    enc._need_tokenizer()
+    langs = args.lang or ["en", "zh"]
+    check_datasets([args.data], tokenizer_identity(enc.tokenizer), languages=langs,
+                   allow=args.allow_dataset_mismatch,
+                   against=f"the model {args.load} (its tokenizer decodes the probe's names)")
+    try:
+        probe = build_probe(args.data, enc.tokenizer, items=args.probe_items, seed=args.seed,
+                            canvas_size=args.probe_canvas, languages=langs,
+                            max_samples=args.max_samples)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    logger.info("probe: %d emoji, %s items per kind, seed %d%s", len(probe.emoji),
+                args.probe_items, args.seed,
+                "".join(f", {v} {k}" for k, v in probe.skipped.items() if v))
+    return evaluate_probe(enc, probe, shard=(rank, world), group=group,
+                          batch_size=args.batch_size,
+                          progress=rank == 0 and not args.no_progress)
+
+
+def _probe_table(results: Dict[str, Dict[str, dict]]) -> str:
+    kinds = list(results)
+    langs = list(dict.fromkeys(lang for m in results.values() for lang in m))
+    lines = ["        " + "".join(f"{k:>11}" for k in kinds)]
+    for lang in langs:
+        lines.append(f"{lang:<8}" + "".join(f"{results[k][lang]['accuracy']:11.2f}"
+                                            for k in kinds))
+    first = {k: next(iter(results[k].values())) for k in kinds}
+    lines.append("chance  " + "".join(f"{first[k]['chance']:11.2f}" for k in kinds))
+    lines.append("items   " + "".join(f"{first[k]['items']:11d}" for k in kinds))
+    return "\n".join(lines)
+
+
 def _table(results: Dict[str, Dict[str, float]], task: str) -> str:
     from ..eval.retrieval import format_table
 
+    if task == "probe":
+        return _probe_table(results)
     if task == "retrieval":
         return format_table({lang: {k: v for k, v in m.items() if k not in ("images",
                                                                             "captions")}
@@ -266,17 +323,22 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                                     tokenizer_model=args.tokenizer_model,
                                     text_style=args.text_style,
                                     verify_checksums=not args.no_verify_checksums)
-    run = run_retrieval if args.task == "retrieval" else run_zeroshot
+    run = {"retrieval": run_retrieval, "zeroshot": run_zeroshot, "probe": run_probe}[args.task]
     results = run(enc, args, rank, world, group)
     record = {"task": args.task, "load": args.load, "head": args.head,
               "data": args.data or args.fashion_mnist or args.image_folder,
               "world_size": world, "seconds": round(time.perf_counter() - t0, 2),
               "results": results}
+    if args.task == "probe":
+        record["probe"] = {"items": args.probe_items, "seed": args.seed,
+                           "canvas": args.probe_canvas}
     if rank == 0:
         if args.json:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
             unit = "%" if args.task == "retrieval" else "% accuracy"
+            if args.task == "probe":
+                unit = "% accuracy, chance = 1/candidates"
             sys.stdout.write(f"{args.task} on {record['data']} ({args.head} head, {unit}):\n"
                              f"{_table(results, args.task)}\n")
         if args.output:

@@ -1,4 +1,5 @@
-"""Evaluation: image–text retrieval recall, zero-shot classification and its test sets."""
+"""Evaluation: image–text retrieval recall, zero-shot classification and its test sets, and the
+counting / spatial-relations probe (:mod:`megatron_m2.eval.probe`)."""
 
 from .datasets import (
     FASHION_MNIST_ROOT,
@@ -10,6 +11,7 @@ from .datasets import (
     iter_batches,
     read_idx,
 )
+from .probe import build_probe, evaluate_probe
 from .retrieval import format_table, retrieval_metrics, zero_shot_accuracy
 from .zeroshot import (
     BUILTIN_CLASSNAMES,
@@ -40,4 +42,6 @@ __all__ = [
     "iter_batches",
     "FashionMNIST",
     "ImageFolder",
+    "build_probe",
+    "evaluate_probe",
 ]
