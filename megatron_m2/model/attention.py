@@ -189,7 +189,11 @@ class M2SelfAttention(MegatronModule):
 
     def _fused_forward(self, hidden_states, text_pad_mask, layout: PackedLayout):
         """The fused pass: Q/K/V per part with its branch, one attention over the whole
-        sequence (padded text keys masked), Sub-LN and ``Out`` per part with its branch."""
+        sequence (padded text keys masked), Sub-LN and ``Out`` per part with its branch.
+
+        A mixed layout (``layout.contrastive_batch = c > 0``) computes Q/K/V, Sub-LN and
+        ``Out`` once for the whole batch; only the attention differs by sample: samples
+        ``[:c]`` attend part by part (the contrastive pass), samples ``[c:]`` fully."""
         parts = self.linear_q.parts(hidden_states)
         qkv = []
         for key, x, _ in parts:
@@ -197,14 +201,31 @@ class M2SelfAttention(MegatronModule):
             shape = (s, b, self.num_heads_local, self.head_dim)
             qkv.append([_first(lin.branch(key)(x)).view(shape)
                         for lin in (self.linear_q, self.linear_k, self.linear_v)])
+        sizes = [x.shape[0] for _, x, _ in parts]
+        c = layout.contrastive_batch
+        if c:
+            b = hidden_states.shape[1]
+            cols = [c, b - c]
+            # Columns [:c]: each part attends only to itself (as in forward()).
+            split = [[torch.split(t, cols, dim=1) for t in part_qkv] for part_qkv in qkv]
+            block = []
+            for (_, _, modality), part in zip(parts, split):
+                q, k, v = (t[0] for t in part)
+                mask = None if modality is Modality.VISION else (
+                    text_pad_mask[:c] if text_pad_mask is not None else None)
+                block.append(self.core_attention(
+                    q, k, v, text_pad_mask=mask,
+                    layout=_VISION_ONLY if modality is Modality.VISION else _TEXT_ONLY))
+            qkv = [[t[1] for t in part] for part in split]
+            text_pad_mask = text_pad_mask[c:] if text_pad_mask is not None else None
         q, k, v = (qkv[0][i] if len(qkv) == 1 else torch.cat([t[i] for t in qkv], dim=0)
                    for i in range(3))
         ctx = self.core_attention(q, k, v, text_pad_mask=text_pad_mask, layout=layout)
-        sizes = [x.shape[0] for _, x, _ in parts]
         ctxs = torch.split(ctx, sizes, dim=0)
-        outs = [_first(self.linear_proj.branch(key)(self.inner_norm.branch(key)(c)))
-                for (key, _, _), c in zip(parts, ctxs)]
+        if c:
+            ctxs = [torch.cat([cb, cf], dim=1) for cb, cf in zip(block, ctxs)]
+        outs = [_first(self.linear_proj.branch(key)(self.inner_norm.branch(key)(c_)))
+                for (key, _, _), c_ in zip(parts, ctxs)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-
 
 __all__ += ["TPLayerNorm"]

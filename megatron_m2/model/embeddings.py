@@ -53,10 +53,21 @@ class M2Embeddings(nn.Module):
             nn.Embedding(model_cfg.text_pos_table, d, device=dev, dtype=dt))
         self.vocab_size = model_cfg.vocab_size
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """``[b, 3, H, W]`` → ``[1 + num_patches, b, d]``."""
+    def embed_image(self, images: torch.Tensor,
+                    image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[b, 3, H, W]`` → ``[1 + num_patches, b, d]``.
+
+        ``image_mask`` (``[b, num_patches]``, True = masked; masked image modelling) replaces
+        the masked patches' embeddings by ``mask_token`` before positions are added, as BEiT
+        does."""
         x = self.vision_proj(images.to(self.vision_proj.weight.dtype))  # [b, d, h, w]
         x = x.flatten(2).permute(2, 0, 1)  # [p, b, d]
+        if image_mask is not None:
+            if tuple(image_mask.shape) != (x.shape[1], x.shape[0]):
+                raise ValueError(f"image_mask of shape {tuple(image_mask.shape)} for "
+                                 f"{x.shape[1]} images of {x.shape[0]} patches")
+            w = image_mask.t().unsqueeze(-1).to(x.dtype)  # [p, b, 1]
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         cls = self.cls_token.expand(1, x.shape[1], -1).to(x.dtype)
         x = torch.cat([cls, x], dim=0)
         pos = torch.arange(POSITION_OFFSET, POSITION_OFFSET + x.shape[0], device=x.device)
@@ -72,10 +83,11 @@ class M2Embeddings(nn.Module):
             x = x * (~text_pad_mask.bool()).t()[:, :, None].to(x.dtype)
         return x
 
-    def forward(self, images=None, text_ids=None, text_pad_mask=None) -> torch.Tensor:
+    def forward(self, images=None, text_ids=None, text_pad_mask=None,
+                image_mask=None) -> torch.Tensor:
         parts = []
         if images is not None:
-            parts.append(self.embed_image(images))
+            parts.append(self.embed_image(images, image_mask))
         if text_ids is not None:
             parts.append(self.embed_text(text_ids, text_pad_mask))
         if not parts:

@@ -146,7 +146,8 @@ class M2EncoderModel(MegatronModule):
     def forward(self, images: Optional[torch.Tensor] = None,
                 text_ids: Optional[torch.Tensor] = None,
                 text_pad_mask: Optional[torch.Tensor] = None,
-                layout: Optional[PackedLayout] = None, fused: bool = False):
+                layout: Optional[PackedLayout] = None, fused: bool = False,
+                image_mask: Optional[torch.Tensor] = None):
         """Run this stage.
 
         On the first stage ``images`` ``[b, 3, H, W]`` and/or ``text_ids`` ``[b, s_t]`` are
@@ -165,10 +166,16 @@ class M2EncoderModel(MegatronModule):
         modality's branch in the backbone and through the shared branch A in the VL layers.
         Every pipeline stage must be given it (later stages see no inputs).
 
+        A mixed layout (:meth:`PackedLayout.mixed`, ``contrastive_batch = c``) runs both in one
+        batch: samples ``[:c]`` the contrastive pass, samples ``[c:]`` the fused pass.
+        ``image_mask`` (``[b, num_patches]``, True = masked, first stage) replaces masked
+        patches by the mask token (masked image modelling).
+
         Returns the hidden states ``[s, b, d]`` on non-last stages; on the last stage a dict of
         embeddings (contrastive layouts) or, in the fused pass, ``{"fused_hidden": h}`` with
         ``h`` ``[s_v + s_t, b, d]`` after the VL stack's final LayerNorm (what masked-modelling
-        heads read: rows ``[:s_v]`` image, the rest text).
+        heads read: rows ``[:s_v]`` image, the rest text); a mixed layout returns the
+        embeddings of samples ``[:c]`` and ``fused_hidden`` of samples ``[c:]``.
         """
         if fused:
             if layout is not None and not layout.full_attention:
@@ -179,16 +186,24 @@ class M2EncoderModel(MegatronModule):
         if layout.full_attention and self.pre_process and (images is None or text_ids is None):
             raise ValueError("the fused pass needs both images and text_ids")
         self.multiway_state.begin(layout)
-        x = self.embeddings(images, text_ids, text_pad_mask) if self.pre_process else None
+        x = self.embeddings(images, text_ids, text_pad_mask, image_mask) if (
+            self.pre_process) else None
         h = self.encoder(x, attention_mask=text_pad_mask)
         if not self.post_process:
             return h
-        if layout.full_attention:
+        if not layout.full_attention:
+            return self._heads(h)
+        c = layout.contrastive_batch
+        if not c:
             self.multiway_state.take_backbone()  # nothing was recorded; closes recording
             return {"fused_hidden": h}
-        return self._heads(h)
+        hc, hf = torch.split(h, [c, h.shape[1] - c], dim=1)
+        out = self._heads(hc, contrastive_batch=c)
+        out["fused_hidden"] = hf
+        return out
 
-    def _heads(self, h: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _heads(self, h: torch.Tensor, contrastive_batch: Optional[int] = None
+               ) -> Dict[str, torch.Tensor]:
         s = h.shape[0]
         split = self.multiway_state.layout.vision_rows(s)
         has_image, has_text = split > 0, split < s
@@ -205,6 +220,8 @@ class M2EncoderModel(MegatronModule):
         # The backbone output of this forward, recorded by the first VL layer (if this stage
         # holds it; None otherwise).
         hb = self.multiway_state.take_backbone()
+        if hb is not None and contrastive_batch is not None:  # a mixed batch: its first samples
+            hb = hb[:, :contrastive_batch]
         if hb is not None:
             if has_image:
                 out["image_feats"] = pool(hb, self.itc_image_proj, 0)

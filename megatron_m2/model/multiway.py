@@ -47,12 +47,18 @@ class PackedLayout:
       with ``vision_len`` = s_v); attention is block-diagonal (each modality attends itself);
     * ``fused(vision_len)``: the same rows, but ``full_attention``: every token attends to every
       vision token and every unpadded text token (the fused image–text pass of the masked
-      objectives). The multiway split of the weights is unchanged.
+      objectives). The multiway split of the weights is unchanged;
+    * ``mixed(vision_len, c)``: one batch holding both passes: samples ``[:c]`` (batch
+      columns) attend block-diagonally (the contrastive pass), samples ``[c:]`` attend fully
+      (the fused pass). ``full_attention`` with ``contrastive_batch = c``; a training step that
+      adds masked objectives to GBA-ITC runs every micro-batch in this layout, so that one
+      schedule (and activation recomputation) sees one layout.
     """
 
     modality: Modality
     vision_len: int = 0
     full_attention: bool = False
+    contrastive_batch: int = 0
 
     def __post_init__(self):
         if not isinstance(self.modality, Modality):
@@ -66,6 +72,9 @@ class PackedLayout:
         if self.full_attention and self.modality is not Modality.BOTH:
             raise ValueError(f"full_attention (the fused pass) needs both modalities, got "
                              f"{self.modality}")
+        if self.contrastive_batch < 0 or (self.contrastive_batch and not self.full_attention):
+            raise ValueError(f"contrastive_batch={self.contrastive_batch} is only for a mixed "
+                             "layout (full_attention, contrastive_batch >= 0)")
 
     @classmethod
     def vision_only(cls) -> "PackedLayout":
@@ -83,6 +92,18 @@ class PackedLayout:
     def fused(cls, vision_len: int) -> "PackedLayout":
         """Both modalities (``vision_len`` vision rows) with full attention across them."""
         return cls(Modality.BOTH, int(vision_len), full_attention=True)
+
+    @classmethod
+    def mixed(cls, vision_len: int, contrastive_batch: int) -> "PackedLayout":
+        """Samples ``[:contrastive_batch]`` in the contrastive pass (block-diagonal attention),
+        the rest in the fused pass; ``mixed(s_v, 0)`` is ``fused(s_v)``."""
+        return cls(Modality.BOTH, int(vision_len), full_attention=True,
+                   contrastive_batch=int(contrastive_batch))
+
+    @property
+    def has_contrastive(self) -> bool:
+        """Whether some samples run the contrastive pass (block-diagonal attention)."""
+        return not self.full_attention or self.contrastive_batch > 0
 
     def vision_rows(self, seq_len: int) -> int:
         """How many of the first rows of a ``seq_len``-row sequence are vision tokens."""
@@ -121,8 +142,9 @@ class MultiwayState:
             raise TypeError(f"layout must be a PackedLayout, got {layout!r}")
         self.layout = layout
         self._backbone = None
-        # The fused pass has no backbone heads: nothing to record.
-        self._recording = self.capture_backbone and not layout.full_attention
+        # The fused pass has no backbone heads: nothing to record (a mixed batch records the
+        # whole batch; the model keeps its contrastive samples).
+        self._recording = self.capture_backbone and layout.has_contrastive
 
     def record_backbone(self, hidden: torch.Tensor) -> None:
         """The backbone output ``[s, b, d]`` (called by the first VL layer)."""

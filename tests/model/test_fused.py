@@ -276,3 +276,53 @@ def test_fused_tp2_matches_tp1():
         assert rep["grad_err"][worst] < TP_ATOL, (rank, worst, rep["grad_err"][worst])
         assert any("inner_norm.B" in n for n in rep["grad_err"])
         assert len(rep["grad_err"]) > 50
+
+
+# -- one batch with both passes (the training step of the masked objectives) ----------------------
+def test_mixed_batch_equals_separate_passes(dist_world_of_one):
+    """``PackedLayout.mixed(s_v, c)``: samples [:c] give the contrastive outputs, samples [c:]
+    the fused hidden states, equal to two separate forwards (and gradients equal too), with
+    masked patches through ``image_mask``. Tolerance 1e-5: the same ops, batched differently
+    (measured: bitwise on CPU)."""
+    from megatron_m2.model import build_model
+
+    model = build_model(TINY, 1, 1, seed=3)
+    images, ids, pad = make_batch(TINY)
+    s_v = _s_v()
+    mask = torch.zeros(images.shape[0], s_v - 1, dtype=torch.bool)
+    mask[:, ::3] = True
+    with torch.no_grad():  # the mask token must matter in this check
+        model.embeddings.mask_token.normal_(generator=torch.Generator().manual_seed(0))
+    both = [torch.cat([t, t]) for t in (images, ids, pad)]
+    image_mask = torch.cat([torch.zeros_like(mask), mask])
+    out = model(*both, layout=PackedLayout.mixed(s_v, images.shape[0]), image_mask=image_mask)
+    itc = model(images, ids, pad)
+    fused = model(images, ids, pad, fused=True, image_mask=mask)["fused_hidden"]
+    assert set(out) == set(itc) | {"fused_hidden"}
+    for k in itc:
+        err = float((out[k] - itc[k]).abs().max())
+        assert err <= 1e-5, (k, err)
+    assert float((out["fused_hidden"] - fused).abs().max()) <= 1e-5
+    # The mask token is used: unmasked images give other fused states.
+    plain = model(images, ids, pad, fused=True)["fused_hidden"]
+    assert float((plain - fused).abs().max()) > 1e-3
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad(probe_loss(out) + _probe(out["fused_hidden"]), params,
+                             allow_unused=True)
+    g2 = torch.autograd.grad(probe_loss(itc) + _probe(fused), params, allow_unused=True)
+    for (name, _), a, b in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                               g1, g2):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            scale = max(float(b.abs().max()), 1e-2)
+            assert float((a - b).abs().max()) / scale <= 1e-5, name
+
+
+def test_mixed_layout_rules():
+    m = PackedLayout.mixed(5, 2)
+    assert m.full_attention and m.contrastive_batch == 2 and m.has_contrastive
+    assert PackedLayout.mixed(5, 0) == PackedLayout.fused(5)
+    assert not PackedLayout.fused(5).has_contrastive and PackedLayout.both(5).has_contrastive
+    with pytest.raises(ValueError, match="only for a mixed layout"):
+        PackedLayout(Modality.BOTH, 5, contrastive_batch=2)
