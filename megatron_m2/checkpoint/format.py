@@ -303,6 +303,9 @@ def strip_vocab_padding(name: str, t, cfg: M2ModelConfig):
     text embedding; any other tensor unchanged."""
     if name == TEXT_EMBED_KEY:
         return t[:cfg.vocab_size]
+    group = group_of(name)
+    if group is not None and name in group.vocab_rows:
+        return t[:cfg.vocab_size]
     return t
 
 
@@ -323,6 +326,9 @@ class ParameterGroup:
             prefix is accepted (a group recorded in a checkpoint but not registered here).
         stage: the pipeline stage whose file holds it in model-only checkpoints: ``"first"``
             (with the embeddings) or ``"last"`` (with the ITC heads).
+        vocab_rows: names of tensors whose first dimension is the vocabulary, padded to a
+            multiple of TP in the model as the text embedding is: saved with ``vocab_size``
+            rows (:func:`strip_vocab_padding`), padded again when loaded.
     """
 
     prefix: str
@@ -330,6 +336,7 @@ class ParameterGroup:
     shapes: Optional[ShapesFn] = None
     stage: str = "last"
     description: str = ""
+    vocab_rows: Tuple[str, ...] = ()
 
     def owns(self, key: str) -> bool:
         return key.startswith(self.prefix)
@@ -365,7 +372,8 @@ def _check_prefix(prefix: str, others: Iterable[str]) -> Optional[str]:
 
 def register_parameter_group(prefix: str, *, training_only: bool = True,
                              shapes: Optional[ShapesFn] = None, stage: str = "last",
-                             description: str = "", replace: bool = False) -> ParameterGroup:
+                             description: str = "", replace: bool = False,
+                             vocab_rows: Iterable[str] = ()) -> ParameterGroup:
     """Declare parameters outside the key table (see :class:`ParameterGroup`); returns it.
 
     Registering the same definition again is a no-op; another definition of a registered
@@ -375,7 +383,11 @@ def register_parameter_group(prefix: str, *, training_only: bool = True,
         ValueError: a malformed prefix, one overlapping the model's keys or another group, or
             an unknown ``stage``.
     """
-    group = ParameterGroup(prefix, training_only, shapes, stage, description)
+    group = ParameterGroup(prefix, training_only, shapes, stage, description,
+                           tuple(vocab_rows))
+    if any(not name.startswith(prefix) for name in group.vocab_rows):
+        raise ValueError(f"parameter group {prefix!r}: vocab_rows {group.vocab_rows} must be "
+                         "names under the prefix")
     if stage not in ("first", "last"):
         raise ValueError(f"parameter group {prefix!r}: stage must be 'first' or 'last', "
                          f"got {stage!r}")

@@ -39,7 +39,8 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["VQKDConfig", "VQKDTokenizer", "VQKDStateDictError", "load_vqkd_checkpoint",
-           "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD"]
+           "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "open_visual_tokenizer",
+           "VQKD_PREFIXES"]
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 """Per-channel mean of ``process_type="imagenet_norm"`` (timm's ImageNet default)."""
@@ -472,3 +473,23 @@ def load_vqkd_checkpoint(path: str, prefix: str = "", config: Optional[VQKDConfi
 
     state: Dict[str, Any] = load_official(path)
     return VQKDTokenizer.from_state_dict(state, prefix=prefix, config=config, **infer_kwargs)
+
+
+VQKD_PREFIXES = ("", "visual_tokenizer.", "model.")
+"""Where a file's tokenizer weights may sit: BEiT-v2's own files (after the ``model`` wrapper is
+removed), a release training checkpoint (``visual_tokenizer.*``), a flattened ``model.*``."""
+
+
+def open_visual_tokenizer(path: str, num_heads: Optional[int] = None) -> VQKDTokenizer:
+    """:func:`load_vqkd_checkpoint` trying each of :data:`VQKD_PREFIXES` (the first that holds
+    a complete tokenizer wins). Raises ``ValueError`` naming the file and the first
+    prefix's problem when none does."""
+    kwargs = {"num_heads": num_heads} if num_heads else {}
+    errors = []
+    for prefix in VQKD_PREFIXES:
+        try:
+            return load_vqkd_checkpoint(path, prefix=prefix, **kwargs)
+        except (KeyError, ValueError) as e:
+            errors.append(f"{prefix or '(no prefix)'}: {e}")
+    raise ValueError(f"{path} holds no VQ-KD tokenizer under the prefixes "
+                     f"{', '.join(repr(p) for p in VQKD_PREFIXES)} ({errors[0]})")

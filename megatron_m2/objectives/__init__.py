@@ -16,6 +16,7 @@ __all__ = ["Objective", "ObjectiveContext", "OBJECTIVES", "register_objective",
 
 OBJECTIVES: Dict[str, str] = {
     "itc": "megatron_m2.objectives.itc:ITCObjective",
+    "m2": "megatron_m2.objectives.m2:M2Objective",
 }
 """Registered objectives: name → ``module:Class`` (imported on use: argument parsing stays
 torch-free) or the class itself."""

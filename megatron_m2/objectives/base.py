@@ -5,6 +5,12 @@ An objective says
 * **what the model must return**: :attr:`Objective.outputs`, the keys of the last pipeline
   stage's output dict that its loss reads;
 * **what it needs from the data**: :attr:`Objective.data_keys`, the keys of a micro-batch;
+* **what the model is given**: :meth:`Objective.prepare_batch` turns a loaded micro-batch into
+  what the objective needs (masks, targets; once per micro-batch, on every rank, before the
+  schedule runs), :meth:`Objective.model_inputs` into the keyword arguments of the model call
+  (inputs and :class:`~megatron_m2.model.multiway.PackedLayout`), and
+  :meth:`Objective.batch_multiple` says how many model samples one data sample becomes (the
+  schedule's micro-batch size, pipeline messages included, is that multiple of ``b``);
 * **where it runs in the pipeline**: :attr:`Objective.stage` — ``"last"``: its loss runs on the
   last stage's outputs inside megatron-core's schedule (the only placement today);
 * **the loss and its logged metrics**: :meth:`Objective.loss` returns the micro-batch's loss
@@ -14,6 +20,8 @@ An objective says
   with :attr:`Objective.supports_feature_accumulation`): the trainer then embeds every
   micro-batch without a graph, asks the objective for the loss and the gradient of each cached
   output, and re-runs the micro-batches injecting those gradients (GradCache);
+  (:meth:`Objective.residual_loss` is the part of the loss outside :meth:`cached_loss`, added
+  in the second phase);
 * hooks: :meth:`Objective.after_optimizer_step` (e.g. clamp a temperature) and
   :meth:`Objective.process_groups` (the groups its collectives use, named in failure messages).
 
@@ -24,7 +32,7 @@ The trainer's step code calls only this interface; objectives are looked up by n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:  # torch-free at import: argument parsing lists the objectives
     import torch
@@ -40,6 +48,9 @@ class ObjectiveContext:
     args: Any
     model: torch.nn.Module
     is_last_stage: bool
+    tokenizer: Any = None
+    """The run's :class:`~megatron_m2.data.tokenizer.M2Tokenizer` (None with synthetic data)."""
+    is_first_stage: bool = True
 
 
 class Objective:
@@ -55,10 +66,41 @@ class Objective:
     def __init__(self, ctx: ObjectiveContext):
         self.ctx = ctx
 
-    def loss(self, outputs: Dict[str, torch.Tensor]
+    def prepare_batch(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The micro-batch as this objective uses it (called on every rank, before the
+        schedule). ``batch["sample_positions"]`` (LongTensor ``[b]``) holds each sample's
+        global position in the run's sample stream (the same on any layout, and after a
+        resume): the key of per-sample randomness. Default: unchanged."""
+        return batch
+
+    def batch_multiple(self, contrastive_only: bool = False) -> int:
+        """Model samples per data sample in :meth:`model_inputs` (1: one forward per sample)."""
+        return 1
+
+    def model_inputs(self, batch: Dict[str, torch.Tensor], contrastive_only: bool = False
+                     ) -> Dict[str, Any]:
+        """Keyword arguments of the model call for ``batch`` (every stage is given them; stages
+        after the first use only ``text_pad_mask`` and ``layout``). ``contrastive_only``: the
+        inputs of the cached outputs (:attr:`outputs`, feature accumulation's first phase).
+        Default: images and captions side by side (the contrastive layout)."""
+        from ..model.multiway import PackedLayout
+
+        return {"images": batch["images"], "text_ids": batch["text_ids"],
+                "text_pad_mask": batch["text_pad_mask"],
+                "layout": PackedLayout.both(self.ctx.model.config.vision_seq_len)}
+
+    def loss(self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """``(loss, metrics)`` of one micro-batch from the last stage's outputs (fp32)."""
+        """``(loss, metrics)`` of one micro-batch from the last stage's outputs (fp32) and the
+        prepared micro-batch (:meth:`prepare_batch`: targets)."""
         raise NotImplementedError
+
+    def residual_loss(self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
+                      ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        """With feature accumulation: the micro-batch's loss terms that :meth:`cached_loss`
+        does not cover (computed in the second phase from ``model_inputs(batch)``), or
+        ``(None, {})``."""
+        return None, {}
 
     def cached_loss(self, cached: List[Dict[str, torch.Tensor]], backward_scale: float
                     ) -> Tuple[torch.Tensor, List[Dict[str, torch.Tensor]],

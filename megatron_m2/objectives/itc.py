@@ -36,7 +36,7 @@ class ITCObjective(Objective):
         self.heads = args.itc_heads
         self.itc = create_itc_groups(args.itc_group_size, args.itc_aggregate_nodes)
 
-    def loss(self, outputs):
+    def loss(self, outputs, batch=None):
         loss, metrics = itc_loss(outputs, group=self.itc.group, heads=self.heads)
         return loss, {k: v.detach() for k, v in metrics.items()}
 

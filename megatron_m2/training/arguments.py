@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="itc", choices=objective_names(),
                    help="training objective (megatron_m2.objectives): itc is M2's GBA-ITC "
-                        "contrastive loss")
+                        "contrastive loss; m2 is M2's full recipe, GBA-ITC + λ1·CMIM + "
+                        "λ2·CMLM (the masked-modelling flags below)")
 
     g = p.add_argument_group("contrastive loss (GBA-ITC)")
     g.add_argument("--itc-heads", default="both", choices=["both", "vl"],
@@ -168,6 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--itc-accumulate-features", action="store_true",
                    help="batch (feature) accumulation: one contrastive batch of k*M*b pairs "
                         "over the step's M micro-batches at one micro-batch's activation memory")
+
+    g = p.add_argument_group("masked modelling (--objective m2: GBA-ITC + CMLM + CMIM)")
+    g.add_argument("--cmlm-weight", type=float, default=None,
+                   help="λ of cross-modal masked language modelling (masked caption pieces "
+                        "predicted from the fused image+caption pass; 0 turns it off). "
+                        "Default 1.0 with --objective m2")
+    g.add_argument("--cmim-weight", type=float, default=None,
+                   help="λ of cross-modal masked image modelling (masked patches predicted "
+                        "from the fused pass; 0 turns it off). Default 1.0 with --objective m2")
+    g.add_argument("--mvlm-prob", type=float, default=0.5,
+                   help="share of caption pieces masked (whole words, BERT 80/10/10) in the "
+                        "CMLM pass (the release's mvlm_prob)")
+    g.add_argument("--mim-target", default="vqkd", choices=["vqkd", "pixel"],
+                   help="CMIM targets: the codebook indices of a frozen BEiT-v2 VQ-KD visual "
+                        "tokenizer (--visual-tokenizer), or per-patch normalised pixels (no "
+                        "extra weights)")
+    g.add_argument("--visual-tokenizer", default=None, metavar="PATH",
+                   help="VQ-KD weights: BEiT-v2's tokenizer file, or a release training "
+                        "checkpoint (its visual_tokenizer.* weights are found by prefix)")
+    g.add_argument("--visual-tokenizer-heads", type=int, default=None,
+                   help="attention heads of the VQ-KD encoder (not stored in its weights; "
+                        "default width / 64, BEiT-v2's)")
+    g.add_argument("--image-mask-patches", type=int, default=None,
+                   help="patches masked per image in the CMIM pass (BEiT block-wise masking). "
+                        "Default: the release's 80 of 196, scaled to the patch grid")
+    g.add_argument("--cmlm-tie-embeddings", action="store_true",
+                   help="CMLM head shares the text embedding matrix (needs the embeddings and "
+                        "the heads on one pipeline stage: PP=1)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,

@@ -64,23 +64,21 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def _run_model(model, batch):
+def _run_model(model, inputs):
+    """Run this rank's stage on ``inputs`` (an objective's :meth:`model_inputs`)."""
     from ..parallel import cpu_compat
 
     unwrapped = _unwrap(model)
+    if not unwrapped.pre_process:  # later stages read the previous stage's activations
+        inputs = {k: inputs[k] for k in ("text_pad_mask", "layout") if k in inputs}
     # Batches come from the CPU (loader workers, synthetic set): move them to the model.
     device = next(unwrapped.parameters()).device
     if device.type != "cpu":
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                  for k, v in inputs.items()}
     # The model's forward never asks for a CUDA device: skip the CPU layer's per-call hook.
     with cpu_compat.suspended():
-        if unwrapped.pre_process:
-            out = model(batch["images"], batch["text_ids"], batch["text_pad_mask"])
-        else:
-            from ..model.multiway import PackedLayout
-
-            out = model(text_pad_mask=batch["text_pad_mask"],
-                        layout=PackedLayout.both(unwrapped.config.vision_seq_len))
+        out = model(**inputs)
     if isinstance(out, dict):
         # Last stage: the loss runs in fp32 whatever the parameters' dtype (as megatron's
         # Float16Module returns fp32 outputs under --bf16); a no-op for an fp32 model.
@@ -90,10 +88,11 @@ def _run_model(model, batch):
 
 def _loss_step(data_iterator, model, objective, poison: bool = False):
     """forward_step_func of the plain step: the micro-batch's loss of ``objective``."""
-    out = _run_model(model, next(data_iterator))
+    batch = next(data_iterator)
+    out = _run_model(model, objective.model_inputs(batch))
 
     def loss_func(outputs):
-        loss, metrics = objective.loss(outputs)
+        loss, metrics = objective.loss(outputs, batch)
         if poison:  # fault injection (tests of the non-finite-loss handling)
             loss = loss * float("nan")
         metrics = {k: v.detach() for k, v in metrics.items()}
@@ -105,10 +104,10 @@ def _loss_step(data_iterator, model, objective, poison: bool = False):
     return out, loss_func
 
 
-def _keep_step(data_iterator, model, keys):
-    """forward_step_func of a forward-only pass that keeps the outputs named ``keys`` (phase 1
-    of feature accumulation, and evaluation)."""
-    out = _run_model(model, next(data_iterator))
+def _keep_step(data_iterator, model, keys, objective):
+    """forward_step_func of a forward-only pass of the contrastive inputs that keeps the
+    outputs named ``keys`` (phase 1 of feature accumulation, and evaluation)."""
+    out = _run_model(model, objective.model_inputs(next(data_iterator), contrastive_only=True))
 
     def keep(outputs):
         kept = {k: v.detach() for k, v in outputs.items() if k in keys}
@@ -117,19 +116,27 @@ def _keep_step(data_iterator, model, keys):
     return out, keep
 
 
-def _inject_step(data_iterator, model, grads: List[Dict[str, torch.Tensor]], counter: List[int]):
-    """forward_step_func of phase 2: a surrogate whose gradient is the cached one.
+def _inject_step(data_iterator, model, grads: List[Dict[str, torch.Tensor]], counter: List[int],
+                 objective):
+    """forward_step_func of phase 2: a surrogate whose gradient is the cached one, plus the
+    objective's loss terms outside the cached loss (:meth:`Objective.residual_loss`).
 
     The schedule divides every micro-batch loss by M, so the surrogate is multiplied by M.
     """
-    out = _run_model(model, next(data_iterator))
+    batch = next(data_iterator)
+    out = _run_model(model, objective.model_inputs(batch))
     i = counter[0]
     counter[0] += 1
 
     def surrogate(outputs):
         g = grads[i]
         loss = sum((outputs[k] * g[k]).sum() for k in g) * len(grads)
-        return loss, {}
+        residual, metrics = objective.residual_loss(outputs, batch)
+        metrics = {k: v.detach() for k, v in metrics.items()}
+        if residual is not None:
+            metrics["residual_loss"] = residual.detach().clone()
+            loss = loss + residual
+        return loss, metrics
 
     return out, surrogate
 
@@ -194,10 +201,12 @@ class Trainer:
                                  transformer_impl=args.transformer_impl, bf16=args.bf16,
                                  params_dtype=params_dtype, **recompute_options(args),
                                  **fp8_options(args))
-        n_params = sum(p.numel() for p in self.model.parameters())
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.objective = build_objective(args.objective, ObjectiveContext(
-            args=args, model=self.model, is_last_stage=self.is_last_stage))
+            args=args, model=self.model, is_last_stage=self.is_last_stage,
+            tokenizer=self.tokenizer,
+            is_first_stage=ps.is_pipeline_first_stage(ignore_virtual=True)))
+        n_params = sum(p.numel() for p in self.model.parameters())  # with the objective's heads
         # What every micro-batch holds (the synthetic set and the indexed datasets' loader).
         self.objective.check_fits(("images", "text_ids", "text_pad_mask"))
         logger.info("flavor %s: TP=%d PP=%d DP=%d, objective %s, %.2fM parameters on this rank",
@@ -377,8 +386,9 @@ class Trainer:
         if a.synthetic:
             from .synthetic import microbatches
 
-            return list(microbatches(self.dataset, self.step, a.global_batch_size,
-                                     a.micro_batch_size, self.dp_rank, self.dp))
+            batches = list(microbatches(self.dataset, self.step, a.global_batch_size,
+                                        a.micro_batch_size, self.dp_rank, self.dp))
+            return self._prepare(batches)
         if self._loader is None:
             from ..data.dataset import GlobalBatchSampler, build_loader
 
@@ -399,23 +409,39 @@ class Trainer:
             bad = b.pop("bad_samples", None)
             if bad is not None:
                 self._bad_this_step += int(bad.sum())
-        return batches
+        return self._prepare(batches)
 
-    def _schedule(self, step_func, batches, forward_only: bool):
+    def _prepare(self, batches):
+        """Each micro-batch with its samples' global positions in the run's sample stream
+        (``sample_positions``: the sampler's rule, micro-batch m of DP rank r holds positions
+        ``consumed + m·b·N + r·b + [0, b)``), as the objective prepares it."""
+        b = self.args.micro_batch_size
+        out = []
+        for m, batch in enumerate(batches):
+            lo = self.consumed_samples + m * b * self.dp + self.dp_rank * b
+            batch["sample_positions"] = torch.arange(lo, lo + b)
+            out.append(self.objective.prepare_batch(batch))
+        return out
+
+    def _schedule(self, step_func, batches, forward_only: bool, multiple: int = 1):
         with phase(f"the forward/backward schedule ({self._step_groups})"):
-            return self._run_schedule(step_func, batches, forward_only)
+            return self._run_schedule(step_func, batches, forward_only, multiple)
 
-    def _run_schedule(self, step_func, batches, forward_only: bool):
+    def _run_schedule(self, step_func, batches, forward_only: bool, multiple: int = 1):
+        # The model sees `multiple` samples per data sample (the objective's passes): the
+        # pipeline's messages are that many columns wide.
         return self.forward_backward(
             forward_step_func=step_func, data_iterator=iter(batches), model=[self.ddp_model],
             num_microbatches=len(batches), seq_length=self.seq_len,
-            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only)
+            micro_batch_size=self.args.micro_batch_size * multiple, forward_only=forward_only)
 
     def forward_only(self, batches, keys) -> List[Dict[str, torch.Tensor]]:
-        """The outputs named ``keys`` of every micro-batch in ``batches`` (one forward-only
-        pass of the schedule; the outputs exist on the last pipeline stage, ``[]`` elsewhere)."""
-        return self._schedule(partial(_keep_step, keys=frozenset(keys)), batches,
-                              forward_only=True)
+        """The outputs named ``keys`` of every micro-batch in ``batches`` in the contrastive
+        layout (one forward-only pass of the schedule; the outputs exist on the last pipeline
+        stage, ``[]`` elsewhere)."""
+        return self._schedule(partial(_keep_step, keys=frozenset(keys),
+                                      objective=self.objective), batches, forward_only=True,
+                              multiple=self.objective.batch_multiple(contrastive_only=True))
 
     def _accumulated_losses(self, batches):
         """Two-phase step of feature accumulation (GradCache): cache the objective's outputs
@@ -428,8 +454,14 @@ class Trainer:
             backward_scale = float(self.optimizer.get_loss_scale())
             loss, grads, m = self.objective.cached_loss(cached, backward_scale)
             losses, metrics = [float(loss)], [m]
-        self._schedule(partial(_inject_step, grads=grads, counter=[0]), batches,
-                       forward_only=False)
+        out = self._schedule(partial(_inject_step, grads=grads, counter=[0],
+                                     objective=self.objective), batches, forward_only=False,
+                             multiple=self.objective.batch_multiple())
+        if self.is_last_stage and out and all("residual_loss" in o for o in out):
+            # The loss terms outside the cached one, per micro-batch: averaged, added.
+            losses = [losses[0] + sum(float(o["residual_loss"]) for o in out) / len(out)]
+            metrics = [{**metrics[0], **{k: v for k, v in o.items() if k != "residual_loss"}}
+                       for o in out]
         return losses, metrics
 
     def train_step(self) -> Dict[str, float]:
@@ -442,18 +474,22 @@ class Trainer:
             losses, metrics = self._accumulated_losses(batches)
         else:
             out = self._schedule(partial(_loss_step, objective=self.objective, poison=poison),
-                                 batches, forward_only=False)
+                                 batches, forward_only=False,
+                                 multiple=self.objective.batch_multiple())
             losses = [float(m["loss"]) for m in out] if self.is_last_stage else []
             metrics = out if self.is_last_stage else []
         # Global mean loss and metrics over the DP ranks, and whether any rank saw a non-finite
         # loss; the decision below is then identical on every rank.
-        names = [k for k in self.objective.metrics if all(k in m for m in metrics)]
-        local = torch.zeros(4 + len(self.objective.metrics), dtype=torch.float64)
+        # A metric is reported when the logger ranks have it for every micro-batch (slots
+        # 4 + n + j count the ranks that have it), not just because this rank has none.
+        n_metrics = len(self.objective.metrics)
+        local = torch.zeros(4 + 2 * n_metrics, dtype=torch.float64)
         if self.is_logger_rank and losses:
             local[0], local[1] = sum(losses) / len(losses), 1.0
             for j, k in enumerate(self.objective.metrics):
-                if k in names:
+                if metrics and all(k in m for m in metrics):
                     local[4 + j] = sum(float(m[k]) for m in metrics) / len(metrics)
+                    local[4 + n_metrics + j] = 1.0
         if any(not math.isfinite(x) for x in losses):
             local[2] = 1.0
         if self._counts_data:  # one rank per data-parallel replica loads distinct samples
@@ -463,8 +499,9 @@ class Trainer:
             dist.all_reduce(local)
         self._note_bad_samples(int(local[3]))
         loss = float(local[0] / local[1])
-        step_metrics = {k: float(local[4 + j] / local[1])
-                        for j, k in enumerate(self.objective.metrics) if k in names}
+        step_metrics = {k: float(local[4 + j] / local[4 + n_metrics + j])
+                        for j, k in enumerate(self.objective.metrics)
+                        if local[4 + n_metrics + j] > 0}
         self.step += 1
         self.consumed_samples += self.args.global_batch_size
         if local[2] > 0:

@@ -211,6 +211,81 @@ def _validate_resume(args: argparse.Namespace, cfg) -> None:
             f"weights")
 
 
+MASKED_FLAGS = ("cmlm_weight", "cmim_weight", "visual_tokenizer", "visual_tokenizer_heads",
+                "image_mask_patches", "cmlm_tie_embeddings")
+"""Flags of the masked objectives (meaningful with --objective m2 only)."""
+
+
+def _validate_masked(args: argparse.Namespace, cfg) -> None:
+    """The masked objectives' settings (``--objective m2``; :mod:`megatron_m2.objectives.m2`).
+    The VQ-KD file is read here, on every rank, so that a bad one fails everywhere alike."""
+    import math
+
+    if args.objective != "m2":
+        given = [f"--{k.replace('_', '-')}" for k in MASKED_FLAGS
+                 if getattr(args, k, None) not in (None, False)]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: masked modelling needs --objective m2 "
+                              f"(this run's objective is {args.objective!r})")
+        return
+    weights = {}
+    for name in ("cmlm_weight", "cmim_weight"):
+        w = getattr(args, name)
+        w = 1.0 if w is None else w
+        if not (math.isfinite(w) and w >= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {w}")
+        weights[name] = w
+    if not any(weights.values()):
+        raise ConfigError("--objective m2 with --cmlm-weight 0 and --cmim-weight 0 is GBA-ITC "
+                          "alone: use --objective itc")
+    if not 0 < args.mvlm_prob < 1:
+        raise ConfigError(f"--mvlm-prob must be in (0, 1), got {args.mvlm_prob}")
+    grid = cfg.image_size // cfg.patch_size
+    if args.image_mask_patches is not None and not 1 <= args.image_mask_patches < grid * grid:
+        raise ConfigError(f"--image-mask-patches must be in [1, {grid * grid - 1}] (a "
+                          f"{grid}x{grid} patch grid), got {args.image_mask_patches}")
+    if args.cmlm_tie_embeddings:
+        if not weights["cmlm_weight"]:
+            raise ConfigError("--cmlm-tie-embeddings with --cmlm-weight 0: there is no CMLM "
+                              "head to tie")
+        if args.pipeline_model_parallel_size > 1:
+            raise ConfigError("--cmlm-tie-embeddings needs the text embedding and the CMLM "
+                              "head on one pipeline stage (--pipeline-model-parallel-size 1); "
+                              "untied heads work with any PP")
+    if weights["cmim_weight"] and args.mim_target == "vqkd":
+        _validate_visual_tokenizer(args, cfg, grid)
+    elif args.visual_tokenizer:
+        raise ConfigError("--visual-tokenizer is read only with --mim-target vqkd and "
+                          "--cmim-weight > 0")
+
+
+def _validate_visual_tokenizer(args: argparse.Namespace, cfg, grid: int) -> None:
+    path = args.visual_tokenizer
+    if not path:
+        raise ConfigError("--mim-target vqkd needs --visual-tokenizer PATH (BEiT-v2 VQ-KD "
+                          "weights, or a release training checkpoint); --mim-target pixel "
+                          "needs no weights")
+    if not os.path.exists(path):
+        raise ConfigError(f"--visual-tokenizer {path} does not exist")
+    from ..model.vqkd import open_visual_tokenizer
+
+    try:
+        vqkd = open_visual_tokenizer(path, args.visual_tokenizer_heads)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise ConfigError(f"--visual-tokenizer: {e}") from None
+    tgrid = cfg.image_size // vqkd.config.patch_size
+    if tgrid != grid:
+        raise ConfigError(
+            f"--visual-tokenizer {path}: its {vqkd.config.patch_size}-pixel patches make a "
+            f"{tgrid}x{tgrid} grid of a {cfg.image_size}-pixel image, the model's "
+            f"{cfg.patch_size}-pixel patches a {grid}x{grid} one: targets would not line up "
+            "with the patches")
+    tp = args.tensor_model_parallel_size
+    if vqkd.codebook_size % tp:
+        raise ConfigError(f"--visual-tokenizer {path}: {vqkd.codebook_size} codes do not "
+                          f"split over --tensor-model-parallel-size {tp}")
+
+
 def have_transformer_engine() -> bool:
     """Whether Transformer Engine is importable (checked without importing it or torch)."""
     import importlib.util
@@ -280,6 +355,7 @@ def validate_args(args: argparse.Namespace, world_size: int,
             raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
         _validate_data(args, cfg)
     _validate_resume(args, cfg)
+    _validate_masked(args, cfg)
     if args.transformer_impl == "te" and not have_transformer_engine():
         raise ConfigError("--transformer-impl te needs Transformer Engine, which is not "
                           "installed; use --transformer-impl local (or run in the Docker image)")
