@@ -147,7 +147,7 @@ class M2EncoderModel(MegatronModule):
                 text_ids: Optional[torch.Tensor] = None,
                 text_pad_mask: Optional[torch.Tensor] = None,
                 layout: Optional[PackedLayout] = None, fused: bool = False,
-                image_mask: Optional[torch.Tensor] = None):
+                image_mask: Optional[torch.Tensor] = None, patch_scores: bool = False):
         """Run this stage.
 
         On the first stage ``images`` ``[b, 3, H, W]`` and/or ``text_ids`` ``[b, s_t]`` are
@@ -169,7 +169,10 @@ class M2EncoderModel(MegatronModule):
         A mixed layout (:meth:`PackedLayout.mixed`, ``contrastive_batch = c``) runs both in one
         batch: samples ``[:c]`` the contrastive pass, samples ``[c:]`` the fused pass.
         ``image_mask`` (``[b, num_patches]``, True = masked, first stage) replaces masked
-        patches by the mask token (masked image modelling).
+        patches by the mask token (masked image modelling). ``patch_scores=True`` adds, in the
+        contrastive layout with both modalities, ``"patch_scores"`` ``[b, num_patches]``: the
+        cosine similarity of each patch, through the VL image head, to its caption's VL
+        embedding (the text-guided relevance of SyCoCa's attentive masking).
 
         Returns the hidden states ``[s, b, d]`` on non-last stages; on the last stage a dict of
         embeddings (contrastive layouts) or, in the fused pass, ``{"fused_hidden": h}`` with
@@ -192,7 +195,13 @@ class M2EncoderModel(MegatronModule):
         if not self.post_process:
             return h
         if not layout.full_attention:
-            return self._heads(h)
+            out = self._heads(h)
+            if patch_scores and "vl_image_feats" in out and "vl_text_feats" in out:
+                split = layout.vision_rows(h.shape[0])
+                patches = F.normalize(self.itc_vl_image_proj(h[1:split]), dim=-1)  # [P, b, e]
+                out["patch_scores"] = torch.einsum("pbe,be->bp", patches,
+                                                   out["vl_text_feats"]).detach()
+            return out
         c = layout.contrastive_batch
         if not c:
             self.multiway_state.take_backbone()  # nothing was recorded; closes recording

@@ -62,6 +62,12 @@ class Objective:
     stage: ClassVar[str] = "last"
     metrics: ClassVar[Tuple[str, ...]] = ()
     supports_feature_accumulation: ClassVar[bool] = False
+    scoring_keys: Tuple[str, ...] = ()
+    """Outputs of a contrastive forward (no graph) the objective needs before the step's
+    training forward (e.g. patch relevance for attentive masking). Non-empty: the trainer
+    computes them for the step's micro-batches (in feature accumulation's first phase when
+    there is one, otherwise in a forward-only pass of their own), sends them from the last
+    pipeline stage to every stage and hands them to :meth:`apply_scores`."""
 
     def __init__(self, ctx: ObjectiveContext):
         self.ctx = ctx
@@ -72,6 +78,11 @@ class Objective:
         global position in the run's sample stream (the same on any layout, and after a
         resume): the key of per-sample randomness. Default: unchanged."""
         return batch
+
+    def apply_scores(self, batches: List[Dict[str, torch.Tensor]],
+                     scores: List[Dict[str, torch.Tensor]]) -> None:
+        """Complete the prepared micro-batches with the :attr:`scoring_keys` outputs (CPU
+        tensors, one dict per micro-batch, on every rank)."""
 
     def batch_multiple(self, contrastive_only: bool = False) -> int:
         """Model samples per data sample in :meth:`model_inputs` (1: one forward per sample)."""

@@ -6,9 +6,13 @@
   (BERT 80/10/10; :func:`megatron_m2.data.masking.mask_text`) goes through the fused pass with
   its intact image; a vocabulary-parallel head (optionally tied to the text embedding,
   ``--cmlm-tie-embeddings``) predicts the original pieces at the masked positions.
-* **CMIM** (``--cmim-weight`` λ1): the image with ``--image-mask-patches`` patches masked by
-  BEiT block-wise masking (:func:`megatron_m2.data.masking.block_masks`; masked patches become
-  the mask token) goes through the fused pass with its intact caption; a head predicts, at the
+* **CMIM** (``--cmim-weight`` λ1): the image with ``--image-mask-patches`` patches masked
+  (masked patches become the mask token) goes through the fused pass with its intact caption.
+  Masking (``--image-mask-style``): BEiT block-wise
+  (:func:`megatron_m2.data.masking.block_masks`), or SyCoCa's text-guided attentive masking
+  (:func:`megatron_m2.data.masking.attentive_mask` of each patch's cosine similarity to its
+  caption through the VL heads, ``patch_scores``, from a forward-only contrastive pass: the
+  first phase of feature accumulation, or a pass of its own); a head predicts, at the
   masked patches, the codebook index of a frozen BEiT-v2 VQ-KD tokenizer (``--mim-target
   vqkd``, ``--visual-tokenizer``) or the per-patch normalised pixels (``pixel``).
 
@@ -80,6 +84,10 @@ class M2Objective(ITCObjective):
         self.num_patches = grid * grid
         self.mask_patches = (args.image_mask_patches if args.image_mask_patches is not None
                              else default_mask_patches(self.num_patches))
+        self.mask_style = args.image_mask_style
+        self.temperature = float(args.attentive_mask_temperature)
+        if self.mask_style == "attentive" and "cmim" in self.passes:
+            self.scoring_keys = ("patch_scores",)
         self._text_masking_setup(ctx.tokenizer)
         self.vqkd = None
         if "cmim" in self.passes and ctx.is_first_stage:
@@ -173,8 +181,9 @@ class M2Objective(ITCObjective):
                                     seed=self.seed, sample_indices=positions)
             out["cmlm_ids"], out["cmlm_labels"] = ids, labels
         if "cmim" in self.passes:
-            mask = block_masks(self.seed, positions, self.grid, self.mask_patches)
-            out["cmim_mask"] = mask
+            if self.mask_style == "block":
+                out["cmim_mask"] = block_masks(self.seed, positions, self.grid,
+                                               self.mask_patches)
             if self.ctx.is_last_stage:
                 images = batch["images"]
                 if self.vqkd is not None:
@@ -190,11 +199,29 @@ class M2Objective(ITCObjective):
                     out["cmim_targets"] = patch_pixel_targets(images, self.cfg.patch_size)
         return out
 
+    def apply_scores(self, batches, scores) -> None:
+        """Attentive masking: each sample masks the patches most similar to its caption
+        (``patch_scores``), top-k, or Gumbel top-k at ``--attentive-mask-temperature`` with
+        the sample's own noise stream (seed, position)."""
+        from ..data.masking import attentive_mask, make_generator
+
+        for batch, score in zip(batches, scores):
+            rows = []
+            for pos, s in zip(batch["sample_positions"].tolist(), score["patch_scores"]):
+                gen = make_generator(self.seed, pos, "attentive") if self.temperature else None
+                rows.append(attentive_mask(s.float(), self.mask_patches,
+                                           temperature=self.temperature or None,
+                                           generator=gen))
+            batch["cmim_mask"] = torch.stack(rows)
+
     def model_inputs(self, batch, contrastive_only: bool = False):
         from ..model.multiway import PackedLayout
 
         if contrastive_only or not self.passes:
-            return super().model_inputs(batch)
+            inputs = super().model_inputs(batch)
+            if self.scoring_keys:
+                inputs["patch_scores"] = True
+            return inputs
         images, ids, pad = batch["images"], batch["text_ids"], batch["text_pad_mask"]
         b = images.shape[0]
         all_images, all_ids, masks = [images], [ids], []
@@ -264,5 +291,6 @@ class M2Objective(ITCObjective):
                          "whole words)")
         if "cmim" in self.passes:
             parts.append(f"CMIM λ={self.cmim_weight:g} ({self.mim_target} targets, "
-                         f"{self.mask_patches}/{self.num_patches} patches block-masked)")
+                         f"{self.mask_patches}/{self.num_patches} patches, "
+                         f"{self.mask_style} masking)")
         return " + ".join(parts)

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..config import M2ModelConfig
 from .inputs import Assumptions, Cluster, Layout
+from .objective import MaskedSettings
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class Context:
     ``recompute`` (``(method, layers)`` or None) are the validator's ``derived`` values;
     ``stages``/``params`` are :func:`~megatron_m2.planner.memory.stage_layout` and
     :func:`~megatron_m2.planner.memory.stage_parameters`; ``sv``/``st`` the vision and text
-    tokens of the packed sequence (:func:`~megatron_m2.planner.memory.sequence_parts`).
+    tokens of the packed sequence (:func:`~megatron_m2.planner.memory.sequence_parts`);
+    ``obj`` the settings of ``--objective m2`` (None for ``itc``:
+    :func:`~megatron_m2.planner.objective.masked_settings`).
     """
 
     cfg: M2ModelConfig
@@ -67,6 +70,7 @@ class Context:
     params: List[Dict[str, int]]
     sv: int
     st: int
+    obj: Optional[MaskedSettings] = None
 
     @property
     def tp(self) -> int:
@@ -80,6 +84,17 @@ class Context:
     def b(self) -> int:
         """Samples per micro-batch."""
         return self.layout.micro_batch
+
+    @property
+    def passes(self) -> int:
+        """n: the fused (masked) passes per sample, 0 for ``--objective itc``."""
+        return self.obj.passes if self.obj else 0
+
+    @property
+    def cols(self) -> int:
+        """Model samples (columns) per micro-batch: ``b·(1 + n)``, the micro-batch size the
+        pipeline schedule is called with."""
+        return self.b * (1 + self.passes)
 
     @property
     def world(self) -> int:

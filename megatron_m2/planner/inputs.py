@@ -63,6 +63,8 @@ class Layout:
     ``recompute=True`` and ``recompute_num_layers=None`` the planner recomputes every layer
     (``--recompute-activations``: full, uniform, one layer per chunk); with
     ``recompute_num_layers=N`` the first N layers of every stage (``--recompute-method block``).
+    ``objective`` and the masked-modelling fields are ``--objective`` and its flags
+    (:mod:`megatron_m2.planner.objective`).
     """
 
     tp: int = 1
@@ -77,6 +79,17 @@ class Layout:
     precision: str = "bf16"
     recompute: bool = False
     recompute_num_layers: Optional[int] = None
+    objective: str = "itc"
+    """``--objective``: ``itc`` (GBA-ITC) or ``m2`` (GBA-ITC + CMLM + CMIM; the fields below,
+    m2-pretrain's masked-modelling flags, matter with ``m2`` only)."""
+    cmlm_weight: Optional[float] = None
+    cmim_weight: Optional[float] = None
+    mvlm_prob: float = 0.5
+    mim_target: str = "vqkd"
+    visual_tokenizer: Optional[str] = None
+    visual_tokenizer_heads: Optional[int] = None
+    image_mask_patches: Optional[int] = None
+    cmlm_tie_embeddings: bool = False
 
     def key(self) -> str:
         """Short label, e.g. ``TP2 PP1 DO+ RC-``."""

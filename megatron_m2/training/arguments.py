@@ -194,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-mask-patches", type=int, default=None,
                    help="patches masked per image in the CMIM pass (BEiT block-wise masking). "
                         "Default: the release's 80 of 196, scaled to the patch grid")
+    g.add_argument("--image-mask-style", default="block", choices=["block", "attentive"],
+                   help="which patches CMIM masks: BEiT block-wise (random blocks), or "
+                        "SyCoCa's text-guided attentive masking (the patches most similar to "
+                        "the caption in the VL embedding space, from a forward-only "
+                        "contrastive pass; free with --itc-accumulate-features, whose first "
+                        "phase is that pass)")
+    g.add_argument("--attentive-mask-temperature", type=float, default=0.0,
+                   help="attentive masking: 0 masks the top patches; T > 0 samples them with "
+                        "probabilities softmax(score / T) (Gumbel top-k)")
     g.add_argument("--cmlm-tie-embeddings", action="store_true",
                    help="CMLM head shares the text embedding matrix (needs the embeddings and "
                         "the heads on one pipeline stage: PP=1)")

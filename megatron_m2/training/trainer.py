@@ -70,7 +70,8 @@ def _run_model(model, inputs):
 
     unwrapped = _unwrap(model)
     if not unwrapped.pre_process:  # later stages read the previous stage's activations
-        inputs = {k: inputs[k] for k in ("text_pad_mask", "layout") if k in inputs}
+        inputs = {k: inputs[k] for k in ("text_pad_mask", "layout", "patch_scores")
+                  if k in inputs}
     # Batches come from the CPU (loader workers, synthetic set): move them to the model.
     device = next(unwrapped.parameters()).device
     if device.type != "cpu":
@@ -447,7 +448,11 @@ class Trainer:
         """Two-phase step of feature accumulation (GradCache): cache the objective's outputs
         of every micro-batch, its loss and their gradients over the whole step, then re-run the
         micro-batches injecting those gradients. Returns this rank's ``(losses, metrics)``."""
-        cached = self.forward_only(batches, self.objective.outputs)
+        scoring = tuple(self.objective.scoring_keys)
+        cached = self.forward_only(batches, tuple(self.objective.outputs) + scoring)
+        if scoring:
+            self.objective.apply_scores(batches, self._from_last_stage(cached, scoring,
+                                                                        len(batches)))
         grads: List[Dict[str, torch.Tensor]] = []
         losses, metrics = [], []
         if self.is_last_stage:
@@ -464,12 +469,46 @@ class Trainer:
                        for o in out]
         return losses, metrics
 
+    def _from_last_stage(self, outputs, keys, count: int) -> List[Dict[str, torch.Tensor]]:
+        """The outputs named ``keys`` of ``count`` micro-batches, which exist on the last
+        pipeline stage, on every stage (broadcast over the pipeline group; CPU tensors)."""
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return [{k: o[k].detach().cpu() for k in keys} for o in outputs]
+        group = ps.get_pipeline_model_parallel_group()
+        src = ps.get_pipeline_model_parallel_last_rank()
+        shapes = [None]
+        if self.is_last_stage:
+            shapes = [[{k: (tuple(o[k].shape), str(o[k].dtype)) for k in keys}
+                       for o in outputs]]
+        dist.broadcast_object_list(shapes, src=src, group=group)
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(count):
+            item = {}
+            for k in keys:
+                shape, dtype = shapes[0][i][k]
+                t = (outputs[i][k].detach().to(device).contiguous() if self.is_last_stage
+                     else torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]),
+                                      device=device))
+                dist.broadcast(t, src=src, group=group)
+                item[k] = t.cpu()
+            out.append(item)
+        return out
+
     def train_step(self) -> Dict[str, float]:
         """Forward, backward and optimizer step on the next global batch; returns its record."""
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
         batches = self._microbatches()
         poison = os.environ.get(FAULT_ENV, "") == f"nan_loss:{self.step + 1}"
+        if self.objective.scoring_keys and not self.args.itc_accumulate_features:
+            keys = tuple(self.objective.scoring_keys)
+            with phase("the scoring pass of the objective (forward only)"):
+                scores = self.forward_only(batches, keys)
+            self.objective.apply_scores(batches, self._from_last_stage(scores, keys,
+                                                                        len(batches)))
         if self.args.itc_accumulate_features:
             losses, metrics = self._accumulated_losses(batches)
         else:

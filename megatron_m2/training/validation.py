@@ -244,6 +244,13 @@ def _validate_masked(args: argparse.Namespace, cfg) -> None:
     if args.image_mask_patches is not None and not 1 <= args.image_mask_patches < grid * grid:
         raise ConfigError(f"--image-mask-patches must be in [1, {grid * grid - 1}] (a "
                           f"{grid}x{grid} patch grid), got {args.image_mask_patches}")
+    if args.attentive_mask_temperature < 0 or not math.isfinite(
+            args.attentive_mask_temperature):
+        raise ConfigError(f"--attentive-mask-temperature must be >= 0, got "
+                          f"{args.attentive_mask_temperature}")
+    if args.image_mask_style == "attentive" and not weights["cmim_weight"]:
+        raise ConfigError("--image-mask-style attentive with --cmim-weight 0: there is no "
+                          "image masking")
     if args.cmlm_tie_embeddings:
         if not weights["cmlm_weight"]:
             raise ConfigError("--cmlm-tie-embeddings with --cmlm-weight 0: there is no CMLM "

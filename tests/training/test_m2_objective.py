@@ -255,3 +255,42 @@ def test_validation_messages(tmp_path):
         _check(base + ["--objective", "m2", "--visual-tokenizer", str(small),
                        "--tensor-model-parallel-size", "4"], world=4)
     _check(base + ["--objective", "m2", "--visual-tokenizer", VQKD])  # a valid one
+
+
+# -- attentive masking ---------------------------------------------------------------------------
+def _attentive(pp, accumulate):
+    from megatron_m2.training.trainer import Trainer
+
+    flags = COMMON + ["--micro-batch-size", "4", "--pipeline-model-parallel-size", str(pp),
+                      "--image-mask-style", "attentive"]
+    trainer = Trainer(parse_args(flags + (["--itc-accumulate-features"] if accumulate else [])))
+    batches = trainer._microbatches()
+    scores = trainer._from_last_stage(trainer.forward_only(batches, ("patch_scores",)),
+                                      ("patch_scores",), len(batches))
+    trainer.objective.apply_scores(batches, scores)
+    masks = [b["cmim_mask"].numpy() for b in batches]
+    records = [trainer.train_step() for _ in range(2)]
+    return masks, [s["patch_scores"].numpy() for s in scores], records
+
+
+def test_attentive_masking_masks_the_patches_nearest_the_caption():
+    """SyCoCa's text-guided masking: each image masks the --image-mask-patches patches whose
+    VL features are most similar to its caption's; the same on PP=2 (scores broadcast from the
+    last stage), with or without feature accumulation (whose first phase gives the scores)."""
+    masks, scores, records = run_distributed(_attentive, world_size=1, pp=1,
+                                             accumulate=False)[0]
+    for mask, score in zip(masks, scores):
+        k = int(mask[0].sum())
+        assert k == 7 and (mask.sum(1) == k).all()  # round(80/196 * 16) = round(6.53)
+        top = torch.from_numpy(score).topk(k, dim=1).indices
+        expect = torch.zeros(mask.shape, dtype=torch.bool).scatter_(1, top, True)
+        assert (torch.from_numpy(mask) == expect).all()
+    for accumulate in (False, True):
+        results = run_distributed(_attentive, world_size=2, pp=2, accumulate=accumulate)
+        for rank_masks, _, rank_records in results:
+            assert all((a == b).all() for a, b in zip(rank_masks, masks))
+            if accumulate:
+                continue
+            for rec, ref in zip(rank_records, records):
+                for key in LOSSES:
+                    assert abs(rec[key] - ref[key]) <= LOSS_RTOL * abs(ref[key]), key
