@@ -85,7 +85,10 @@ class VocabParallelHead(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[n, d]`` → this rank's fp32 logits ``[n, padded / TP]`` (padded classes -inf)."""
         weight = self._tied[0] if self._tied else None
-        out, _ = self.linear(x.unsqueeze(1), weight=weight)  # megatron linears want [s, b, h]
+        dtype = (weight if weight is not None else self.linear.weight).dtype
+        # The trainer hands the last stage's outputs over in fp32; the head runs in its own
+        # dtype (bf16 under --bf16) and the loss in fp32.
+        out, _ = self.linear(x.to(dtype).unsqueeze(1), weight=weight)  # [s, b, h] for megatron
         out = out.squeeze(1).float()
         if bool(self._pad.any()):
             out = out.masked_fill(self._pad.to(out.device), float("-inf"))
@@ -142,7 +145,7 @@ class PixelHead(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean squared error of ``x`` ``[n, d]`` against ``targets`` ``[n, patch² · C]``."""
-        pred = self.linear(x).float()
+        pred = self.linear(x.to(self.linear.weight.dtype)).float()
         if pred.shape[0] == 0:
             return pred.sum() * 0.0
         return F.mse_loss(pred, targets.float())

@@ -63,8 +63,9 @@ def communication_section(ctx: Context) -> Dict[str, object]:
 # -- TP --------------------------------------------------------------------------------------------
 def _tp_payloads(ctx: Context) -> Tuple[int, int]:
     """``(big, small)``: the bytes of a bf16 ``[s, b, d]`` all-reduce of both parts of the
-    packed sequence, and of the two fp32 statistics all-reduces ``[s_part, b, 1]``."""
-    s, b = ctx.s, ctx.b
+    packed sequence, and of the two fp32 statistics all-reduces ``[s_part, b, 1]``; b is the
+    micro-batch's columns (``b·(1 + n)`` under ``--objective m2``)."""
+    s, b = ctx.s, ctx.cols
     return 2 * BF16_BYTES * s * b * ctx.cfg.hidden_size, 2 * 2 * FP32_BYTES * s * b
 
 
@@ -96,9 +97,33 @@ def tp_collectives(ctx: Context, st_: StageShape) -> List[Dict[str, object]]:
         _tp_all_reduce(ctx, "all_reduce Sub-LN statistics bwd", 4 * layers, small * layers),
     ]
     if st_.is_first:
-        emb = BF16_BYTES * ctx.cfg.max_text_len * ctx.b * ctx.cfg.hidden_size
+        emb = BF16_BYTES * ctx.cfg.max_text_len * ctx.cols * ctx.cfg.hidden_size
         rows.append(_tp_all_reduce(ctx, "all_reduce vocab-parallel embedding fwd", 1, emb))
+    if st_.is_last:
+        rows += _masked_head_collectives(ctx)
     return rows
+
+
+def _masked_head_collectives(ctx: Context) -> List[Dict[str, object]]:
+    """``--objective m2``'s vocabulary-parallel heads (CMLM; CMIM with VQ-KD targets), per
+    micro-batch: megatron's ``vocab_parallel_cross_entropy`` all-reduces 3 fp32 ``[rows]``
+    tensors (max, predicted logit, sum of exponentials) and the accuracy 2 more; the backward
+    of the column-parallel head all-reduces its input gradient (bf16 ``[rows, d]``)."""
+    obj = ctx.obj
+    if obj is None:
+        return []
+    rows = 0
+    if obj.cmlm:
+        rows += ctx.b * obj.cmlm_rows(ctx.cfg)
+    if obj.vqkd:
+        rows += ctx.b * obj.cmim_rows()
+    heads = int(obj.cmlm) + int(obj.vqkd)
+    if not heads:
+        return []
+    return [_tp_all_reduce(ctx, "all_reduce masked heads: cross-entropy statistics fwd",
+                           5 * heads, 5 * FP32_BYTES * rows),
+            _tp_all_reduce(ctx, "all_reduce masked heads: input grads bwd", heads,
+                           BF16_BYTES * rows * ctx.cfg.hidden_size)]
 
 
 def tp_section(ctx: Context) -> Dict[str, object]:
@@ -125,9 +150,10 @@ def tp_section(ctx: Context) -> Dict[str, object]:
 # -- PP --------------------------------------------------------------------------------------------
 def pp_section(ctx: Context) -> Dict[str, object]:
     """One bf16 ``[s, b, d]`` activation forward and its gradient backward per boundary and
-    micro-batch; rank r of stage i talks to r + TP·DP."""
+    micro-batch (b: the micro-batch's columns, ``b·(1 + n)`` under ``--objective m2``); rank r
+    of stage i talks to r + TP·DP."""
     tp, dp, gpn, m, pp = ctx.tp, ctx.dp, ctx.gpn, ctx.m, ctx.pp
-    hop = BF16_BYTES * ctx.s * ctx.b * ctx.cfg.hidden_size
+    hop = BF16_BYTES * ctx.s * ctx.cols * ctx.cfg.hidden_size
     boundaries = []
     for i in range(pp - 1):
         inter = any((r + tp * dp * i) // gpn != (r + tp * dp * (i + 1)) // gpn

@@ -1,17 +1,21 @@
-"""FLOPs: per sample (:func:`forward_flops_per_sample`), per step, and per stage and TP rank.
+"""FLOPs: per sample (:func:`forward_flops_per_sample`, and :func:`masked_flops_per_sample` for
+``--objective m2``), per step, and per stage and TP rank.
 
-Model FLOPs count the real sequence without recomputation (the MFU numerator); hardware FLOPs
-count what each stage runs: the FP8-padded sequence, recomputed layers' extra forward and the
-cached-feature forward of ``--itc-accumulate-features``.
+Model FLOPs (the MFU numerator) count every FLOP a step needs once: forward and backward of all
+columns (the contrastive one and, under ``m2``, the fused ones), the heads and losses, and the
+frozen VQ-KD's forward; not recomputation, not the cached-feature forward of
+``--itc-accumulate-features``, not work replicated on the TP ranks. Hardware FLOPs count what
+each stage's TP rank runs, recomputation and replicas included.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from ..config import M2ModelConfig
 from .context import Context
 from .memory import StageShape, active_parameters_per_token
+from .objective import MaskedSettings, head_classes, vqkd_forward_flops
 
 
 def forward_flops_per_sample(cfg: M2ModelConfig, vision_tokens: int, text_tokens: int,
@@ -41,6 +45,37 @@ def forward_flops_per_sample(cfg: M2ModelConfig, vision_tokens: int, text_tokens
     }
 
 
+def masked_flops_per_sample(cfg: M2ModelConfig, vision_tokens: int, text_tokens: int,
+                            obj: Optional[MaskedSettings], tp: int = 1) -> Dict[str, int]:
+    """Forward FLOPs ``--objective m2`` adds per sample (all zero for ``itc``, ``obj=None``).
+
+    * ``fused_layer_gemm`` / ``fused_layer_attention`` (per layer): the n fused columns, each
+      ``2·s·(4d² + 2·d·d_ffn)`` and, with full attention over the s = s_v + s_t tokens,
+      ``4·d·s²`` (instead of the contrastive column's ``4·d·(s_v² + s_t²)``);
+    * ``fused_embed``: the patch Conv2d of the n fused columns' images;
+    * ``cmlm_head`` / ``cmim_head``: ``2·rows·d·cols`` with rows the masked positions
+      (``round(mvlm_prob·s_t)``, ``image_mask_patches``) and cols the head's output columns on
+      one TP rank (``tp=1``: the whole head; :func:`~megatron_m2.planner.objective.head_classes`);
+    * ``vqkd``: the frozen tokenizer's forward over the sample's image (forward only: training
+      does not multiply it by 3; :func:`~megatron_m2.planner.objective.vqkd_forward_flops`).
+    """
+    keys = ("fused_layer_gemm", "fused_layer_attention", "fused_embed", "cmlm_head",
+            "cmim_head", "vqkd")
+    if obj is None:
+        return dict.fromkeys(keys, 0)
+    d, f, n = cfg.hidden_size, cfg.ffn_hidden_size, obj.passes
+    s = vision_tokens + text_tokens
+    cols = head_classes(cfg, obj, tp)
+    return {
+        "fused_layer_gemm": n * 2 * s * (4 * d * d + 2 * d * f),
+        "fused_layer_attention": n * 4 * d * s * s,
+        "fused_embed": n * 2 * cfg.num_patches * cfg.in_channels * cfg.patch_size ** 2 * d,
+        "cmlm_head": 2 * obj.cmlm_rows(cfg) * d * cols.get("cmlm", 0),
+        "cmim_head": 2 * obj.cmim_rows() * d * cols.get("cmim", 0),
+        "vqkd": vqkd_forward_flops(cfg) if obj.vqkd else 0,
+    }
+
+
 def peak_flops(ctx: Context) -> Tuple[float, float]:
     """``(bf16, gemm)`` peak FLOP/s per GPU: the dense BF16 peak, and that of the GEMMs of
     the layout's precision (FP8: twice the BF16 peak)."""
@@ -50,24 +85,36 @@ def peak_flops(ctx: Context) -> Tuple[float, float]:
 
 def flops_section(ctx: Context) -> Dict[str, object]:
     """The plan's ``flops``: forward FLOPs of a sample, model and hardware FLOPs per step,
-    ``6·N·T`` (N = active parameters per token), and each stage's FLOPs per micro-batch on one
-    TP rank with their compute time (:func:`stage_flops`)."""
+    ``6·N·T`` (N = active parameters per token, T the tokens the layers process: every column's),
+    and each stage's FLOPs per micro-batch on one TP rank with their compute time
+    (:func:`stage_flops`). ``--objective m2`` adds ``masked_forward_per_sample``
+    (:func:`masked_flops_per_sample`) and ``vqkd_flops_per_step`` (inside the model FLOPs)."""
     cfg, gbs = ctx.cfg, ctx.gbs
     group_batch = ctx.k * ctx.itc_rows
     model_f = forward_flops_per_sample(cfg, cfg.vision_seq_len, cfg.max_text_len, group_batch,
                                        ctx.heads)
     hw_f = forward_flops_per_sample(cfg, ctx.sv, ctx.st, group_batch, ctx.heads)
-    fwd_model_sample = (cfg.num_layers * (model_f["layer_gemm"] + model_f["layer_attention"])
-                        + model_f["embed"] + model_f["heads"] + model_f["loss"])
-    model_step = 3 * fwd_model_sample * gbs
+    masked_model = masked_flops_per_sample(cfg, cfg.vision_seq_len, cfg.max_text_len, ctx.obj)
+    hw_f.update(masked_flops_per_sample(cfg, ctx.sv, ctx.st, ctx.obj, ctx.tp))
+    fwd_model_sample = (cfg.num_layers * (model_f["layer_gemm"] + model_f["layer_attention"]
+                                          + masked_model["fused_layer_gemm"]
+                                          + masked_model["fused_layer_attention"])
+                        + model_f["embed"] + model_f["heads"] + model_f["loss"]
+                        + masked_model["fused_embed"] + masked_model["cmlm_head"]
+                        + masked_model["cmim_head"])
+    vqkd_step = masked_model["vqkd"] * gbs
+    model_step = 3 * fwd_model_sample * gbs + vqkd_step
     stage_rows = [stage_flops(ctx, st_, hw_f) for st_ in ctx.stages]
     hw_step = sum(r["flops_per_micro_batch"] for r in stage_rows) * ctx.tp * ctx.dp * ctx.m
-    return {
+    out = {
         "forward_per_sample": model_f, "model_flops_per_step": model_step,
         "hardware_flops_per_step": hw_step, "per_stage_rank": stage_rows,
         "six_n_t": (6 * active_parameters_per_token(cfg)
-                    * (cfg.vision_seq_len + cfg.max_text_len) * gbs),
+                    * (cfg.vision_seq_len + cfg.max_text_len) * gbs * (1 + ctx.passes)),
     }
+    if ctx.obj is not None:
+        out.update(masked_forward_per_sample=masked_model, vqkd_flops_per_step=vqkd_step)
+    return out
 
 
 def stage_flops(ctx: Context, st_: StageShape, hw_f: Dict[str, int]) -> Dict[str, object]:
@@ -75,21 +122,33 @@ def stage_flops(ctx: Context, st_: StageShape, hw_f: Dict[str, int]) -> Dict[str
     ``mfu × peak`` (GEMMs at the precision's peak, the rest at the BF16 peak).
 
     Every layer runs forward and backward (3 × forward), plus one forward per recomputed
-    layer and, with feature accumulation, one more forward of the whole stage; the loss's
-    logits run 3 × forward once.
+    layer and, with feature accumulation, one more forward of the whole stage (of the
+    contrastive columns only: the fused ones run in the second phase); the loss's logits run
+    3 × forward once. ``--objective m2``: the fused columns' layers and Conv2d (3 × forward,
+    + recomputation), on the last stage the masked heads (3 × forward, on this rank's output
+    columns; in ``other_flops``, at the BF16 peak: they are not Transformer Engine GEMMs) and
+    the VQ-KD forward (``vqkd_flops``, at the cluster's fp32 peak: it runs in fp32).
     """
     b, tp = ctx.b, ctx.tp
     n_rc = ctx.recomputed_layers(st_)
     passes = 3 + (1 if ctx.accum else 0)  # fwd + 2x bwd (+ the cached-feature forward)
-    gemm = (passes * st_.num_layers + n_rc) * hw_f["layer_gemm"] * b // tp
-    attn = (passes * st_.num_layers + n_rc) * hw_f["layer_attention"] * b // tp
-    other = 0
+    runs, fused_runs = passes * st_.num_layers + n_rc, 3 * st_.num_layers + n_rc
+    gemm = (runs * hw_f["layer_gemm"] + fused_runs * hw_f.get("fused_layer_gemm", 0)) * b // tp
+    attn = (runs * hw_f["layer_attention"]
+            + fused_runs * hw_f.get("fused_layer_attention", 0)) * b // tp
+    other = vqkd = 0
     if st_.is_first:
-        other += passes * hw_f["embed"] * b
+        other += (passes * hw_f["embed"] + 3 * hw_f.get("fused_embed", 0)) * b
     if st_.is_last:
         other += passes * hw_f["heads"] * b + 3 * hw_f["loss"] * b
+        other += 3 * (hw_f.get("cmlm_head", 0) + hw_f.get("cmim_head", 0)) * b
+        vqkd = hw_f.get("vqkd", 0) * b
     peak_bf16, peak_gemm = peak_flops(ctx)
-    t = (gemm / peak_gemm + (attn + other) / peak_bf16) / ctx.assumptions.mfu
-    return {"stage": st_.index, "flops_per_micro_batch": gemm + attn + other,
-            "gemm_flops": gemm, "attention_flops": attn, "other_flops": other,
-            "compute_time_s_per_micro_batch": t}
+    peak_fp32 = ctx.cluster.fp32_peak_tflops * 1e12
+    t = (gemm / peak_gemm + (attn + other) / peak_bf16 + vqkd / peak_fp32) / ctx.assumptions.mfu
+    row = {"stage": st_.index, "flops_per_micro_batch": gemm + attn + other + vqkd,
+           "gemm_flops": gemm, "attention_flops": attn, "other_flops": other,
+           "compute_time_s_per_micro_batch": t}
+    if ctx.obj is not None:
+        row["vqkd_flops"] = vqkd
+    return row

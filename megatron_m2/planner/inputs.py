@@ -32,7 +32,9 @@ class Cluster:
 
     Bandwidths are per GPU and direction: NVLink 4 on H100 SXM gives 450 GB/s; one 400 Gb/s
     InfiniBand NIC per GPU gives 50 GB/s. ``peak_tflops`` is the dense BF16 peak (H100 SXM:
-    989); FP8 GEMMs run at twice that.
+    989); FP8 GEMMs run at twice that. ``fp32_peak_tflops`` is the FP32 peak (H100 SXM: 67,
+    without TF32, PyTorch's default for matmuls): the frozen VQ-KD of ``--objective m2`` runs
+    in fp32.
     """
 
     nodes: int = 1
@@ -41,6 +43,7 @@ class Cluster:
     intra_node_gbps: float = 450.0
     inter_node_gbps: float = 50.0
     peak_tflops: float = 989.0
+    fp32_peak_tflops: float = 67.0
 
     @property
     def world_size(self) -> int:

@@ -10,12 +10,19 @@ overhead.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..config import M2ModelConfig
 from ..flavors import count_parameters
 from .context import Context, StageShape, stage_layout
 from .inputs import BF16_BYTES, FP32_BYTES, GB, LN_STATS_BYTES
+from .objective import (
+    MaskedSettings,
+    head_classes,
+    head_parameters,
+    vqkd_parameters,
+    vqkd_working_bytes,
+)
 
 
 def _branch_layer_params(cfg: M2ModelConfig, tp: int) -> int:
@@ -39,7 +46,8 @@ def _branch_gemm_weights(cfg: M2ModelConfig, tp: int) -> int:
     return (4 * d * d + 2 * d * f) // tp
 
 
-def stage_parameters(cfg: M2ModelConfig, tp: int, pp: int) -> List[Dict[str, int]]:
+def stage_parameters(cfg: M2ModelConfig, tp: int, pp: int,
+                     obj: Optional[MaskedSettings] = None) -> List[Dict[str, int]]:
     """Parameters one TP rank of each stage holds: ``total``, ``trainable`` and ``gemm``.
 
     * layers: 2 branches each; the shared VL layers' branch B is frozen (never sees data);
@@ -52,6 +60,11 @@ def stage_parameters(cfg: M2ModelConfig, tp: int, pp: int) -> List[Dict[str, int
     ``gemm`` counts the GEMM weights of the trained branches (the tensors FP8 keeps cast
     copies of). Summed over stages at TP=1 ``total`` equals
     :func:`~megatron_m2.flavors.count_parameters`.
+
+    With ``obj`` (``--objective m2``) the last stage adds the masked heads
+    (:func:`~megatron_m2.planner.objective.head_parameters`, trained; ``masked_heads``) and,
+    for VQ-KD targets, the frozen fp32 tokenizer (``vqkd``, outside ``total``: no gradient,
+    no optimizer state); CMIM trains the first stage's mask token.
     """
     d, e = cfg.hidden_size, cfg.embed_dim
     branch, gemm = _branch_layer_params(cfg, tp), _branch_gemm_weights(cfg, tp)
@@ -70,7 +83,14 @@ def stage_parameters(cfg: M2ModelConfig, tp: int, pp: int) -> List[Dict[str, int
         if st.is_last:
             total += 2 * 2 * d + 4 * d * e + 2
             frozen += 2 * d
-        out.append({"total": total, "trainable": total - frozen, "gemm": gemms})
+        row = {"total": total, "trainable": total - frozen, "gemm": gemms}
+        if obj is not None:
+            heads = sum(head_parameters(cfg, obj, tp).values()) if st.is_last else 0
+            row["total"] += heads
+            row["trainable"] += heads + (d if st.is_first and obj.cmim else 0)
+            row["masked_heads"] = heads
+            row["vqkd"] = vqkd_parameters() if st.is_last and obj.vqkd else 0
+        out.append(row)
     return out
 
 
@@ -149,9 +169,13 @@ def stage_memory(ctx: Context, st_: StageShape, p: Dict[str, int],
     ``12·trainable`` (÷ DP, rounded up, with the distributed optimizer); activations: one
     micro-batch's (:func:`micro_batch_activations`) × the micro-batches in flight (1F1B:
     ``min(PP − stage, M)``), plus one re-materialised recomputed layer and, on the last
-    stage, the loss of one contrastive batch (:func:`loss_bytes`).
+    stage, the loss of one contrastive batch (:func:`loss_bytes`). ``--objective m2`` adds,
+    on the last stage, the masked heads' logits (:func:`masked_loss_bytes`) and the frozen
+    VQ-KD: its fp32 weights (``4·vqkd``, in ``weights``) and the transient working set of its
+    no-grad forward (:func:`~megatron_m2.planner.objective.vqkd_working_bytes`).
     """
-    weights = BF16_BYTES * p["total"] + (2 * p["gemm"] if ctx.fp8 else 0)
+    weights = (BF16_BYTES * p["total"] + (2 * p["gemm"] if ctx.fp8 else 0)
+               + FP32_BYTES * p.get("vqkd", 0))
     grads = FP32_BYTES * p["trainable"]
     optimizer = 3 * FP32_BYTES * p["trainable"]
     if ctx.layout.distributed_optimizer:
@@ -160,9 +184,12 @@ def stage_memory(ctx: Context, st_: StageShape, p: Dict[str, int],
     n_rc = ctx.recomputed_layers(st_)
     per_micro, working = micro_batch_activations(ctx, st_, n_rc)
     loss = loss_bytes(ctx) if st_.is_last else 0
-    activations = in_flight * per_micro + working + loss
+    masked = masked_loss_bytes(ctx) if st_.is_last else 0
+    vqkd = (vqkd_working_bytes(ctx.cfg, ctx.b) if st_.is_last and ctx.obj is not None
+            and ctx.obj.vqkd else 0)
+    activations = in_flight * per_micro + working + loss + masked + vqkd
     total = weights + grads + optimizer + activations + overhead
-    return {
+    out = {
         "stage": st_.index, "layers": [st_.first_layer, st_.first_layer + st_.num_layers],
         "params": p["total"], "trainable_params": p["trainable"],
         "weights_bytes": weights, "grads_bytes": grads, "optimizer_bytes": optimizer,
@@ -171,6 +198,10 @@ def stage_memory(ctx: Context, st_: StageShape, p: Dict[str, int],
         "loss_bytes": loss, "activations_bytes": activations,
         "overhead_bytes": overhead, "total_bytes": total,
     }
+    if ctx.obj is not None:
+        out.update(masked_loss_bytes=masked, vqkd_working_bytes=vqkd,
+                   vqkd_weight_bytes=FP32_BYTES * p.get("vqkd", 0), columns=ctx.cols)
+    return out
 
 
 def micro_batch_activations(ctx: Context, st_: StageShape, n_rc: int) -> Tuple[int, int]:
@@ -180,20 +211,60 @@ def micro_batch_activations(ctx: Context, st_: StageShape, n_rc: int) -> Tuple[i
     Each layer keeps :func:`layer_activation_bytes`, a recomputed one (the first ``n_rc``)
     only its bf16 input; the first stage adds the bf16 images (Conv2d input), the int64
     token ids and the pad mask; the last the VL final LayerNorm's input and statistics.
+    Everything is per column: ``b·(1 + n)`` of them under ``--objective m2``, whose layers
+    also keep :func:`mixed_layer_extra_bytes`.
     """
-    cfg, s, b = ctx.cfg, ctx.s, ctx.b
+    cfg, s, b = ctx.cfg, ctx.s, ctx.cols
     full = [layer_activation_bytes(cfg, ctx.tp, s, b, entry=(st_.has_entry and i ==
                                                             cfg.num_sep_layers - st_.first_layer))
+            + mixed_layer_extra_bytes(cfg, ctx.tp, s, ctx.b, ctx.passes)
             for i in range(st_.num_layers)]
     saved = sum(BF16_BYTES * cfg.hidden_size * s * b if i < n_rc else full[i]
                 for i in range(st_.num_layers))
     if st_.is_first:
         saved += b * (BF16_BYTES * cfg.in_channels * cfg.image_size ** 2
                       + 10 * cfg.max_text_len)
+        if ctx.obj is not None and ctx.obj.cmim:
+            saved += b * cfg.num_patches  # the bool image mask of every column
     if st_.is_last:
         saved += (BF16_BYTES * cfg.hidden_size + LN_STATS_BYTES) * s * b
     working = max(full[:n_rc]) if n_rc else 0
     return saved, working
+
+
+def mixed_layer_extra_bytes(cfg: M2ModelConfig, tp: int, tokens: int, batch: int,
+                            passes: int) -> int:
+    """What a layer saves beyond :func:`layer_activation_bytes` (of all ``batch·(1 + passes)``
+    columns) in the mixed layout of ``--objective m2`` (``batch`` contrastive columns, then
+    ``passes·batch`` fused ones): the fused columns' q, k and v concatenated over both parts for
+    the one full attention (``6h/t`` per token; the per-part projections stay alive through the
+    contrastive columns' views of them) and the attention output of every column concatenated
+    again before LNinner (``2h/t``). The fused attention keeps no s × s matrix (SDPA's fused
+    kernels with a key mask; only the logsumexp, already counted per token). 0 for ``itc``."""
+    if not passes:
+        return 0
+    h = cfg.hidden_size
+    return (2 * h * tokens * batch * (1 + passes) + 6 * h * tokens * batch * passes) // tp
+
+
+def masked_loss_bytes(ctx: Context) -> int:
+    """The masked heads' loss of one micro-batch on the last stage (``--objective m2``): per
+    head, the gathered bf16 rows it reads (``2·rows·d``) and, per output element on this TP
+    rank, the bf16 linear output, its fp32 copy (logits, or predicted pixels) and, for the
+    vocabulary-parallel cross-entropy, the fp32 softmax it keeps for the backward:
+    ``rows·cols·(2 + 4 + 4)`` (pixels: ``(2 + 4)``). rows: ``b·round(mvlm_prob·s_t)`` (CMLM),
+    ``b·image_mask_patches`` (CMIM)."""
+    obj = ctx.obj
+    if obj is None:
+        return 0
+    cfg, b = ctx.cfg, ctx.b
+    total = 0
+    for name, cols in head_classes(cfg, obj, ctx.tp).items():
+        rows = b * (obj.cmlm_rows(cfg) if name == "cmlm" else obj.cmim_rows())
+        per_element = BF16_BYTES + FP32_BYTES + (
+            0 if name == "cmim" and obj.mim_target == "pixel" else FP32_BYTES)
+        total += rows * (BF16_BYTES * cfg.hidden_size + cols * per_element)
+    return total
 
 
 def loss_bytes(ctx: Context) -> int:

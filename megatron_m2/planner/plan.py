@@ -22,6 +22,7 @@ from .memory import (
     stage_layout,
     stage_parameters,
 )
+from .objective import masked_settings, objective_args
 from .timing import time_section
 from .validate import validate
 
@@ -62,7 +63,8 @@ class Plan:
     def training_args(self) -> List[str]:
         """The m2-pretrain arguments of this layout: ``--flavor NAME`` for a named flavor, else
         ``--model-config`` with the configuration's fields inline (data arguments are not
-        included)."""
+        included). ``--objective m2`` adds its flags
+        (:func:`~megatron_m2.planner.objective.objective_args`)."""
         lay = self.layout
         if self.model_name in FLAVORS and FLAVORS[self.model_name] == self.model:
             args = ["--flavor", self.model_name]
@@ -73,6 +75,7 @@ class Plan:
                 "--micro-batch-size", str(lay.micro_batch),
                 "--global-batch-size", str(self.derived["global_batch"]),
                 "--bf16", "--itc-heads", lay.itc_heads]
+        args += objective_args(lay)
         if lay.precision == "fp8":
             args += ["--fp8-format", "hybrid", "--fp8-recipe", "delayed",
                      "--transformer-impl", "te"]
@@ -129,11 +132,13 @@ def _context(model: M2ModelConfig, layout: Layout, cluster: Cluster, assumptions
              derived: Dict[str, object]) -> Context:
     """The :class:`Context` of a valid layout (``derived``: the validator's sizes)."""
     sv, st = sequence_parts(model, layout.precision)
+    obj = masked_settings(model, layout)
     return Context(model, layout, cluster, assumptions, dp=derived["dp"],
                    m=derived["num_micro_batches"], k=derived["itc_group_size"],
                    gbs=derived["global_batch"], recompute=derived["recompute"],
                    stages=stage_layout(model, layout.pp),
-                   params=stage_parameters(model, layout.tp, layout.pp), sv=sv, st=st)
+                   params=stage_parameters(model, layout.tp, layout.pp, obj), sv=sv, st=st,
+                   obj=obj)
 
 
 def make_plan(model: M2ModelConfig, layout: Layout = Layout(), cluster: Cluster = Cluster(),

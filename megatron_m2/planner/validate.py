@@ -5,7 +5,8 @@ The rules are ``m2-pretrain``'s own (:func:`megatron_m2.layout.check_layout`), a
 layout the planner's command line (:meth:`~megatron_m2.planner.plan.Plan.training_args`) asks
 for on this cluster's world and node size; only the cluster's own sanity and the fields of the
 planner's :class:`~megatron_m2.planner.inputs.Layout` that ``m2-pretrain`` has no flag for are
-checked here.
+checked here; the objective's flags by m2-pretrain's rules
+(:func:`~megatron_m2.planner.objective.objective_errors`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Dict, List, Tuple
 from ..config import M2ModelConfig
 from ..layout import ParallelLayout, check_layout
 from .inputs import Cluster, Layout
+from .objective import objective_errors
 
 PLANNED_PRECISIONS = ("bf16", "fp8")
 """Precisions the planner models (fp8: BF16 with FP8 GEMMs, delayed scaling, TE layers)."""
@@ -55,11 +57,12 @@ def validate(cfg: M2ModelConfig, layout: Layout, cluster: Cluster
         return errors, [], {}
     lay = parallel_layout(layout, cluster)
     check = check_layout(cfg, lay)
+    obj_errors, obj_warnings = objective_errors(cfg, layout)
     derived: Dict[str, object] = {"global_batch": lay.global_batch, **check.derived}
     derived.setdefault("recompute", None)
-    warnings = list(check.warnings)
+    warnings = list(check.warnings) + obj_warnings
     if layout.precision == "fp8":
         warnings.append("fp8 is a projection: it needs Transformer Engine layers "
                         "(--transformer-impl te); GEMMs at 2x the BF16 peak, weights keep "
                         "FP8 copies")
-    return check.errors, warnings, derived
+    return list(check.errors) + obj_errors, warnings, derived
