@@ -1,7 +1,8 @@
 """One set of layout rules: the planner and ``m2-pretrain`` agree on every layout.
 
 The property: over the planner's search space (TP, PP, DP via the cluster, micro- and global
-batch, precision, recomputation, ITC group, ITC heads), a layout the planner calls valid passes
+batch, precision, recomputation, ITC group, ITC heads; and a sample of it under ``--objective
+m2 --mim-target pixel`` with the masked flags), a layout the planner calls valid passes
 ``m2-pretrain``'s own argument validation when given the command the planner prints
 (``Plan.training_args``) on the same world and node size, and a layout ``m2-pretrain`` accepts
 is one the planner calls valid.
@@ -68,6 +69,34 @@ def test_planner_and_pretrain_agree_on_every_layout(monkeypatch):
             disagreements.append((flavor, cluster, lay, plan.errors, error))
     assert not disagreements, disagreements[:5]
     assert 100 < valid < 2400  # the space holds both kinds
+
+
+M2_OBJECTIVES = (
+    dict(objective="m2", mim_target="pixel"),
+    dict(objective="m2", mim_target="pixel", cmim_weight=0.0, cmlm_tie_embeddings=True),
+    dict(objective="m2", mim_target="pixel", cmlm_weight=0.0, image_mask_patches=8),
+    dict(objective="m2", mim_target="pixel", cmlm_tie_embeddings=True, cmlm_weight=0.5),
+    dict(objective="m2", mim_target="pixel", image_mask_style="attentive",
+         attentive_mask_temperature=0.5),
+    dict(objective="m2", mim_target="pixel", image_mask_style="attentive", cmim_weight=0.0),
+)
+
+
+def test_planner_and_pretrain_agree_under_objective_m2(monkeypatch):
+    rng = random.Random(1)
+    disagreements, valid = [], 0
+    for (flavor, cluster, tp, pp, mbs, gbs, precision, (rc, rc_n), (k, agg),
+         heads) in rng.sample(_space(), 400):
+        lay = Layout(tp=tp, pp=pp, micro_batch=mbs, global_batch=gbs, precision=precision,
+                     recompute=rc, recompute_num_layers=rc_n, itc_group_size=k,
+                     itc_aggregate_nodes=agg, itc_heads=heads, **rng.choice(M2_OBJECTIVES))
+        plan = make_plan(get_flavor(flavor), lay, cluster, model_name=flavor)
+        error = _pretrain_accepts(plan, cluster, monkeypatch)
+        valid += plan.valid
+        if plan.valid != (error is None):
+            disagreements.append((flavor, cluster, lay, plan.errors, error))
+    assert not disagreements, disagreements[:5]
+    assert 20 < valid < 380
 
 
 def test_fp8_micro_batch_the_model_does_not_pad():

@@ -13,6 +13,9 @@ Examples::
     m2-plan --flavor 10b --nodes 32 --recommend
     m2-plan --flavor 10b --nodes 32 --tp 4 --pp 2 --use-distributed-optimizer --json
     m2-plan --model-config my_model.json --nodes 4 --build-groups --ranks 0,17
+    m2-plan --flavor 0.4b --nodes 4 --objective m2 --mim-target pixel
+    m2-plan --flavor 0.4b --nodes 4 --objective m2 --visual-tokenizer vqkd.pth
+    m2-plan --flavor 0.4b --nodes 4 --objective m2 --mim-target pixel --image-mask-style attentive
     m2-plan --list-flavors [--json]
 
 Exit status: 0 for a valid layout (fitting or not: see ``fits``), 2 for an invalid one (with
@@ -70,6 +73,9 @@ def build_parser() -> ArgumentParser:
                    help="GB/s per GPU and direction between nodes (400 Gb/s IB per GPU)")
     g.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense BF16 TFLOP/s per GPU (FP8 GEMMs: twice this)")
+    g.add_argument("--fp32-peak-tflops", type=float, default=67.0,
+                   help="FP32 TFLOP/s per GPU (no TF32), for a VQ-KD run without --bf16 "
+                        "(planned commands carry --bf16: its encoder runs in bf16 autocast)")
 
     g = p.add_argument_group("layout")
     g.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1,
@@ -95,6 +101,34 @@ def build_parser() -> ArgumentParser:
                    help="recompute layers in the backward (as many as m2-pretrain allows)")
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="recomputed layers per stage (block method)")
+
+    g = p.add_argument_group("objective (as m2-pretrain's flags)")
+    g.add_argument("--objective", choices=["itc", "m2"], default="itc",
+                   help="itc: GBA-ITC; m2: GBA-ITC + CMLM + CMIM (fused columns, masked heads, "
+                        "VQ-KD targets)")
+    g.add_argument("--cmlm-weight", type=float, default=None,
+                   help="CMLM weight (0: no CMLM pass; default 1.0 with --objective m2)")
+    g.add_argument("--cmim-weight", type=float, default=None,
+                   help="CMIM weight (0: no CMIM pass; default 1.0 with --objective m2)")
+    g.add_argument("--mvlm-prob", type=float, default=0.5,
+                   help="share of caption pieces masked in the CMLM pass")
+    g.add_argument("--mim-target", choices=["vqkd", "pixel"], default="vqkd",
+                   help="CMIM targets: frozen VQ-KD codes (needs --visual-tokenizer) or pixels")
+    g.add_argument("--visual-tokenizer", default=None, metavar="PATH",
+                   help="VQ-KD weights, passed on to m2-pretrain (not read: BEiT-v2's ViT-B/16, "
+                        "8192 codes, assumed)")
+    g.add_argument("--visual-tokenizer-heads", type=int, default=None,
+                   help="passed on to m2-pretrain")
+    g.add_argument("--image-mask-patches", type=int, default=None,
+                   help="patches masked per image in the CMIM pass (default: 80/196 of them)")
+    g.add_argument("--image-mask-style", choices=["block", "attentive"], default="block",
+                   help="CMIM masking: block-wise, or text-guided attentive (a forward-only "
+                        "scoring pass of the contrastive columns; free with "
+                        "--itc-accumulate-features)")
+    g.add_argument("--attentive-mask-temperature", type=float, default=0.0,
+                   help="passed on to m2-pretrain (0: top patches; T > 0: Gumbel top-k)")
+    g.add_argument("--cmlm-tie-embeddings", action="store_true",
+                   help="CMLM head tied to the text embedding (PP=1)")
 
     g = p.add_argument_group("assumptions")
     g.add_argument("--mfu", type=float, default=0.4,
@@ -174,14 +208,22 @@ def _main(argv: Optional[List[str]] = None) -> int:
             msg = f"--model-config {args.model_config}: {msg}"
         raise UserError(msg) from e
     cluster = planner.Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb,
-                              args.intra_node_gbps, args.inter_node_gbps, args.peak_tflops)
+                              args.intra_node_gbps, args.inter_node_gbps, args.peak_tflops,
+                              args.fp32_peak_tflops)
     layout = planner.Layout(
         tp=args.tp, pp=args.pp, micro_batch=args.micro_batch_size,
         global_batch=args.global_batch_size, itc_group_size=args.itc_group_size,
         itc_aggregate_nodes=args.itc_aggregate_nodes, itc_heads=args.itc_heads,
         itc_accumulate_features=args.itc_accumulate_features,
         distributed_optimizer=args.use_distributed_optimizer, precision=args.precision,
-        recompute=args.recompute, recompute_num_layers=args.recompute_num_layers)
+        recompute=args.recompute, recompute_num_layers=args.recompute_num_layers,
+        objective=args.objective, cmlm_weight=args.cmlm_weight, cmim_weight=args.cmim_weight,
+        mvlm_prob=args.mvlm_prob, mim_target=args.mim_target,
+        visual_tokenizer=args.visual_tokenizer,
+        visual_tokenizer_heads=args.visual_tokenizer_heads,
+        image_mask_patches=args.image_mask_patches,
+        cmlm_tie_embeddings=args.cmlm_tie_embeddings, image_mask_style=args.image_mask_style,
+        attentive_mask_temperature=args.attentive_mask_temperature)
     assumptions = planner.Assumptions(args.mfu, args.overhead_gb, args.collective_latency_us,
                                       args.dp_overlap)
     plan = planner.make_plan(cfg, layout, cluster, assumptions, name)

@@ -74,6 +74,7 @@ class M2Objective(ITCObjective):
         self.mvlm_prob = settings["mvlm_prob"]
         self.mim_target = settings["mim_target"]
         self.seed = int(args.seed)
+        self.bf16 = bool(args.bf16)
         self.passes: List[str] = [name for name, w in (("cmlm", self.cmlm_weight),
                                                        ("cmim", self.cmim_weight)) if w > 0]
         cfg = model.model_cfg
@@ -188,12 +189,17 @@ class M2Objective(ITCObjective):
                 images = batch["images"]
                 if self.vqkd is not None:
                     dev = next(self.vqkd.parameters()).device
-                    with torch.no_grad():
+                    # Under --bf16 on GPUs the tokenizer's encoder runs in bf16 autocast, as
+                    # BEiT-v2's own pretraining runs it (its task layer stays fp32 either way).
+                    autocast = torch.autocast(dev.type, dtype=torch.bfloat16,
+                                              enabled=dev.type == "cuda" and self.bf16)
+                    with torch.no_grad(), autocast:
                         # The model's images are normalised to [-1, 1] (mean = std = 0.5),
                         # what VQ-KD's default pre-processing makes of [0, 1] images.
                         feats = self.vqkd.encode_features(images.to(dev).float(),
                                                           pre_process=False)
-                        out["cmim_targets"] = self.vqkd.quantize_features(feats).view(
+                    with torch.no_grad():  # the nearest code in fp32, outside autocast
+                        out["cmim_targets"] = self.vqkd.quantize_features(feats.float()).view(
                             images.shape[0], -1)
                 else:
                     out["cmim_targets"] = patch_pixel_targets(images, self.cfg.patch_size)

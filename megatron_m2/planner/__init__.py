@@ -26,6 +26,8 @@ Modules, one per concern:
   the constants (``GB``, ``BF16_BYTES``, ...), :func:`load_model_config`, :func:`resolve_model`;
 * :mod:`~megatron_m2.planner.validate`: :func:`~megatron_m2.planner.validate.validate`, the
   layout rules (errors, warnings, derived sizes);
+* :mod:`~megatron_m2.planner.objective`: ``--objective itc``/``m2`` (GBA-ITC + CMLM + CMIM):
+  its flags' rules and command line, the masked heads' and the frozen VQ-KD's sizes;
 * :mod:`~megatron_m2.planner.context`: the sizes of a valid layout every section reads;
 * :mod:`~megatron_m2.planner.memory`: the model stage by stage (:func:`stage_layout`,
   :func:`stage_parameters`), :func:`layer_activation_bytes`, the parameters and memory sections;
@@ -68,10 +70,12 @@ from .inputs import (
 from .memory import (
     StageShape,
     layer_activation_bytes,
+    mixed_layer_extra_bytes,
     sequence_parts,
     stage_layout,
     stage_parameters,
 )
+from .objective import MaskedSettings, masked_settings, vqkd_forward_flops, vqkd_parameters
 from .plan import Plan, make_plan
 from .report import format_plan, format_recommendation
 from .search import Recommendation, recommend
@@ -83,4 +87,6 @@ __all__ = [
     "itc_bytes_per_rank", "stage_layout", "stage_parameters", "layer_activation_bytes",
     "forward_flops_per_sample", "load_model_config", "format_plan", "format_recommendation",
     "resolve_model", "StageShape", "sequence_parts", "short_ranks",
+    "MaskedSettings", "masked_settings", "mixed_layer_extra_bytes", "vqkd_parameters",
+    "vqkd_forward_flops",
 ]

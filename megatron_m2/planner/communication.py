@@ -101,6 +101,25 @@ def tp_collectives(ctx: Context, st_: StageShape) -> List[Dict[str, object]]:
         rows.append(_tp_all_reduce(ctx, "all_reduce vocab-parallel embedding fwd", 1, emb))
     if st_.is_last:
         rows += _masked_head_collectives(ctx)
+    if ctx.scoring_pass:
+        rows += _scoring_pass_collectives(ctx, st_)
+    return rows
+
+
+def _scoring_pass_collectives(ctx: Context, st_: StageShape) -> List[Dict[str, object]]:
+    """The forward all-reduces of ``--image-mask-style attentive``'s scoring pass (without
+    feature accumulation): one forward of the micro-batch's b contrastive columns, no
+    recomputation."""
+    s, b, d, layers = ctx.s, ctx.b, ctx.cfg.hidden_size, st_.num_layers
+    big, small = 2 * BF16_BYTES * s * b * d, 2 * 2 * FP32_BYTES * s * b
+    rows = [_tp_all_reduce(ctx, "all_reduce fwd (Out, FC2), attentive scoring pass",
+                           4 * layers, big * layers),
+            _tp_all_reduce(ctx, "all_reduce Sub-LN statistics fwd, attentive scoring pass",
+                           8 * layers, small * layers)]
+    if st_.is_first:
+        rows.append(_tp_all_reduce(ctx, "all_reduce vocab-parallel embedding fwd, attentive "
+                                   "scoring pass", 1,
+                                   BF16_BYTES * ctx.cfg.max_text_len * b * d))
     return rows
 
 
@@ -161,10 +180,32 @@ def pp_section(ctx: Context) -> Dict[str, object]:
         boundaries.append({"stages": [i, i + 1], "link": _link(inter),
                            "bytes_per_micro_batch_each_way": hop,
                            "time_s_per_transfer": ctx.latency + hop / (ctx.bandwidth(inter) * GB)})
-    return {"boundaries": boundaries, "bytes_sent_per_rank_per_step": (
+    out = {"boundaries": boundaries, "bytes_sent_per_rank_per_step": (
         2 * m * hop if pp > 2 else m * hop if pp == 2 else 0),
         "note": "a middle stage sends M activations forward and M gradients backward; "
                 "first and last stages send one direction"}
+    if ctx.attentive:
+        out["attentive"] = attentive_pp_entry(ctx, any(x["link"] == "inter-node"
+                                                       for x in boundaries))
+    return out
+
+
+def attentive_pp_entry(ctx: Context, inter: bool) -> Dict[str, object]:
+    """``--image-mask-style attentive`` on the pipeline group, per rank and step: without
+    feature accumulation the scoring pass sends one bf16 ``[s, b, d]`` activation forward per
+    boundary and micro-batch (``scoring_hop_bytes``, b contrastive columns); either way the last
+    stage broadcasts the fp32 scores ``[M, b, P]`` to the other stages (``broadcast_object_list``
+    of their shapes: 2 broadcasts, then one per micro-batch). Nothing at PP=1."""
+    pp, m = ctx.pp, ctx.m
+    hop = BF16_BYTES * ctx.s * ctx.b * ctx.cfg.hidden_size if ctx.scoring_pass else 0
+    payload = FP32_BYTES * m * ctx.b * ctx.cfg.num_patches
+    bcast = (_collective("broadcast attentive scores (fp32) from the last stage", m + 2,
+                         payload, payload, _link(inter), ctx.bandwidth(inter), ctx.latency)
+             if pp > 1 else None)
+    return {"scoring_hop_bytes": hop if pp > 1 else 0,
+            "scoring_time_s_per_transfer": (
+                ctx.latency + hop / (ctx.bandwidth(inter) * GB) if pp > 1 and hop else 0.0),
+            "scores_broadcast": bcast}
 
 
 # -- DP --------------------------------------------------------------------------------------------

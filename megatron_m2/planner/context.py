@@ -130,6 +130,19 @@ class Context:
         return self.layout.itc_accumulate_features
 
     @property
+    def attentive(self) -> bool:
+        """``--image-mask-style attentive`` with CMIM on: per-patch scores from a forward-only
+        pass of the contrastive columns, broadcast from the last stage before the training
+        forward."""
+        return self.obj is not None and self.obj.attentive
+
+    @property
+    def scoring_pass(self) -> bool:
+        """The trainer runs an extra forward-only pass of the contrastive columns for the
+        attentive scores (with feature accumulation they come from its first phase)."""
+        return self.attentive and not self.accum
+
+    @property
     def itc_rows(self) -> int:
         """Local rows of one contrastive batch."""
         return self.b * self.m if self.accum else self.b

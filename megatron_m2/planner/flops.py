@@ -4,8 +4,9 @@
 Model FLOPs (the MFU numerator) count every FLOP a step needs once: forward and backward of all
 columns (the contrastive one and, under ``m2``, the fused ones), the heads and losses, and the
 frozen VQ-KD's forward; not recomputation, not the cached-feature forward of
-``--itc-accumulate-features``, not work replicated on the TP ranks. Hardware FLOPs count what
-each stage's TP rank runs, recomputation and replicas included.
+``--itc-accumulate-features`` nor the scoring pass of ``--image-mask-style attentive`` (both one
+forward of the contrastive columns), not work replicated on the TP ranks. Hardware FLOPs count
+what each stage's TP rank runs, recomputation, those extra forwards and replicas included.
 """
 
 from __future__ import annotations
@@ -122,16 +123,26 @@ def stage_flops(ctx: Context, st_: StageShape, hw_f: Dict[str, int]) -> Dict[str
     ``mfu × peak`` (GEMMs at the precision's peak, the rest at the BF16 peak).
 
     Every layer runs forward and backward (3 × forward), plus one forward per recomputed
-    layer and, with feature accumulation, one more forward of the whole stage (of the
-    contrastive columns only: the fused ones run in the second phase); the loss's logits run
-    3 × forward once. ``--objective m2``: the fused columns' layers and Conv2d (3 × forward,
+    layer and, with feature accumulation or the scoring pass of ``--image-mask-style
+    attentive`` (without accumulation), one more forward of the whole stage (of the
+    contrastive columns only: the fused ones run in the training forward;
+    ``extra_forward_flops``); the loss's logits run 3 × forward once. The attentive score
+    itself (the patch rows through the VL image projection, ``2·P·d·e`` per sample on the last
+    stage) is left out in both passes alike (0.5 % of a 0.4b column's forward, 0.07 % at
+    10b).
+    ``--objective m2``: the fused columns' layers and Conv2d (3 × forward,
     + recomputation), on the last stage the masked heads (3 × forward, on this rank's output
     columns; in ``other_flops``, at the BF16 peak: they are not Transformer Engine GEMMs) and
-    the VQ-KD forward (``vqkd_flops``, at the cluster's fp32 peak: it runs in fp32).
+    the VQ-KD forward (``vqkd_flops``, at the BF16 peak: under ``--bf16`` its encoder runs in
+    bf16 autocast, the task layer and code search, 1 % of it, in fp32; its time,
+    ``vqkd_time_s_per_micro_batch``, is outside the compute time of the schedule's slot: the
+    trainer computes the targets of every micro-batch before the schedule).
     """
     b, tp = ctx.b, ctx.tp
     n_rc = ctx.recomputed_layers(st_)
-    passes = 3 + (1 if ctx.accum else 0)  # fwd + 2x bwd (+ the cached-feature forward)
+    # fwd + 2x bwd (+ the cached-feature forward, or the attentive scoring pass)
+    extra = 1 if ctx.accum or ctx.scoring_pass else 0
+    passes = 3 + extra
     runs, fused_runs = passes * st_.num_layers + n_rc, 3 * st_.num_layers + n_rc
     gemm = (runs * hw_f["layer_gemm"] + fused_runs * hw_f.get("fused_layer_gemm", 0)) * b // tp
     attn = (runs * hw_f["layer_attention"]
@@ -144,11 +155,24 @@ def stage_flops(ctx: Context, st_: StageShape, hw_f: Dict[str, int]) -> Dict[str
         other += 3 * (hw_f.get("cmlm_head", 0) + hw_f.get("cmim_head", 0)) * b
         vqkd = hw_f.get("vqkd", 0) * b
     peak_bf16, peak_gemm = peak_flops(ctx)
-    peak_fp32 = ctx.cluster.fp32_peak_tflops * 1e12
-    t = (gemm / peak_gemm + (attn + other) / peak_bf16 + vqkd / peak_fp32) / ctx.assumptions.mfu
+    t = (gemm / peak_gemm + (attn + other) / peak_bf16) / ctx.assumptions.mfu
     row = {"stage": st_.index, "flops_per_micro_batch": gemm + attn + other + vqkd,
            "gemm_flops": gemm, "attention_flops": attn, "other_flops": other,
            "compute_time_s_per_micro_batch": t}
     if ctx.obj is not None:
         row["vqkd_flops"] = vqkd
+        row["vqkd_time_s_per_micro_batch"] = vqkd / (vqkd_peak(ctx) * ctx.assumptions.mfu)
+        # The extra forward of the contrastive columns (inside the figures above).
+        row["extra_forward_flops"] = extra * (
+            (st_.num_layers * (hw_f["layer_gemm"] + hw_f["layer_attention"])) * b // tp
+            + (hw_f["embed"] * b if st_.is_first else 0)
+            + (hw_f["heads"] * b if st_.is_last else 0))
     return row
+
+
+def vqkd_peak(ctx: Context) -> float:
+    """FLOP/s peak of the frozen VQ-KD's forward: the BF16 peak under ``--bf16`` (every
+    planned command: its encoder runs in bf16 autocast), else the FP32 one (no TF32)."""
+    if ctx.layout.precision in ("bf16", "fp8"):
+        return ctx.cluster.peak_tflops * 1e12
+    return ctx.cluster.fp32_peak_tflops * 1e12

@@ -34,7 +34,8 @@ class Cluster:
     InfiniBand NIC per GPU gives 50 GB/s. ``peak_tflops`` is the dense BF16 peak (H100 SXM:
     989); FP8 GEMMs run at twice that. ``fp32_peak_tflops`` is the FP32 peak (H100 SXM: 67,
     without TF32, PyTorch's default for matmuls): the frozen VQ-KD of ``--objective m2`` runs
-    in fp32.
+    in fp32 without ``--bf16`` only (under ``--bf16``, which every planned command carries, its
+    encoder runs in bf16 autocast at ``peak_tflops``), so no planned layout uses it.
     """
 
     nodes: int = 1
@@ -93,6 +94,10 @@ class Layout:
     visual_tokenizer_heads: Optional[int] = None
     image_mask_patches: Optional[int] = None
     cmlm_tie_embeddings: bool = False
+    image_mask_style: str = "block"
+    """``--image-mask-style``: ``block`` (BEiT block-wise) or ``attentive`` (text-guided: the
+    patches most similar to the caption, scored by a forward-only contrastive pass)."""
+    attentive_mask_temperature: float = 0.0
 
     def key(self) -> str:
         """Short label, e.g. ``TP2 PP1 DO+ RC-``."""

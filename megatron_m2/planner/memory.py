@@ -172,7 +172,11 @@ def stage_memory(ctx: Context, st_: StageShape, p: Dict[str, int],
     stage, the loss of one contrastive batch (:func:`loss_bytes`). ``--objective m2`` adds,
     on the last stage, the masked heads' logits (:func:`masked_loss_bytes`) and the frozen
     VQ-KD: its fp32 weights (``4·vqkd``, in ``weights``) and the transient working set of its
-    no-grad forward (:func:`~megatron_m2.planner.objective.vqkd_working_bytes`).
+    no-grad forward (:func:`~megatron_m2.planner.objective.vqkd_working_bytes`), which runs
+    before the schedule: the activations are the larger of the two. The scoring pass of
+    ``--image-mask-style attentive`` (forward only, b contrastive columns, before the
+    schedule) keeps no activations; its one layer's transient is below the training
+    schedule's, and its scores (``[M, b, P]`` fp32) are negligible: nothing is added.
     """
     weights = (BF16_BYTES * p["total"] + (2 * p["gemm"] if ctx.fp8 else 0)
                + FP32_BYTES * p.get("vqkd", 0))
@@ -187,7 +191,8 @@ def stage_memory(ctx: Context, st_: StageShape, p: Dict[str, int],
     masked = masked_loss_bytes(ctx) if st_.is_last else 0
     vqkd = (vqkd_working_bytes(ctx.cfg, ctx.b) if st_.is_last and ctx.obj is not None
             and ctx.obj.vqkd else 0)
-    activations = in_flight * per_micro + working + loss + masked + vqkd
+    # VQ-KD runs before the schedule (Trainer._prepare), when no activation is held yet.
+    activations = max(in_flight * per_micro + working + loss + masked, vqkd)
     total = weights + grads + optimizer + activations + overhead
     out = {
         "stage": st_.index, "layers": [st_.first_layer, st_.first_layer + st_.num_layers],
@@ -248,22 +253,23 @@ def mixed_layer_extra_bytes(cfg: M2ModelConfig, tp: int, tokens: int, batch: int
 
 
 def masked_loss_bytes(ctx: Context) -> int:
-    """The masked heads' loss of one micro-batch on the last stage (``--objective m2``): per
-    head, the gathered bf16 rows it reads (``2·rows·d``) and, per output element on this TP
-    rank, the bf16 linear output, its fp32 copy (logits, or predicted pixels) and, for the
-    vocabulary-parallel cross-entropy, the fp32 softmax it keeps for the backward:
-    ``rows·cols·(2 + 4 + 4)`` (pixels: ``(2 + 4)``). rows: ``b·round(mvlm_prob·s_t)`` (CMLM),
-    ``b·image_mask_patches`` (CMIM)."""
+    """The masked heads' loss of one micro-batch on the last stage (``--objective m2``): the
+    fp32 copy of the fused columns' final hidden states the trainer hands the loss
+    (``4·s·n·b·d``); per head, the rows it reads, gathered in fp32 and cast to bf16 for the
+    linear (``(4 + 2)·rows·d``), and per output element on this TP rank the bf16 linear output,
+    its fp32 copy (logits, or predicted pixels) and, for the vocabulary-parallel cross-entropy,
+    the fp32 softmax it keeps for the backward: ``rows·cols·(2 + 4 + 4)`` (pixels:
+    ``(2 + 4)``). rows: ``b·round(mvlm_prob·s_t)`` (CMLM), ``b·image_mask_patches`` (CMIM)."""
     obj = ctx.obj
     if obj is None:
         return 0
-    cfg, b = ctx.cfg, ctx.b
-    total = 0
+    cfg, b, d = ctx.cfg, ctx.b, ctx.cfg.hidden_size
+    total = FP32_BYTES * ctx.s * obj.passes * b * d
     for name, cols in head_classes(cfg, obj, ctx.tp).items():
         rows = b * (obj.cmlm_rows(cfg) if name == "cmlm" else obj.cmim_rows())
         per_element = BF16_BYTES + FP32_BYTES + (
             0 if name == "cmim" and obj.mim_target == "pixel" else FP32_BYTES)
-        total += rows * (BF16_BYTES * cfg.hidden_size + cols * per_element)
+        total += rows * ((FP32_BYTES + BF16_BYTES) * d + cols * per_element)
     return total
 
 

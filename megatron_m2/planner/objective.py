@@ -6,7 +6,10 @@ Under ``m2`` every micro-batch of ``b`` samples is one forward over ``b·(1 + n)
 columns (block-diagonal attention) and ``b`` fused columns per masked pass (full attention over
 the ``s_v + s_t`` tokens). The last stage adds the heads (CMLM: vocabulary-parallel ``d → V``;
 CMIM: vocabulary-parallel ``d → 8192`` VQ-KD codes or a replicated ``d → patch²·3`` pixel
-regression) and, for VQ-KD targets, the frozen BEiT-v2 tokenizer (fp32, forward only).
+regression) and, for VQ-KD targets, the frozen BEiT-v2 tokenizer (forward only; fp32 weights,
+its encoder in bf16 autocast under ``--bf16``). With ``--image-mask-style attentive`` the CMIM
+mask comes from per-patch relevance scores: a forward-only pass of the contrastive columns
+(feature accumulation's first phase, or else an extra scoring pass of the schedule).
 
 This module resolves the flags (:func:`masked_settings`), checks them with m2-pretrain's rules
 (:func:`objective_errors`; the file-reading checks of ``--visual-tokenizer`` stay with
@@ -28,6 +31,7 @@ from .inputs import FP32_BYTES, Layout
 
 OBJECTIVES = ("itc", "m2")
 MIM_TARGETS = ("vqkd", "pixel")
+MASK_STYLES = ("block", "attentive")
 MASKED_FIELDS = ("cmlm_weight", "cmim_weight", "visual_tokenizer", "visual_tokenizer_heads",
                  "image_mask_patches", "cmlm_tie_embeddings")
 """The masked-modelling fields m2-pretrain accepts with ``--objective m2`` only."""
@@ -64,6 +68,8 @@ class MaskedSettings:
     mim_target: str
     mask_patches: int
     tie_embeddings: bool
+    mask_style: str = "block"
+    temperature: float = 0.0
 
     @property
     def cmlm(self) -> bool:
@@ -82,6 +88,12 @@ class MaskedSettings:
     def vqkd(self) -> bool:
         """The frozen VQ-KD tokenizer runs (CMIM with VQ-KD targets)."""
         return self.cmim and self.mim_target == "vqkd"
+
+    @property
+    def attentive(self) -> bool:
+        """CMIM masks by text-guided attentive masking: it needs per-patch scores from a
+        forward-only pass of the contrastive columns before the training forward."""
+        return self.cmim and self.mask_style == "attentive"
 
     def cmlm_rows(self, cfg: M2ModelConfig) -> int:
         """Masked caption positions per sample: ``round(mvlm_prob · s_t)`` (an upper estimate:
@@ -112,29 +124,35 @@ def masked_settings(cfg: M2ModelConfig, layout: Layout) -> Optional[MaskedSettin
                else default_mask_patches(cfg.num_patches))
     return MaskedSettings(_weight(layout.cmlm_weight), _weight(layout.cmim_weight),
                           float(layout.mvlm_prob), layout.mim_target, int(patches),
-                          bool(layout.cmlm_tie_embeddings))
+                          bool(layout.cmlm_tie_embeddings), layout.image_mask_style,
+                          float(layout.attentive_mask_temperature))
 
 
 def objective_errors(cfg: M2ModelConfig, layout: Layout) -> Tuple[List[str], List[str]]:
     """``(errors, warnings)`` of the objective flags, by m2-pretrain's rules
     (``megatron_m2.training.validation``): masked flags need ``--objective m2``; weights finite
     and >= 0, not both 0; ``--mvlm-prob`` in (0, 1); ``--image-mask-patches`` in
-    [1, patches − 1]; ``--cmlm-tie-embeddings`` needs CMLM and PP=1; VQ-KD targets need
-    ``--visual-tokenizer`` (the planner assumes BEiT-v2's 8192 codes, which TP must divide),
-    and ``--visual-tokenizer`` is read only with them. m2-pretrain also reads the file (its
+    [1, patches − 1]; ``--attentive-mask-temperature`` finite and >= 0;
+    ``--image-mask-style attentive`` needs CMIM (both ignored under ``itc``);
+    ``--cmlm-tie-embeddings`` needs CMLM and PP=1; VQ-KD targets need ``--visual-tokenizer``
+    (the planner assumes BEiT-v2's 8192 codes, which TP must divide), and
+    ``--visual-tokenizer`` is read only with them. m2-pretrain also reads the file (its
     grid and codebook); the planner cannot, and warns when the file is not here."""
     errors: List[str] = []
     warnings: List[str] = []
     if layout.objective not in OBJECTIVES:
         return [f"objective must be one of {', '.join(OBJECTIVES)}, got "
                 f"{layout.objective!r}"], []
+    if layout.image_mask_style not in MASK_STYLES:  # m2-pretrain's parser refuses it
+        errors.append(f"--image-mask-style must be one of {', '.join(MASK_STYLES)}, got "
+                      f"{layout.image_mask_style!r}")
     if layout.objective != "m2":
         given = [f"--{k.replace('_', '-')}" for k in MASKED_FIELDS
                  if getattr(layout, k) not in (None, False)]
         if given:
             errors.append(f"{', '.join(given)}: masked modelling needs --objective m2 (this "
                           f"run's objective is {layout.objective!r})")
-        return errors, warnings
+        return errors, warnings  # m2-pretrain ignores the mask style and temperature here
     weights = {}
     for name in ("cmlm_weight", "cmim_weight"):
         w = _weight(getattr(layout, name))
@@ -153,6 +171,12 @@ def objective_errors(cfg: M2ModelConfig, layout: Layout) -> Tuple[List[str], Lis
     if layout.image_mask_patches is not None and not 1 <= layout.image_mask_patches < grid ** 2:
         errors.append(f"--image-mask-patches must be in [1, {grid * grid - 1}] (a "
                       f"{grid}x{grid} patch grid), got {layout.image_mask_patches}")
+    temperature = float(layout.attentive_mask_temperature)
+    if temperature < 0 or not math.isfinite(temperature):
+        errors.append(f"--attentive-mask-temperature must be >= 0, got {temperature}")
+    if layout.image_mask_style == "attentive" and not weights["cmim_weight"]:
+        errors.append("--image-mask-style attentive with --cmim-weight 0: there is no image "
+                      "masking")
     if layout.cmlm_tie_embeddings:
         if not weights["cmlm_weight"]:
             errors.append("--cmlm-tie-embeddings with --cmlm-weight 0: there is no CMLM head "
@@ -179,7 +203,8 @@ def objective_errors(cfg: M2ModelConfig, layout: Layout) -> Tuple[List[str], Lis
                                 f"the model's {grid}x{grid}: m2-pretrain rejects such a "
                                 "tokenizer, so --visual-tokenizer must be another one")
             warnings.append(f"VQ-KD figures assume BEiT-v2's tokenizer (ViT-B/16, "
-                            f"{VQKD.codebook_size} codes), run in fp32")
+                            f"{VQKD.codebook_size} codes): fp32 weights, its encoder in bf16 "
+                            "autocast (--bf16)")
     elif layout.visual_tokenizer:
         errors.append("--visual-tokenizer is read only with --mim-target vqkd and "
                       "--cmim-weight > 0")
@@ -187,24 +212,28 @@ def objective_errors(cfg: M2ModelConfig, layout: Layout) -> Tuple[List[str], Lis
 
 
 def objective_args(layout: Layout) -> List[str]:
-    """The m2-pretrain flags of the objective (none for the default ``itc``)."""
-    if layout.objective == "itc":
-        return []
-    args = ["--objective", layout.objective]
-    if layout.objective != "m2":
-        return args
+    """The m2-pretrain flags of the objective (none for the default ``itc``). Masked-modelling
+    flags set under ``itc`` are printed too, so that m2-pretrain refuses them as the planner
+    does."""
+    args = [] if layout.objective == "itc" else ["--objective", layout.objective]
     for name in ("cmlm_weight", "cmim_weight"):
         if getattr(layout, name) is not None:
             args += [f"--{name.replace('_', '-')}", f"{getattr(layout, name):g}"]
-    if layout.mvlm_prob != 0.5:
-        args += ["--mvlm-prob", f"{layout.mvlm_prob:g}"]
-    args += ["--mim-target", layout.mim_target]
+    if layout.objective == "m2":
+        if layout.mvlm_prob != 0.5:
+            args += ["--mvlm-prob", f"{layout.mvlm_prob:g}"]
+        if _weight(layout.cmim_weight) != 0:
+            args += ["--mim-target", layout.mim_target]
     if layout.visual_tokenizer:
         args += ["--visual-tokenizer", layout.visual_tokenizer]
     if layout.visual_tokenizer_heads is not None:
         args += ["--visual-tokenizer-heads", str(layout.visual_tokenizer_heads)]
     if layout.image_mask_patches is not None:
         args += ["--image-mask-patches", str(layout.image_mask_patches)]
+    if layout.image_mask_style != "block":
+        args += ["--image-mask-style", layout.image_mask_style]
+    if layout.attentive_mask_temperature != 0:
+        args += ["--attentive-mask-temperature", repr(float(layout.attentive_mask_temperature))]
     if layout.cmlm_tie_embeddings:
         args.append("--cmlm-tie-embeddings")
     return args
@@ -240,7 +269,7 @@ def vqkd_parameters(v: VQKDShape = VQKD) -> int:
     """Parameters of the tokenizing half of VQ-KD (what :class:`~megatron_m2.model.vqkd.
     VQKDTokenizer` holds): patch Conv2d, [CLS], position table, ``depth`` pre-LN blocks (qkv
     without bias plus q and v biases, Out, MLP, two LayerNorms), ``fc_norm``, the task layer
-    ``w → w → code_dim`` and the codebook. 85.9 M for BEiT-v2's."""
+    ``w → w → code_dim`` and the codebook. 86.7 M for BEiT-v2's."""
     w, m = v.width, v.mlp
     block = 2 * w + 3 * w * w + 2 * w + (w * w + w) + 2 * w + (w * m + m) + (m * w + w)
     grid = v.img_size // v.patch_size
@@ -262,7 +291,9 @@ def vqkd_forward_flops(cfg: M2ModelConfig, v: VQKDShape = VQKD) -> int:
 
 
 def vqkd_working_bytes(cfg: M2ModelConfig, batch: int, v: VQKDShape = VQKD) -> int:
-    """Transient fp32 bytes of VQ-KD's no-grad forward over ``batch`` images on the last stage:
+    """Transient bytes of VQ-KD's no-grad forward over ``batch`` images on the last stage,
+    counted in fp32 (an upper bound under ``--bf16``, whose autocast keeps the GEMM outputs in
+    bf16; it caches no bf16 weight copies, the tokenizer's weights not requiring gradients):
     the fp32 images, the residual stream ``[b, P+1, w]``, and the largest of the attention
     phase (qkv, scaled q, and the ``[b, heads, P+1, P+1]`` scores and their softmax: the
     reference attention is not fused), the MLP phase (FC1 output and GELU) and the code search

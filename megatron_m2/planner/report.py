@@ -45,7 +45,8 @@ def _header_lines(plan: Plan) -> List[str]:
             f"{lay.micro_batch}, global batch {plan.derived.get('global_batch', '?')}, "
             f"{lay.precision}, distributed optimizer "
             f"{'on' if lay.distributed_optimizer else 'off'}, recompute "
-            f"{'on' if lay.recompute else 'off'}, itc heads {lay.itc_heads}"]
+            f"{'on' if lay.recompute else 'off'}, itc heads {lay.itc_heads}"
+            + (f", objective {lay.objective}" if lay.objective != "itc" else "")]
 
 
 def _layout_lines(plan: Plan) -> List[str]:
@@ -77,6 +78,23 @@ def _memory_lines(plan: Plan) -> List[str]:
                  f"x {st['in_flight_micro_batches']} in flight"
                  + (f", {st['recomputed_layers']} recomputed layer(s) keep only their input"
                     if st["recomputed_layers"] else ""))
+    if "columns" in st:
+        last = mem["per_stage"][-1]
+        p = plan.parameters["per_stage_rank"][-1]
+        b = plan.layout.micro_batch
+        lines.append(f"  objective {plan.layout.objective}: {st['columns']} columns per "
+                     f"micro-batch ({b} contrastive + {st['columns'] - b} fused); last stage: "
+                     f"masked heads {p['masked_heads']:,} params, their logits "
+                     f"{_gb(last['masked_loss_bytes'])}"
+                     + (f", VQ-KD {_gb(last['vqkd_weight_bytes'])} (fp32 weights) + "
+                        f"{_gb(last['vqkd_working_bytes'])} (its forward)"
+                        if last["vqkd_weight_bytes"] else ""))
+        if plan.layout.image_mask_style == "attentive" and last.get("columns"):
+            lines.append("  attentive masking: "
+                         + ("scores from feature accumulation's first phase"
+                            if plan.layout.itc_accumulate_features else
+                            f"a forward-only scoring pass of the {b} contrastive columns "
+                            "(one layer's transient, no activations kept)"))
     return lines
 
 
@@ -140,16 +158,26 @@ def _itc_lines(plan: Plan) -> List[str]:
 
 def _time_lines(plan: Plan) -> List[str]:
     fl, tm = plan.flops, plan.time
+    masked = (f", masked heads, VQ-KD forward {fl['vqkd_flops_per_step'] / 1e15:,.2f}"
+              if "vqkd_flops_per_step" in fl else "")
+    extra = sum(r.get("extra_forward_flops", 0) for r in fl["per_stage_rank"])
+    hw_note = (" (incl. the attentive scoring pass)"
+               if extra and plan.layout.image_mask_style == "attentive"
+               and not plan.layout.itc_accumulate_features else "")
     return ["",
             f"FLOPs per step: model {fl['model_flops_per_step'] / 1e15:,.1f} PFLOP "
             f"(6 x {plan.parameters['active_per_token'] / 1e9:.2f} B active params x tokens "
-            f"= {fl['six_n_t'] / 1e15:,.1f} PFLOP + attention, embeddings, heads, loss); "
-            f"hardware {fl['hardware_flops_per_step'] / 1e15:,.1f} PFLOP",
+            f"= {fl['six_n_t'] / 1e15:,.1f} PFLOP + attention, embeddings, heads, "
+            f"loss{masked}); hardware {fl['hardware_flops_per_step'] / 1e15:,.1f} PFLOP"
+            f"{hw_note}",
             f"step time {_ms(tm['step_time_s'])} ms = compute {_ms(tm['compute_s'])} "
             f"(MFU {plan.assumptions.mfu:g} while computing, bubble "
             f"{tm['pipeline_bubble_fraction']:.0%}) + TP {_ms(tm['tp_comm_s'])} + ITC "
-            f"{_ms(tm['itc_s'])} + PP {_ms(tm['pp_p2p_s'])} + DP {_ms(tm['dp_comm_s'])} ms "
-            f"(not overlapped)",
+            f"{_ms(tm['itc_s'])} + PP {_ms(tm['pp_p2p_s'])} + DP {_ms(tm['dp_comm_s'])}"
+            + (f" + VQ-KD {_ms(tm['vqkd_s'])}" if tm.get("vqkd_s") else "")
+            + (f" + attentive scores PP {_ms(tm['attentive_scores_s'])}"
+               if tm.get("attentive_scores_s") else "")
+            + " ms (not overlapped)",
             f"  {tm['samples_per_s']:,.0f} samples/s, MFU {tm['mfu']:.1%} of "
             f"{tm['peak_tflops_used']:g} TFLOP/s per GPU"]
 

@@ -3,7 +3,11 @@
 ``slot`` = the slowest stage's compute + TP all-reduces (+ ITC on the last stage) per
 micro-batch; ``step = (M + PP − 1)·slot + 2·(M + PP − 1)·p2p + (1 − dp_overlap)·DP`` (1F1B,
 nothing overlapped: the trainer runs megatron DDP with ``overlap_grad_reduce=False``), plus the
-one ITC exchange of the step with feature accumulation.
+one ITC exchange of the step with feature accumulation, plus (``--objective m2`` with VQ-KD
+targets) the M tokenizer forwards the last stage runs before the schedule, plus (``--image-mask-
+style attentive`` at PP > 1) the scoring pass's forward p2p transfers and the scores' broadcast.
+The scoring pass's compute and TP all-reduces are in the stages' slot (as feature accumulation's
+first phase): ``(M + PP − 1)`` ticks of one more forward, that pass's own fill and drain.
 """
 
 from __future__ import annotations
@@ -40,7 +44,16 @@ def time_section(ctx: Context, flops: Dict[str, object],
     dp_time = (max(x["time_s"] for x in comm["dp"]["per_stage"])
                * (1 - ctx.assumptions.dp_overlap))
     itc_once = gba_s if ctx.accum else 0.0
-    step = pipeline + p2p + dp_time + itc_once
+    # --objective m2 with VQ-KD targets: the last stage tokenizes every micro-batch's images
+    # before the schedule (Trainer._prepare), serially: M forwards the pipeline waits for.
+    vqkd = m * max(r.get("vqkd_time_s_per_micro_batch", 0.0) for r in flops["per_stage_rank"])
+    attentive = comm["pp"].get("attentive")
+    scores = 0.0
+    if attentive and pp > 1:
+        # The scoring pass's forward transfers (one direction), then the scores' broadcast.
+        scores = (ticks * attentive["scoring_time_s_per_transfer"]
+                  + attentive["scores_broadcast"]["time_s"])
+    step = pipeline + p2p + dp_time + itc_once + vqkd + scores
     stage_rows = flops["per_stage_rank"]
     compute_only = ticks * max(r["compute_time_s_per_micro_batch"] for r in stage_rows)
     peak_gemm = peak_flops(ctx)[1]
@@ -48,6 +61,8 @@ def time_section(ctx: Context, flops: Dict[str, object],
         "step_time_s": step, "compute_s": compute_only,
         "tp_comm_s": ticks * max(x["time_s_per_micro_batch"] for x in comm["tp"]["per_stage"]),
         "itc_s": gba_s, "pp_p2p_s": p2p, "dp_comm_s": dp_time,
+        **({"vqkd_s": vqkd} if ctx.obj is not None else {}),
+        **({"attentive_scores_s": scores} if ctx.attentive else {}),
         "pipeline_bubble_fraction": (pp - 1) / ticks,
         "samples_per_s": ctx.gbs / step,
         "mfu": flops["model_flops_per_step"] / (step * ctx.world * peak_gemm),
