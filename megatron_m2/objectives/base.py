@@ -62,6 +62,8 @@ class Objective:
     stage: ClassVar[str] = "last"
     metrics: ClassVar[Tuple[str, ...]] = ()
     supports_feature_accumulation: ClassVar[bool] = False
+    console_metrics: ClassVar[Tuple[str, ...]] = ()
+    """Metrics also printed on the console's step line (all are in the JSON and TensorBoard)."""
     scoring_keys: Tuple[str, ...] = ()
     """Outputs of a contrastive forward (no graph) the objective needs before the step's
     training forward (e.g. patch relevance for attentive masking). Non-empty: the trainer

@@ -517,9 +517,12 @@ class Trainer:
                            / (rec["step"] - first_step))
                     rec["samples_per_s"] = sps
                     t_last, last_step = now, rec["step"]
+                    # The parts of the loss the objective names (m2: itc, cmlm, cmim).
+                    parts = "".join(f" | {k} {rec[k]:.4f}"
+                                    for k in self.objective.console_metrics if k in rec)
                     logger.info("step %5d/%d | loss %.4f | lr %.3e | grad-norm %.3f | "
-                                "%.1f samples/s | ETA %ds", rec["step"], a.train_iters,
-                                rec["loss"], rec["lr"], rec["grad_norm"], sps, eta)
+                                "%.1f samples/s | ETA %ds%s", rec["step"], a.train_iters,
+                                rec["loss"], rec["lr"], rec["grad_norm"], sps, eta, parts)
                 if self.evaluator and ((a.eval_interval and rec["step"] % a.eval_interval == 0)
                                        or rec["step"] == a.train_iters):
                     rec["eval"] = self.evaluate()

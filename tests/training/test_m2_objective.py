@@ -184,6 +184,13 @@ def test_masks_depend_on_sample_positions_only():
         for a, b in zip(one, rank):
             for k in a:
                 assert (a[k] == b[k]).all(), k
+    # DP=2: rank r's (only) micro-batch holds positions 4r..4r+3, the single process's
+    # micro-batch r, with the same masks.
+    dp = run_distributed(_prepared, world_size=2, tp=1)
+    for r, rank in enumerate(dp):
+        assert len(rank) == 1
+        for k in rank[0]:
+            assert (rank[0][k] == one[r][k]).all(), (r, k)
     first = one[0]
     assert first["sample_positions"].tolist() == [0, 1, 2, 3]
     assert (first["cmlm_labels"] != -100).any() and first["cmim_mask"].any()
