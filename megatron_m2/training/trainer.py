@@ -358,10 +358,16 @@ class Trainer:
     def forward_only(self, batches, keys) -> List[Dict[str, torch.Tensor]]:
         """The outputs named ``keys`` of every micro-batch in ``batches`` in the contrastive
         layout (one forward-only pass of the schedule; the outputs exist on the last pipeline
-        stage, ``[]`` elsewhere)."""
-        return self._schedule(partial(_keep_step, keys=frozenset(keys),
-                                      objective=self.objective), batches, forward_only=True,
-                              multiple=self.objective.batch_multiple(contrastive_only=True))
+        stage, ``[]`` elsewhere).
+
+        Runs without autograd: megatron's forward-only schedule does not disable it itself,
+        and a graph kept alive per micro-batch until the pass ends would cost the activation
+        memory feature accumulation exists to save (and evaluation would keep graphs too)."""
+        with torch.no_grad():
+            return self._schedule(partial(_keep_step, keys=frozenset(keys),
+                                          objective=self.objective), batches,
+                                  forward_only=True,
+                                  multiple=self.objective.batch_multiple(contrastive_only=True))
 
     def _accumulated_losses(self, batches):
         """Two-phase step of feature accumulation (GradCache): cache the objective's outputs
