@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer states over the data-parallel group")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradients bucket by bucket during the backward pass "
+                        "(megatron-core DDP), instead of all at once after it")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: all-gather the updated parameters "
+                        "bucket by bucket during the next forward pass, instead of inside the "
+                        "optimizer step")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="elements per gradient bucket with --overlap-grad-reduce (default: "
+                        "megatron-core's, max(4e7, 1e6 x DP))")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="collective timeout: a dead rank ends the job instead of hanging it")
 
@@ -221,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--randaugment", default="2,7",
                    help="RandAugment 'N,M' of the train transform, or 'none'")
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--image-decode", choices=["cpu", "gpu"], default="cpu",
+                   help="where training images are decoded and augmented: cpu (Pillow, in the "
+                        "loader workers) or gpu (workers pass the JPEG bytes and crop/flip "
+                        "parameters; nvJPEG via torchvision on the GPU; needs CUDA, torchvision "
+                        "(the gpu-decode extra) and --randaugment none)")
     g.add_argument("--skip-bad-samples", type=int, default=0, metavar="N",
                    help="replace a sample that cannot be read or decoded by the next good one, "
                         "counting them, at most N over the run (0: the first one stops the run, "

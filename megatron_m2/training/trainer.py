@@ -22,6 +22,7 @@ a surrogate loss that injects those gradients.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -134,7 +135,8 @@ class Trainer:
 
         config = self.model.config
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size,
             use_distributed_optimizer=args.use_distributed_optimizer)
         self.ddp_model = DistributedDataParallel(config, ddp_config, self.model)
         opt_config = OptimizerConfig(
@@ -266,8 +268,27 @@ class Trainer:
                            "schedule", decay_end, self.scheduler.min_lr, a.train_iters,
                            decay_end + 1, a.train_iters)
 
+    @contextlib.contextmanager
+    def params_synced(self):
+        """The model's parameters current inside the block. With --overlap-param-gather the
+        optimizer step leaves the all-gather of the updated parameters to the next forward pass
+        (forward pre-hooks, bucket by bucket); saving and evaluating read them before that, so
+        they gather now (synchronously, as Megatron-LM does around its evaluation and saves)."""
+        if not getattr(self.ddp_model, "use_forward_hook", False):
+            yield
+            return
+        self.ddp_model.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            self.ddp_model.enable_forward_pre_hook()
+
     def save(self) -> str:
         """Write a checkpoint of the current step (collective)."""
+        with self.params_synced():
+            return self._save()
+
+    def _save(self) -> str:
         from ..checkpoint import save_checkpoint
 
         meta = {"model_config": self.cfg.to_dict(), "args": vars(self.args),
@@ -286,6 +307,13 @@ class Trainer:
 
         a, cfg = self.args, self.cfg
         transform = train_transform(cfg.image_size, randaugment=parse_randaugment(a.randaugment))
+        self._image_decoder = None
+        if getattr(a, "image_decode", "cpu") == "gpu":  # workers pass bytes + crop/flip params
+            from ..data.gpu_decode import EncodedTrainTransform, GpuBatchDecoder
+
+            transform = EncodedTrainTransform.from_train_transform(transform)
+            self._image_decoder = GpuBatchDecoder.for_transform(
+                transform, torch.device("cuda", torch.cuda.current_device()))
         split = parse_split(a.split)
         parts, weights = [], []
         for w, prefix in parse_data_path(a.data_path):
@@ -329,6 +357,8 @@ class Trainer:
             bad = b.pop("bad_samples", None)
             if bad is not None:
                 self._bad_this_step += int(bad.sum())
+            if self._image_decoder is not None:  # --image-decode gpu: JPEG bytes -> images
+                self._image_decoder(b)
         return self._prepare(batches)
 
     def _prepare(self, batches):
@@ -487,7 +517,7 @@ class Trainer:
         """Held-out retrieval per language (every rank gets the same figures)."""
         from ..eval.retrieval import chance_recall, format_table
 
-        with phase(f"held-out evaluation at step {self.step}"):
+        with phase(f"held-out evaluation at step {self.step}"), self.params_synced():
             results = self.evaluator.evaluate(self.ddp_model)
         rows = dict(results)
         sizes = set(self.evaluator.chance_sizes())

@@ -34,6 +34,21 @@ _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "-
                    "wd_incr_style": "weight-decay style"}
 
 
+def _validate_image_decode(args: argparse.Namespace, randaugment) -> None:
+    """``--image-decode gpu``: CUDA, an importable torchvision, no RandAugment."""
+    if getattr(args, "image_decode", "cpu") != "gpu":
+        return
+    if randaugment is not None:
+        raise ConfigError(f"--image-decode gpu does not apply RandAugment (--randaugment "
+                          f"{args.randaugment}): pass --randaugment none, or --image-decode cpu")
+    from ..data.gpu_decode import gpu_decode_problem
+
+    problem = gpu_decode_problem()
+    if problem:
+        raise ConfigError(f"--image-decode gpu needs a CUDA device and a torchvision built for "
+                          f"this torch (pip install 'megatron_m2[gpu-decode]'): {problem}")
+
+
 def _prepare_output_dirs(args: argparse.Namespace) -> None:
     """Create the run's output folders and check that they take files, so that a first run
     into a fresh folder works and a read-only or mistyped one fails now, not at the first save
@@ -357,12 +372,18 @@ def validate_args(args: argparse.Namespace, world_size: int,
         if ra is not None and not (ra[0] >= 0 and 0 <= ra[1] <= 30):
             raise ConfigError(f"--randaugment {args.randaugment}: N >= 0 operations of "
                               "magnitude M in 0..30")
+        _validate_image_decode(args, ra)
     if args.tokenizer_model:
         if not os.path.exists(args.tokenizer_model):
             raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
         _validate_data(args, cfg)
     _validate_resume(args, cfg)
     _validate_masked(args, cfg)
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only the "
+                          "distributed optimizer all-gathers parameters)")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise ConfigError(f"--ddp-bucket-size must be >= 1, got {args.ddp_bucket_size}")
     if args.transformer_impl == "te" and not have_transformer_engine():
         raise ConfigError("--transformer-impl te needs Transformer Engine, which is not "
                           "installed; use --transformer-impl local (or run in the Docker image)")
