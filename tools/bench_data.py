@@ -35,9 +35,17 @@ In a temporary directory it
    spend meanwhile (steadier than wall time on a machine shared with other jobs).
    ``--repeats N`` runs N alternating passes of each and keeps each figure's best.
 
+``--decode [PREFIX]`` measures instead, side by side, what one CPU core does on a dataset
+(Pillow decode alone: the bound; decode + train transform with and without RandAugment; the GPU
+decode path's worker half: header, parameters, bytes) and what the loader delivers (CPU path
+with 1 and 2 workers, GPU path's workers with 1), on PREFIX or on generated JPEGs.
+
 Examples::
 
     python tools/bench_data.py
+    python tools/bench_data.py --decode data/emoji_demo/train \
+        --tokenizer-model data/emoji_demo/tokenizer.model
+    python tools/bench_data.py --decode --samples 500 --source-size 256
     python tools/bench_data.py --samples 2048 --workers 4 --repeats 3 --json
 """
 
@@ -302,14 +310,14 @@ def time_loader(loader, measured: int, expect, workers: int) -> Dict:
     # process's CPU time is counted (flagged by worker_cpu_ms_per_sample = None).
     pids = [w.pid for w in getattr(it, "_workers", [])]
     t1, c1, w1 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
-    if _shapes(first) != expect:
+    if expect is not None and _shapes(first) != expect:
         raise AssertionError(f"batch shapes {_shapes(first)} != expected {expect}")
     samples = 0
     for _ in range(measured):
         b = next(it)
-        if _shapes(b) != expect:
+        if expect is not None and _shapes(b) != expect:
             raise AssertionError(f"batch shapes {_shapes(b)} != expected {expect}")
-        samples += b["images"].shape[0]
+        samples += b["text_ids"].shape[0]
     t2, c2, w2 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
     worker_ms = (None if workers and (w1 is None or w2 is None or not pids)
                  else 1e3 * ((w2 or 0.0) - (w1 or 0.0)) / samples)
@@ -431,6 +439,106 @@ def run(args) -> Dict:
     }
 
 
+# -- decode: the CPU path against the Pillow decode bound ----------------------------------------
+def _per_core(fn, items, min_s: float = 1.0) -> Dict:
+    """Items/s of ``fn`` over ``items`` in this process (one thread): by CPU time (per core,
+    steady on a shared machine) and by wall time; repeated until ``min_s`` CPU seconds."""
+    c0, t0, done = time.process_time(), time.perf_counter(), 0
+    while True:
+        for i, x in enumerate(items):
+            fn(i, x)
+        done += len(items)
+        if time.process_time() - c0 >= min_s:
+            break
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    return {"per_core": round(done / cpu, 1), "wall": round(done / wall, 1), "items": done,
+            "ms_per_item": round(1e3 * cpu / done, 3)}
+
+
+def run_decode(args, prefix: str, tok_model: str) -> Dict:
+    """(a) Pillow decode alone, (b) decode + train transform, per core, and the GPU path's worker
+    half; (c) the whole loader (CPU path) with 1 and 2 workers, and the GPU path's with 1."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from megatron_m2.data.dataset import GlobalBatchSampler, ImageTextDataset, build_loader
+    from megatron_m2.data.gpu_decode import EncodedTrainTransform
+    from megatron_m2.data.indexed import ImageTextIndexedDataset
+    from megatron_m2.data.tokenizer import M2Tokenizer
+    from megatron_m2.data.transforms import train_transform
+
+    torch.set_num_threads(1)  # per core: as in a loader worker
+    reader = ImageTextIndexedDataset(prefix)
+    blobs = [reader[i].image for i in range(min(args.samples, len(reader)))]
+    with Image.open(io.BytesIO(blobs[0])) as im:
+        first = {"size": list(im.size), "format": im.format, "mode": im.mode}
+    S = args.image_size
+    ra, plain = train_transform(S, randaugment=(2, 7)), train_transform(S, randaugment=None)
+    enc = EncodedTrainTransform.from_train_transform(plain)
+
+    def decode(i, b):
+        with Image.open(io.BytesIO(b)) as im:
+            return im.convert("RGB")
+
+    per_core = {
+        "pillow_decode": _per_core(decode, blobs),
+        "decode_transform_randaugment": _per_core(
+            lambda i, b: ra(decode(i, b), random.Random(i)), blobs),
+        "decode_transform": _per_core(lambda i, b: plain(decode(i, b), random.Random(i)), blobs),
+        "gpu_path_worker": _per_core(lambda i, b: enc(b, random.Random(i)), blobs),
+    }
+    tok = M2Tokenizer(tok_model)
+    B, n = args.batch, len(reader)
+    measured = max(1, min(n, args.samples) // B - 1)
+    loaders = {}
+    for name, transform, workers in (("cpu_randaugment", ra, 1), ("cpu_randaugment", ra, 2),
+                                     ("cpu", plain, 2), ("gpu_path", enc, 1)):
+        ds = ImageTextDataset(prefix, tok, transform, args.text_length, seed=args.seed)
+        sampler = GlobalBatchSampler(n, B, B, 0, 1, seed=args.seed)
+        loaders[f"{name}_workers_{workers}"] = time_loader(
+            build_loader(ds, sampler, workers), measured, None, workers)
+    return {"per_core": per_core, "loader": loaders,
+            "config": {"prefix": prefix, "samples": len(blobs), "dataset_samples": n,
+                       "image": first, "mean_jpeg_bytes": round(float(np.mean(
+                           [len(b) for b in blobs]))), "image_size": S, "batch": B,
+                       "measured_batches": measured, "cpus": os.cpu_count(),
+                       "loadavg_1min": round(os.getloadavg()[0], 2),
+                       "torch": torch.__version__}}
+
+
+def decode_dataset(args, tmp: Path) -> Tuple[str, str]:
+    """``--decode``'s dataset: the one given, or ``--samples`` photo-like JPEGs at
+    ``--source-size`` px preprocessed at quality 90 under ``tmp``."""
+    if args.decode != "generate":
+        if not args.tokenizer_model:
+            raise SystemExit("--decode PREFIX needs --tokenizer-model")
+        return args.decode, args.tokenizer_model
+    from megatron_m2.data.preprocess import PreprocessConfig, preprocess
+    from megatron_m2.data.tokenizer import train_tokenizer
+
+    corpus = make_corpus(tmp / "corpus", args.samples, args.source_size, args.seed)
+    tok = train_tokenizer(corpus["captions"], tmp / "tok", vocab_size=args.vocab_size,
+                          seed=args.seed)
+    cfg = PreprocessConfig(tokenizer_model=tok, workers=2, jpeg_quality=90)
+    preprocess([corpus["manifest"]], str(tmp / "data"), cfg, resume=False)
+    return str(tmp / "data"), tok
+
+
+def print_decode_table(r: Dict) -> None:
+    c = r["config"]
+    print(f"{c['samples']} images of {c['prefix']} ({c['image']['size'][0]}x"
+          f"{c['image']['size'][1]} {c['image']['format']}, mean {c['mean_jpeg_bytes'] / 1024:.1f}"
+          f" KiB) -> {c['image_size']} px; {c['cpus']} CPUs, load {c['loadavg_1min']}")
+    print(f"\n{'per core (1 thread)':<32}{'img/s CPU':>11}{'img/s wall':>12}{'ms/img':>9}")
+    for k, x in r["per_core"].items():
+        print(f"{k:<32}{x['per_core']:>11.1f}{x['wall']:>12.1f}{x['ms_per_item']:>9.3f}")
+    print(f"\n{'loader':<32}{'samples/s':>11}{'CPU ms/sample':>15}")
+    for k, x in r["loader"].items():
+        cpu = "n/a" if x["cpu_ms_per_sample"] is None else f"{x['cpu_ms_per_sample']:.2f}"
+        print(f"{k:<32}{x['samples_per_s']:>11.1f}{cpu:>15}")
+
+
 def print_table(r: Dict) -> None:
     c = r["config"]
     print(f"{c['samples']} samples: {c['source_size']} px JPEG (mean "
@@ -480,7 +588,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1,
                    help="loader passes each, alternating; the best pass is reported")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("--decode", nargs="?", const="generate", default=None, metavar="PREFIX",
+                   help="instead: decode rates per core against the Pillow bound and the loader "
+                        "with 1 and 2 workers, on dataset PREFIX (with --tokenizer-model) or on "
+                        "--samples generated JPEGs of --source-size px (quality 90)")
+    p.add_argument("--tokenizer-model", default=None, help="--decode PREFIX's tokenizer")
     args = p.parse_args(argv)
+    if args.decode is not None:
+        import logging
+        logging.getLogger("megatron_m2").setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
+            result = run_decode(args, *decode_dataset(args, Path(tmp)))
+        print(json.dumps(result)) if args.json else print_decode_table(result)
+        return 0
     try:
         import webdataset  # noqa: F401
     except ImportError:

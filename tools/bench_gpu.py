@@ -30,6 +30,13 @@ Examples::
     python tools/bench_gpu.py                                   # tiny and 0.4b, bf16 and fp8
     python tools/bench_gpu.py --flavors 0.4b --precisions bf16 --micro-batch-size 128 --json
     python tools/bench_gpu.py --device cpu --flavors tiny --precisions fp32 --iters 2
+    python tools/bench_gpu.py --decode                          # GPU vs CPU image decode
+
+``--decode`` measures instead the data path of ``m2-pretrain --image-decode gpu``: decode +
+train transform samples/s of the CPU path (Pillow, one core, with and without RandAugment), of
+the GPU path's worker half (per core) and of its main-process half on the GPU (nvJPEG batched
+decode via torchvision, crop/resize/flip/normalise), and nvJPEG decode alone. Without CUDA the
+GPU half runs on CPU tensors with a Pillow decoder (plumbing only, not a GPU figure).
 """
 
 from __future__ import annotations
@@ -319,6 +326,91 @@ def _te_version() -> Optional[str]:
     return None
 
 
+# -- --decode: the GPU decode path against the CPU path -------------------------------------------
+def decode_images(n: int, size: int, seed: int = 0) -> List[bytes]:
+    """``n`` photo-like ``size`` px JPEGs (quality 90): smooth colour fields plus grain."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        arr = np.asarray(small.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+        arr = np.clip(arr + rng.normal(0.0, 6.0, arr.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _rate(fn, n: int, sync=None, min_s: float = 1.0) -> Dict:
+    """Items/s of ``fn()`` (which handles ``n`` items): wall time and, for CPU work, per core."""
+    fn()  # warm-up (CUDA context, nvJPEG handles, kernels)
+    if sync:
+        sync()
+    c0, t0, done = time.process_time(), time.perf_counter(), 0
+    while time.perf_counter() - t0 < min_s:
+        fn()
+        done += n
+    if sync:
+        sync()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"samples_per_s": round(done / wall, 1), "per_core_cpu": round(done / cpu, 1)}
+
+
+def run_decode(a, device: str) -> Dict:
+    """Decode + train transform samples/s: the CPU path (Pillow, one thread), the GPU path's
+    worker half (header, parameters, bytes) and its main-process half on ``device`` (nvJPEG
+    batched decode + crop/resize/flip/normalise); on CPU that half runs with a Pillow decoder
+    (plumbing only)."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from megatron_m2.data.dataset import _collate
+    from megatron_m2.data.gpu_decode import EncodedTrainTransform, GpuBatchDecoder
+    from megatron_m2.data.transforms import train_transform
+
+    torch.set_num_threads(1)
+    blobs = decode_images(a.decode_samples, a.decode_source_size)
+    S, n = a.decode_image_size, len(blobs)
+    ra, plain = train_transform(S, randaugment=(2, 7)), train_transform(S, randaugment=None)
+    enc = EncodedTrainTransform.from_train_transform(plain)
+
+    def cpu(t):
+        return lambda: [t(Image.open(io.BytesIO(b)).convert("RGB"), random.Random(i))
+                        for i, b in enumerate(blobs)]
+
+    rows = {"cpu_decode_transform_randaugment": _rate(cpu(ra), n),
+            "cpu_decode_transform": _rate(cpu(plain), n),
+            "gpu_path_worker": _rate(lambda: [enc(b, random.Random(i))
+                                              for i, b in enumerate(blobs)], n)}
+    batch = _collate([enc(b, random.Random(i)) for i, b in enumerate(blobs)])
+    decode = None
+    if device == "cpu":
+        def decode(payloads):
+            return [torch.from_numpy(np.asarray(Image.open(io.BytesIO(p.numpy().tobytes()))
+                                                .convert("RGB")).copy()).permute(2, 0, 1)
+                    for p in payloads]
+    dec = GpuBatchDecoder.for_transform(enc, device, decode)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    rows["gpu_path_decode_transform"] = _rate(lambda: dec(dict(batch)), n, sync)
+    if device == "cuda":
+        from megatron_m2.data.gpu_decode import load_decode_jpeg
+
+        jpeg = load_decode_jpeg(torch.device(device))
+        offsets = batch["image_offsets"].tolist()
+        data = [batch["image_data"][offsets[i]:offsets[i + 1]] for i in range(n)]
+        rows["gpu_decode_only"] = _rate(lambda: jpeg(data), n, sync)
+    return {"device": _device_name(device), "device_type": device, "images": n,
+            "source_size": a.decode_source_size, "image_size": S,
+            "mean_jpeg_bytes": round(sum(map(len, blobs)) / n), "rows": rows}
+
+
 def main(argv=None) -> int:
     from megatron_m2.flavors import FLAVORS
 
@@ -347,7 +439,28 @@ def main(argv=None) -> int:
                    help="torch threads of a CPU run (default: torch's, e.g. OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per row")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--decode", action="store_true",
+                   help="instead: decode + train transform samples/s, the GPU decode path "
+                        "(--image-decode gpu) against the CPU path")
+    p.add_argument("--decode-samples", type=int, default=256, help="--decode: images (a batch)")
+    p.add_argument("--decode-source-size", type=int, default=256, help="--decode: image side")
+    p.add_argument("--decode-image-size", type=int, default=224, help="--decode: crop side")
     a = p.parse_args(argv)
+    if a.decode:
+        device = "cuda" if a.device != "cpu" and torch.cuda.is_available() else "cpu"
+        if a.device == "cuda" and device != "cuda":
+            p.error("--device cuda: no CUDA device available")
+        report = run_decode(a, device)
+        if a.json:
+            print(json.dumps(report))
+        else:
+            print(f"{report['images']} JPEGs of {report['source_size']} px (mean "
+                  f"{report['mean_jpeg_bytes'] / 1024:.1f} KiB) -> {report['image_size']} px "
+                  f"on {report['device']}")
+            for k, r in report["rows"].items():
+                print(f"  {k:<36}{r['samples_per_s']:>10,.0f} samples/s"
+                      f"{r['per_core_cpu']:>10,.0f} per CPU second")
+        return 0
     if a.iters < 1 or a.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
     device = a.device

@@ -76,6 +76,13 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--fp32-peak-tflops", type=float, default=67.0,
                    help="FP32 TFLOP/s per GPU (no TF32), for a VQ-KD run without --bf16 "
                         "(planned commands carry --bf16: its encoder runs in bf16 autocast)")
+    g.add_argument("--cpu-cores-per-gpu", type=float, default=12.0,
+                   help="CPU cores per GPU for the data loaders (one is kept for the training "
+                        "process)")
+    g.add_argument("--cpu-decode-samples-per-core", type=float,
+                   default=planner.CPU_DECODE_SAMPLES_PER_CORE,
+                   help="samples/s one loader worker delivers on the CPU decode path (measure "
+                        "yours with tools/bench_data.py --decode)")
 
     g = p.add_argument_group("layout")
     g.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1,
@@ -209,7 +216,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         raise UserError(msg) from e
     cluster = planner.Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb,
                               args.intra_node_gbps, args.inter_node_gbps, args.peak_tflops,
-                              args.fp32_peak_tflops)
+                              args.fp32_peak_tflops, args.cpu_cores_per_gpu,
+                              args.cpu_decode_samples_per_core)
     layout = planner.Layout(
         tp=args.tp, pp=args.pp, micro_batch=args.micro_batch_size,
         global_batch=args.global_batch_size, itc_group_size=args.itc_group_size,

@@ -77,7 +77,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
     Args:
         prefix: indexed dataset prefix.
         tokenizer: an :class:`~megatron_m2.data.tokenizer.M2Tokenizer` (framing and padding).
-        transform: ``f(PIL image, random.Random) -> tensor`` (train) or ``f(PIL image)`` (eval).
+        transform: ``f(PIL image, random.Random) -> tensor`` (train) or ``f(PIL image)`` (eval);
+            a train transform with ``encoded = True`` gets the encoded bytes instead and returns
+            a dict of tensors (``gpu_decode.EncodedTrainTransform``: ``image_data`` and
+            ``image_params`` in place of ``images``).
         text_length: padded caption length (the model's ``max_text_len``).
         caption_policy: see :data:`CAPTION_POLICIES`.
         seed: base seed of augmentation and caption choice.
@@ -147,12 +150,18 @@ class ImageTextDataset(torch.utils.data.Dataset):
             rng = random.Random(_mix(self.seed, epoch, idx))
             lang, ids = self._choose_caption(sample.captions, rng)
             text_ids, pad = self.tokenizer.pad([ids.tolist()], max_length=self.text_length)
-            with Image.open(io.BytesIO(sample.image)) as img:
-                img = img.convert("RGB")
-                image = self.transform(img, rng) if self.train else self.transform(img)
+            if self.train and getattr(self.transform, "encoded", False):
+                # GPU decode path (gpu_decode.EncodedTrainTransform): the encoded bytes and the
+                # augmentation parameters; the main process decodes and transforms on the GPU.
+                image = self.transform(sample.image, rng)
+            else:
+                with Image.open(io.BytesIO(sample.image)) as img:
+                    img = img.convert("RGB")
+                    image = {"images": self.transform(img, rng) if self.train
+                             else self.transform(img)}
         except (OSError, ValueError, SyntaxError, IndexError) as e:  # PIL, framing, reader
             raise BadSampleError(f"dataset {self.prefix}: sample {idx}: {e}") from None
-        return {"images": image, "text_ids": text_ids[0], "text_pad_mask": pad[0],
+        return {**image, "text_ids": text_ids[0], "text_pad_mask": pad[0],
                 "lang": torch.tensor(0 if lang == "en" else 1 if lang == "zh" else 2)}
 
     def __getitem__(self, key) -> Dict[str, torch.Tensor]:
@@ -247,7 +256,19 @@ def _collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     a daemon thread, in C++ with the GIL released; a worker shut down in the middle of that copy
     could not end cleanly (see :class:`_WorkerProcess` for how workers end).
     """
-    return torch.utils.data.default_collate(samples)
+    data = None
+    if "image_data" in samples[0]:  # GPU decode path: the encoded images, of varying lengths
+        data = [s["image_data"] for s in samples]
+        samples = [{k: v for k, v in s.items() if k != "image_data"} for s in samples]
+    batch = torch.utils.data.default_collate(samples)
+    if data is not None:  # one flat tensor + offsets
+        offsets = torch.zeros(len(data) + 1, dtype=torch.int64)
+        offsets[1:] = torch.tensor([d.numel() for d in data], dtype=torch.int64).cumsum(0)
+        flat = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            flat.share_memory_()  # as default_collate's outputs: passed on without a copy
+        batch["image_data"], batch["image_offsets"] = torch.cat(data, out=flat), offsets
+    return batch
 
 
 class _WorkerProcess(multiprocessing.context.SpawnProcess):

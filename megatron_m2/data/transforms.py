@@ -3,7 +3,9 @@
 Why not torchvision: the PyPI torchvision wheels are built against one exact torch release and
 do not import beside the torch build this project pins, and the data path only needs a handful
 of PIL operations. So the few transforms used are re-implemented here, following torchvision's
-semantics closely enough that published recipes carry over.
+semantics closely enough that published recipes carry over. (``m2-pretrain --image-decode gpu``
+does use torchvision, on GPU machines only, for nvJPEG: see :mod:`megatron_m2.data.gpu_decode`,
+which draws the same crop and flip parameters and reproduces this module's resize on the GPU.)
 
 Semantics
 ---------

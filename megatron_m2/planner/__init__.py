@@ -39,6 +39,8 @@ Modules, one per concern:
 * :mod:`~megatron_m2.planner.plan`: :class:`Plan` and :func:`make_plan`, one call per section;
 * :mod:`~megatron_m2.planner.search`: :func:`recommend` → :class:`Recommendation`;
 * :mod:`~megatron_m2.planner.report`: the text formatters.
+* the data-loading budget (``decode`` section, :func:`~megatron_m2.planner.timing.decode_section`):
+  samples/s per GPU against the CPU cores the CPU decode path needs.
 
 Public API: :class:`Cluster`, :class:`Layout`, :class:`Assumptions`, :func:`make_plan` →
 :class:`Plan`, :func:`recommend` → :class:`Recommendation`, :func:`rank_groups`,
@@ -57,6 +59,7 @@ from .groups import _check_with_rank_generator as _check_with_rank_generator  # 
 from .groups import build_groups, rank_groups
 from .inputs import (
     BF16_BYTES,
+    CPU_DECODE_SAMPLES_PER_CORE,
     FP32_BYTES,
     GB,
     ITC_BYTES_PER_ELEMENT,
@@ -88,5 +91,5 @@ __all__ = [
     "forward_flops_per_sample", "load_model_config", "format_plan", "format_recommendation",
     "resolve_model", "StageShape", "sequence_parts", "short_ranks",
     "MaskedSettings", "masked_settings", "mixed_layer_extra_bytes", "vqkd_parameters",
-    "vqkd_forward_flops",
+    "vqkd_forward_flops", "CPU_DECODE_SAMPLES_PER_CORE",
 ]

@@ -26,6 +26,14 @@ LN_STATS_BYTES = 8
 """fp32 mean and reciprocal standard deviation a LayerNorm saves per token (GPU kernels)."""
 
 
+CPU_DECODE_SAMPLES_PER_CORE = 300.0
+"""Samples/s one CPU core's loader worker delivers on the CPU decode path: Pillow decode of a
+stored JPEG + RandomResizedCrop + flip + RandAugment(2, 7) at 224 px + caption padding + batch
+hand-over. Measured with ``tools/bench_data.py --decode`` (docs/data.md): about 300/s per core
+on 256 px photo-like JPEGs (the loader's CPU ms/sample), less on larger stored images (the
+preprocessor keeps up to 512 px)."""
+
+
 @dataclass(frozen=True)
 class Cluster:
     """The machines: ``nodes`` × ``gpus_per_node`` GPUs.
@@ -36,6 +44,10 @@ class Cluster:
     without TF32, PyTorch's default for matmuls): the frozen VQ-KD of ``--objective m2`` runs
     in fp32 without ``--bf16`` only (under ``--bf16``, which every planned command carries, its
     encoder runs in bf16 autocast at ``peak_tflops``), so no planned layout uses it.
+
+    ``cpu_cores_per_gpu`` (a DGX H100/H200: 112 cores for 8 GPUs, 14; 12 leaves the training
+    processes theirs) and ``cpu_decode_samples_per_core`` (what one loader worker delivers on
+    the CPU decode path, see :data:`CPU_DECODE_SAMPLES_PER_CORE`) size the data loading.
     """
 
     nodes: int = 1
@@ -45,6 +57,8 @@ class Cluster:
     inter_node_gbps: float = 50.0
     peak_tflops: float = 989.0
     fp32_peak_tflops: float = 67.0
+    cpu_cores_per_gpu: float = 12.0
+    cpu_decode_samples_per_core: float = CPU_DECODE_SAMPLES_PER_CORE
 
     @property
     def world_size(self) -> int:

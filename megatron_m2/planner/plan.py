@@ -23,7 +23,7 @@ from .memory import (
     stage_parameters,
 )
 from .objective import masked_settings, objective_args
-from .timing import time_section
+from .timing import decode_section, time_section
 from .validate import validate
 
 
@@ -44,6 +44,7 @@ class Plan:
     communication: Optional[Dict[str, object]] = None
     flops: Optional[Dict[str, object]] = None
     time: Optional[Dict[str, object]] = None
+    decode: Optional[Dict[str, object]] = None
 
     @property
     def valid(self) -> bool:
@@ -125,6 +126,7 @@ class Plan:
             "training_args": self.training_args(),
             "parameters": self.parameters, "memory": self.memory,
             "communication": self.communication, "flops": self.flops, "time": self.time,
+            "decode": self.decode,
         }
 
 
@@ -155,4 +157,5 @@ def make_plan(model: M2ModelConfig, layout: Layout = Layout(), cluster: Cluster 
     plan.communication = communication_section(ctx)
     plan.flops = flops_section(ctx)
     plan.time = time_section(ctx, plan.flops, plan.communication)
+    plan.decode = decode_section(ctx, plan.time["step_time_s"])
     return plan

@@ -31,7 +31,8 @@ def format_plan(plan: Plan) -> str:
         lines.append("INVALID layout:")
         lines += [f"  - {e}" for e in plan.errors]
         return "\n".join(lines)
-    for section in (_layout_lines, _memory_lines, _communication_lines, _time_lines):
+    for section in (_layout_lines, _memory_lines, _communication_lines, _time_lines,
+                    _decode_lines):
         lines += section(plan)
     return "\n".join(lines)
 
@@ -180,6 +181,22 @@ def _time_lines(plan: Plan) -> List[str]:
             + " ms (not overlapped)",
             f"  {tm['samples_per_s']:,.0f} samples/s, MFU {tm['mfu']:.1%} of "
             f"{tm['peak_tflops_used']:g} TFLOP/s per GPU"]
+
+
+def _decode_lines(plan: Plan) -> List[str]:
+    d = plan.decode
+    if not d:
+        return []
+    need, have = d["cpu_cores_needed_per_gpu"], d["cpu_cores_for_workers_per_gpu"]
+    verdict = (f"the CPU path fits: --num-workers {d['num_workers']}" if d["image_decode"] == "cpu"
+               else f"the CPU path would need {need / max(have, 1e-9):.1f}x the cores: use "
+                    "--image-decode gpu (nvJPEG; with --randaugment none)")
+    return ["",
+            f"data loading: {d['samples_per_s_per_gpu']:,.0f} samples/s per GPU (global batch / "
+            f"step time / DP: every rank loads its replica's batch); CPU decode at "
+            f"{d['cpu_decode_samples_per_core']:,.0f} samples/s per core needs {need:.1f} "
+            f"cores per GPU of {d['cpu_cores_per_gpu']:g} ({have:g} for loader workers): "
+            f"{verdict}"]
 
 
 def format_recommendation(rec: Recommendation, limit: Optional[int] = None) -> str:

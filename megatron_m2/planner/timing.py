@@ -12,6 +12,7 @@ first phase): ``(M + PP − 1)`` ticks of one more forward, that pass's own fill
 
 from __future__ import annotations
 
+import math
 from typing import Dict
 
 from .context import Context
@@ -67,4 +68,31 @@ def time_section(ctx: Context, flops: Dict[str, object],
         "samples_per_s": ctx.gbs / step,
         "mfu": flops["model_flops_per_step"] / (step * ctx.world * peak_gemm),
         "peak_tflops_used": peak_gemm / 1e12,
+    }
+
+
+def decode_section(ctx: Context, step_time_s: float) -> Dict[str, object]:
+    """The data-loading budget per GPU: the samples/s each GPU's loader must deliver at the
+    planned step time, the CPU cores that takes on the CPU decode path (Pillow in the loader
+    workers) against the cores the cluster has per GPU, and whether ``--image-decode gpu``
+    (workers only read headers and pass the JPEG bytes; nvJPEG decodes on the GPU) is advised.
+
+    Every rank runs its own loader for its micro-batches (DP ranks read their own slices; a
+    model-parallel group's ranks all load the same batch), so the demand per GPU is the global
+    batch per step over the data-parallel ranks, paid by every GPU: ``gbs / step / dp``. One
+    core is kept for the training process itself.
+    """
+    cl = ctx.cluster
+    per_gpu = ctx.gbs / step_time_s / ctx.dp
+    cores = per_gpu / cl.cpu_decode_samples_per_core
+    available = max(cl.cpu_cores_per_gpu - 1.0, 0.0)
+    advise_gpu = cores > available
+    return {
+        "samples_per_s_per_gpu": per_gpu,
+        "cpu_decode_samples_per_core": cl.cpu_decode_samples_per_core,
+        "cpu_cores_needed_per_gpu": cores,
+        "cpu_cores_per_gpu": cl.cpu_cores_per_gpu,
+        "cpu_cores_for_workers_per_gpu": available,
+        "num_workers": max(1, math.ceil(cores)),
+        "image_decode": "gpu" if advise_gpu else "cpu",
     }
