@@ -16,6 +16,9 @@ micro-batch, median step time over ``--iters`` steps after ``--warmup`` steps:
    from Python goes through) switched on, i.e. what the layer alone costs ours.
 3. **TP=2 vs TP=1** on the same cores: ours at TP=2 over 2 gloo processes × ``threads / 2``
    threads against ours at TP=1, DP=1 in 1 process × ``threads`` threads (measurement 1).
+4. with ``--image-mask-ratio R``: **patch dropout** (FLIP), ours at ``--image-mask-ratio R``
+   (each image keeps [CLS] and ``round((1 - R)·P)`` patches) side by side with ours at R = 0,
+   a fourth variant interleaved with the others in the same process.
 
 The three single-process variants run in one process, interleaved step by step (the order
 rotates every round), so that load from elsewhere on the machine hits them alike; the layer is
@@ -29,6 +32,7 @@ Examples::
 
     python tools/bench_train.py
     python tools/bench_train.py --check --skip-tp --json
+    python tools/bench_train.py --flavor 0.4b --image-mask-ratio 0.5 --skip-tp
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ class PlainTrainer:
 
 
 # == the measurements =============================================================================
-def trainer_args(a, tp: int):
+def trainer_args(a, tp: int, image_mask_ratio: float = 0.0):
     """``m2-pretrain`` arguments of a benchmark run (the LR schedule outlasts every step run)."""
     from megatron_m2.training.arguments import parse_args
 
@@ -114,7 +118,12 @@ def trainer_args(a, tp: int):
                        "--global-batch-size", str(a.global_batch_size),
                        "--micro-batch-size", str(a.micro_batch_size),
                        "--tensor-model-parallel-size", str(tp),
+                       "--image-mask-ratio", str(image_mask_ratio),
                        "--train-iters", str(3 * (a.warmup + a.iters) + 4)])
+
+
+def _dropout_key(ratio: float) -> str:
+    return f"ours r={ratio:g}"
 
 
 def _quiet() -> None:
@@ -196,6 +205,13 @@ def _single_worker(a, port, q) -> None:
         # model and optimizer: the weights' values do not change the cost of a step.
         variants = {"ours": (trainer.train_step, True), "plain": (plain.train_step, False),
                     "plain+layer": (plain.train_step, True)}
+        ratio = getattr(a, "image_mask_ratio", 0.0)
+        if ratio:  # a second Trainer: the same model and data, patch dropout on
+            dropped = Trainer(trainer_args(a, tp=1, image_mask_ratio=ratio))
+            batch = dropped._microbatches()
+            result["vision_seq_len"] = [dropped.cfg.vision_seq_len,
+                                        dropped.objective.vision_len(batch[0])]
+            variants[_dropout_key(ratio)] = (dropped.train_step, True)
 
         def run(name):
             step, layer = variants[name]
@@ -313,7 +329,20 @@ def measure(a) -> dict:
         "plain_layer_over_plain": round(sps["plain+layer"] / sps["plain"], 4),
         "check": single["check"],
         "tp": None,
+        "patch_dropout": None,
     }
+    ratio = getattr(a, "image_mask_ratio", 0.0)
+    if ratio:
+        key = _dropout_key(ratio)
+        out["patch_dropout"] = {
+            "ratio": ratio, "vision_seq_len": {"r=0": single["vision_seq_len"][0],
+                                               f"r={ratio:g}": single["vision_seq_len"][1]},
+            "step_ms": {"r=0": out["step_ms"]["ours"], f"r={ratio:g}": out["step_ms"][key]},
+            "best_step_ms": {"r=0": out["best_step_ms"]["ours"],
+                             f"r={ratio:g}": out["best_step_ms"][key]},
+            "samples_per_s": {"r=0": out["samples_per_s"]["ours"],
+                              f"r={ratio:g}": out["samples_per_s"][key]},
+            "speedup": round(sps[key] / sps["ours"], 4)}
     if not a.skip_tp:
         tp2 = _spawn(_tp_worker, 2, a)
         tp2_sps = g / tp2["median_s"]
@@ -348,8 +377,8 @@ def print_table(r: dict) -> None:
     print(f"M2-Encoder training step, flavor {r['flavor']} ({r['params'] / 1e6:.2f}M params), "
           f"global batch {g} = {g // mb} x micro-batch {mb}, synthetic data")
     print(f"{_n(r['threads'], 'thread')}, median (and best) of {r['iters']} steps after "
-          f"{r['warmup']} warm-up steps, the three variants interleaved in one process; "
-          f"samples/s and ratios from the medians")
+          f"{r['warmup']} warm-up steps, the {len(r['step_ms'])} variants interleaved in one "
+          f"process; samples/s and ratios from the medians")
     load = r["load_average"]
     if max(load) > r["cpu_count"]:
         print(f"note: load average {load[0]:.1f} -> {load[1]:.1f} on {r['cpu_count']} CPUs: "
@@ -377,6 +406,15 @@ def print_table(r: dict) -> None:
             print(f"  note: the Trainer's step record says loss {c['trainer_record_loss']:.6f}, "
                   f"i.e. the loss / {c['micro_batches']} micro-batches (megatron's schedule "
                   f"divides the loss tensor in place after _loss_step kept a view of it)")
+    d = r.get("patch_dropout")
+    if d:
+        (k0, s0), (k1, s1) = d["vision_seq_len"].items()
+        print("\nPatch dropout (FLIP), ours, interleaved with the rows above:")
+        print(f"{'':<46}{'step ms':>10}{'best ms':>9}{'samples/s':>11}{'vs r=0':>10}")
+        for label, key, ratio in ((f"{k0}: {s0} vision rows", k0, 1.0),
+                                  (f"{k1}: {s1} vision rows ([CLS] + kept)", k1, d["speedup"])):
+            print(f"{label:<46}{d['step_ms'][key]:>10.1f}{d['best_step_ms'][key]:>9.1f}"
+                  f"{d['samples_per_s'][key]:>11.1f}{ratio:>9.3f}x")
     t = r["tp"]
     if t:
         t1, t2 = t["tp1"], t["tp2"]
@@ -417,6 +455,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads of the single-process runs (TP=2: threads/2 per rank)")
     p.add_argument("--skip-tp", action="store_true", help="skip the TP=2 vs TP=1 measurement")
+    p.add_argument("--image-mask-ratio", type=float, default=0.0, metavar="R",
+                   help="also measure ours with patch dropout at R (0 < R < 1), interleaved "
+                        "with the r=0 run, and report both side by side")
     p.add_argument("--check", action="store_true",
                    help=f"verify that the plain model's first-step loss matches ours within "
                         f"{CHECK_ATOL:g} (and the gradient norm within {CHECK_GRAD_RTOL:g} "
@@ -433,6 +474,7 @@ def main(argv=None) -> int:
 
     try:
         validate_args(trainer_args(a, 1), 1)
+        validate_args(trainer_args(a, 1, a.image_mask_ratio), 1)
         if not a.skip_tp:
             validate_args(trainer_args(a, 2), 2)
     except ConfigError as e:

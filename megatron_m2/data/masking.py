@@ -15,6 +15,9 @@ Image (CMIM)
     :data:`IMAGE_MASK_PATCHES` patches. :func:`attentive_mask`: SyCoCa's text-guided attentive
     masking (arXiv 2401.02137), the patches most relevant to the text.
 
+Patch dropout (FLIP, contrastive training: ``--image-mask-ratio``)
+    :func:`patch_keep_indices`: the sorted random subset of patches each image keeps.
+
 Word rule (English and Chinese)
 -------------------------------
 SentencePiece marks a word start with ``▁`` (the space before it). Chinese has no spaces, so in a
@@ -527,3 +530,35 @@ def attentive_mask(scores: torch.Tensor, num_masked: int = IMAGE_MASK_PATCHES,
     out = torch.zeros(s2.shape, dtype=torch.bool, device=s2.device)
     out.scatter_(1, order[:, :k], True)
     return out[0] if squeeze else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Patch dropout (FLIP)
+
+
+def patch_keep_count(num_patches: int, ratio: float) -> int:
+    """Patches kept per image by patch dropout at ``ratio``: ``round((1 - ratio) · P)``
+    (halves rounded up), at least 1. The vision sequence then holds ``1 + keep`` rows."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"patch dropout ratio must be in [0, 1), got {ratio}")
+    return max(1, min(int(num_patches), int(math.floor((1.0 - ratio) * num_patches + 0.5))))
+
+
+def patch_keep_indices(seed: int, positions: Sequence[int], num_patches: int,
+                       keep: int) -> torch.Tensor:
+    """FLIP's patch dropout: the patches each image keeps, as LongTensor ``[B, keep]`` of
+    sorted indices into its ``num_patches`` patches (the [CLS] token is not a patch: it is
+    always kept).
+
+    Row ``i`` is a uniform random ``keep``-subset drawn from its own stream
+    (:func:`make_generator` ``(seed, positions[i], "patch_dropout")``): it depends only on the
+    run seed and the sample's global position, never on the batch, the layout or the phase of
+    feature accumulation (both phases drop the same patches)."""
+    if not 1 <= keep <= num_patches:
+        raise ValueError(f"keep must be in [1, {num_patches}], got {keep}")
+    rows = [torch.randperm(int(num_patches),
+                           generator=make_generator(seed, int(p), "patch_dropout"))[:keep]
+            for p in torch.as_tensor(positions).reshape(-1).tolist()]
+    if not rows:
+        return torch.zeros(0, int(keep), dtype=torch.long)
+    return torch.stack(rows).sort(dim=1).values

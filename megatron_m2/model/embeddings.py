@@ -4,7 +4,10 @@
   of num_patches + 3 rows, read from index 2 (fairseq offset);
 * text: token embedding (vocabulary-parallel across TP) + its own learned positions from a table
   of 1024 rows, also read from index 2; padded positions are zeroed, as the official encoder does;
-* no embedding LayerNorm, no embedding scale.
+* no embedding LayerNorm, no embedding scale;
+* patch dropout (FLIP, ``keep_index``): after positions are added, each image keeps [CLS] and
+  the given subset of its patches, which keep their own positions; the vision part shrinks to
+  ``1 + k`` rows.
 
 Output: the packed ``[s_v + s_t, b, d]`` sequence (either part may be absent).
 """
@@ -53,13 +56,16 @@ class M2Embeddings(nn.Module):
             nn.Embedding(model_cfg.text_pos_table, d, device=dev, dtype=dt))
         self.vocab_size = model_cfg.vocab_size
 
-    def embed_image(self, images: torch.Tensor,
-                    image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[b, 3, H, W]`` → ``[1 + num_patches, b, d]``.
+    def embed_image(self, images: torch.Tensor, image_mask: Optional[torch.Tensor] = None,
+                    keep_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[b, 3, H, W]`` → ``[1 + num_patches, b, d]`` (``[1 + k, b, d]`` with
+        ``keep_index``).
 
         ``image_mask`` (``[b, num_patches]``, True = masked; masked image modelling) replaces
         the masked patches' embeddings by ``mask_token`` before positions are added, as BEiT
-        does."""
+        does. ``keep_index`` (LongTensor ``[b, k]``, patch indices in ``[0, num_patches)``,
+        sorted; patch dropout) keeps [CLS] and those k patches of each image, with their
+        positions (``data.masking.patch_keep_indices`` draws them)."""
         x = self.vision_proj(images.to(self.vision_proj.weight.dtype))  # [b, d, h, w]
         x = x.flatten(2).permute(2, 0, 1)  # [p, b, d]
         if image_mask is not None:
@@ -71,7 +77,16 @@ class M2Embeddings(nn.Module):
         cls = self.cls_token.expand(1, x.shape[1], -1).to(x.dtype)
         x = torch.cat([cls, x], dim=0)
         pos = torch.arange(POSITION_OFFSET, POSITION_OFFSET + x.shape[0], device=x.device)
-        return x + self.embed_positions.A(pos)[:, None, :]
+        x = x + self.embed_positions.A(pos)[:, None, :]
+        if keep_index is None:
+            return x
+        p, b = x.shape[0] - 1, x.shape[1]
+        if keep_index.dim() != 2 or keep_index.shape[0] != b or not 1 <= keep_index.shape[1] <= p:
+            raise ValueError(f"keep_index of shape {tuple(keep_index.shape)} for {b} images of "
+                             f"{p} patches (expected [{b}, k], 1 <= k <= {p})")
+        idx = keep_index.to(device=x.device, dtype=torch.long).t()  # [k, b]
+        kept = torch.gather(x[1:], 0, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        return torch.cat([x[:1], kept], dim=0)
 
     def embed_text(self, text_ids: torch.Tensor,
                    text_pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -84,10 +99,10 @@ class M2Embeddings(nn.Module):
         return x
 
     def forward(self, images=None, text_ids=None, text_pad_mask=None,
-                image_mask=None) -> torch.Tensor:
+                image_mask=None, keep_index=None) -> torch.Tensor:
         parts = []
         if images is not None:
-            parts.append(self.embed_image(images, image_mask))
+            parts.append(self.embed_image(images, image_mask, keep_index))
         if text_ids is not None:
             parts.append(self.embed_text(text_ids, text_pad_mask))
         if not parts:

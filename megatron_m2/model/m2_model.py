@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from ..config import M2ModelConfig
 from .embeddings import M2Embeddings
 from .layer_specs import M2VLEntryLayer, get_m2_block_spec
-from .multiway import MultiwayState, PackedLayout, _init_device
+from .multiway import Modality, MultiwayState, PackedLayout, _init_device
 from .transformer_config import M2TransformerConfig
 
 __all__ = ["M2EncoderModel"]
@@ -147,7 +147,8 @@ class M2EncoderModel(MegatronModule):
                 text_ids: Optional[torch.Tensor] = None,
                 text_pad_mask: Optional[torch.Tensor] = None,
                 layout: Optional[PackedLayout] = None, fused: bool = False,
-                image_mask: Optional[torch.Tensor] = None, patch_scores: bool = False):
+                image_mask: Optional[torch.Tensor] = None, patch_scores: bool = False,
+                keep_index: Optional[torch.Tensor] = None):
         """Run this stage.
 
         On the first stage ``images`` ``[b, 3, H, W]`` and/or ``text_ids`` ``[b, s_t]`` are
@@ -179,6 +180,12 @@ class M2EncoderModel(MegatronModule):
         ``h`` ``[s_v + s_t, b, d]`` after the VL stack's final LayerNorm (what masked-modelling
         heads read: rows ``[:s_v]`` image, the rest text); a mixed layout returns the
         embeddings of samples ``[:c]`` and ``fused_hidden`` of samples ``[c:]``.
+
+        ``keep_index`` (LongTensor ``[b, k]``, first stage; patch dropout in contrastive
+        training) keeps [CLS] and those k patches of each image
+        (:meth:`~.embeddings.M2Embeddings.embed_image`): the vision part has ``1 + k`` rows,
+        and so must the layout (the default layout with both modalities has them; later
+        stages must be given it).
         """
         if fused:
             if layout is not None and not layout.full_attention:
@@ -186,10 +193,17 @@ class M2EncoderModel(MegatronModule):
             layout = layout or PackedLayout.fused(self.config.vision_seq_len)
         if layout is None:
             layout = self.default_layout(images, text_ids)
+            if keep_index is not None and layout.modality is Modality.BOTH:
+                layout = PackedLayout.both(1 + keep_index.shape[1])
+        if keep_index is not None and self.pre_process and (
+                layout.modality is Modality.TEXT or (layout.modality is Modality.BOTH and (
+                    layout.vision_len != 1 + keep_index.shape[1]))):
+            raise ValueError(f"keep_index keeps {keep_index.shape[1]} patches: the layout "
+                             f"needs {1 + keep_index.shape[1]} vision rows, got {layout}")
         if layout.full_attention and self.pre_process and (images is None or text_ids is None):
             raise ValueError("the fused pass needs both images and text_ids")
         self.multiway_state.begin(layout)
-        x = self.embeddings(images, text_ids, text_pad_mask, image_mask) if (
+        x = self.embeddings(images, text_ids, text_pad_mask, image_mask, keep_index) if (
             self.pre_process) else None
         h = self.encoder(x, attention_mask=text_pad_mask)
         if not self.post_process:

@@ -23,7 +23,13 @@ An objective says
   (:meth:`Objective.residual_loss` is the part of the loss outside :meth:`cached_loss`, added
   in the second phase);
 * hooks: :meth:`Objective.after_optimizer_step` (e.g. clamp a temperature) and
-  :meth:`Objective.process_groups` (the groups its collectives use, named in failure messages).
+  :meth:`Objective.process_groups` (the groups its collectives use, named in failure messages);
+* **the length of the packed sequence** of a schedule's micro-batches
+  (:meth:`Objective.seq_length`: pipeline messages have that many rows). It follows patch
+  dropout (FLIP, ``--image-mask-ratio``), which the default :meth:`Objective.prepare_batch`
+  draws (:meth:`Objective.drop_patches`: ``batch["patch_keep_index"]``) and the default
+  :meth:`Objective.model_inputs` applies; batches that were not prepared (evaluation) run
+  unmasked.
 
 The trainer's step code calls only this interface; objectives are looked up by name in
 :mod:`megatron_m2.objectives` (``--objective``).
@@ -37,7 +43,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
 if TYPE_CHECKING:  # torch-free at import: argument parsing lists the objectives
     import torch
 
-__all__ = ["Objective", "ObjectiveContext"]
+__all__ = ["Objective", "ObjectiveContext", "PATCH_KEEP_KEY"]
+
+PATCH_KEEP_KEY = "patch_keep_index"
+"""Key of a prepared micro-batch's patch-dropout indices (LongTensor ``[b, k]``, sorted)."""
 
 
 @dataclass
@@ -62,6 +71,11 @@ class Objective:
     stage: ClassVar[str] = "last"
     metrics: ClassVar[Tuple[str, ...]] = ()
     supports_feature_accumulation: ClassVar[bool] = False
+    supports_patch_dropout: ClassVar[bool] = False
+    """Whether ``--image-mask-ratio`` works: its batches go through :meth:`drop_patches` (the
+    default :meth:`prepare_batch`) and its inputs through the default :meth:`model_inputs`
+    (or follow :data:`PATCH_KEEP_KEY` themselves). A subclass that overrides either hook
+    without setting it again does not inherit it (``__init_subclass__``)."""
     console_metrics: ClassVar[Tuple[str, ...]] = ()
     """Metrics also printed on the console's step line (all are in the JSON and TensorBoard)."""
     scoring_keys: Tuple[str, ...] = ()
@@ -71,6 +85,12 @@ class Objective:
     there is one, otherwise in a forward-only pass of their own), sends them from the last
     pipeline stage to every stage and hands them to :meth:`apply_scores`."""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        overrides = {"prepare_batch", "model_inputs"} & set(vars(cls))
+        if overrides and "supports_patch_dropout" not in vars(cls):
+            cls.supports_patch_dropout = False  # its own batches may not follow patch dropout
+
     def __init__(self, ctx: ObjectiveContext):
         self.ctx = ctx
 
@@ -78,8 +98,52 @@ class Objective:
         """The micro-batch as this objective uses it (called on every rank, before the
         schedule). ``batch["sample_positions"]`` (LongTensor ``[b]``) holds each sample's
         global position in the run's sample stream (the same on any layout, and after a
-        resume): the key of per-sample randomness. Default: unchanged."""
-        return batch
+        resume): the key of per-sample randomness. Default: patch dropout when the run asks
+        for it (:meth:`drop_patches`), otherwise unchanged."""
+        return self.drop_patches(batch)
+
+    def drop_patches(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """FLIP's patch dropout (``--image-mask-ratio r``): ``batch`` with
+        ``batch[PATCH_KEEP_KEY]``, the ``round((1 - r)·P)`` patches each image keeps
+        (:func:`~megatron_m2.data.masking.patch_keep_indices` of ``(seed, sample position)``:
+        the same under any layout, after a resume and in both phases of feature accumulation).
+        Unchanged when ``r = 0`` or when the samples come after the masked phase
+        (``--image-mask-ratio-until-iter N``: positions ``>= N ·`` global batch, i.e. steps
+        after N; decided by the micro-batch's first position)."""
+        args = self.ctx.args
+        ratio = float(getattr(args, "image_mask_ratio", 0.0) or 0.0)
+        if not ratio:
+            return batch
+        positions = batch["sample_positions"].reshape(-1)
+        until = getattr(args, "image_mask_ratio_until_iter", None)
+        if until is not None and int(positions.min()) >= until * args.global_batch_size:
+            return batch
+        from ..data.masking import patch_keep_count, patch_keep_indices
+
+        num_patches = self.ctx.model.config.vision_seq_len - 1
+        keep = patch_keep_count(num_patches, ratio)
+        out = dict(batch)
+        out[PATCH_KEEP_KEY] = patch_keep_indices(args.seed, positions.tolist(), num_patches,
+                                                 keep)
+        return out
+
+    def vision_len(self, batch: Dict[str, torch.Tensor]) -> int:
+        """Vision rows of ``batch``'s packed sequence: ``1 + k`` after patch dropout, s_v
+        otherwise."""
+        keep = batch.get(PATCH_KEEP_KEY)
+        return self.ctx.model.config.vision_seq_len if keep is None else 1 + keep.shape[1]
+
+    def seq_length(self, batches: List[Dict[str, torch.Tensor]]) -> int:
+        """Rows of the packed sequence the model is given for ``batches``, the micro-batches of
+        one schedule (its ``seq_length``: the pipeline's messages have that many rows): vision
+        rows (:meth:`vision_len`) + text rows. One schedule needs one length."""
+        lengths = {self.vision_len(b) + int(b["text_ids"].shape[1]) for b in batches}
+        if len(lengths) != 1:
+            raise ValueError(f"the micro-batches of one schedule have sequence lengths "
+                             f"{sorted(lengths)}: a step straddles the end of patch dropout "
+                             "(--image-mask-ratio-until-iter), e.g. after a resume with another "
+                             "--global-batch-size")
+        return lengths.pop()
 
     def apply_scores(self, batches: List[Dict[str, torch.Tensor]],
                      scores: List[Dict[str, torch.Tensor]]) -> None:
@@ -95,12 +159,16 @@ class Objective:
         """Keyword arguments of the model call for ``batch`` (every stage is given them; stages
         after the first use only ``text_pad_mask`` and ``layout``). ``contrastive_only``: the
         inputs of the cached outputs (:attr:`outputs`, feature accumulation's first phase).
-        Default: images and captions side by side (the contrastive layout)."""
+        Default: images and captions side by side (the contrastive layout), the images'
+        dropped patches left out (``keep_index``) when :meth:`prepare_batch` drew them."""
         from ..model.multiway import PackedLayout
 
-        return {"images": batch["images"], "text_ids": batch["text_ids"],
-                "text_pad_mask": batch["text_pad_mask"],
-                "layout": PackedLayout.both(self.ctx.model.config.vision_seq_len)}
+        inputs = {"images": batch["images"], "text_ids": batch["text_ids"],
+                  "text_pad_mask": batch["text_pad_mask"],
+                  "layout": PackedLayout.both(self.vision_len(batch))}
+        if PATCH_KEEP_KEY in batch:
+            inputs["keep_index"] = batch[PATCH_KEEP_KEY]
+        return inputs
 
     def loss(self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

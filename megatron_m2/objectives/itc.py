@@ -7,7 +7,9 @@ ranks (``--itc-group-size``/``--itc-aggregate-nodes``; default one node's), crea
 start-up (:func:`megatron_m2.parallel.groups.create_itc_groups`). With
 ``--itc-accumulate-features`` the step's M micro-batches form one contrastive batch of k·M·b
 pairs (:meth:`ITCObjective.cached_loss`). After every optimizer step the log-temperatures are
-clamped to ``[0, LOGIT_SCALE_MAX]`` (OpenCLIP's rule).
+clamped to ``[0, LOGIT_SCALE_MAX]`` (OpenCLIP's rule). With ``--image-mask-ratio r`` each
+training image keeps [CLS] and a random ``1 - r`` of its patches (FLIP's patch dropout, drawn by
+:meth:`~.base.Objective.drop_patches`; evaluation runs unmasked).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ITCObjective(Objective):
     outputs = tuple(k for name in ("backbone", "vl") for k in HEAD_KEYS[name][:2])
     metrics = ("loss_backbone", "acc_backbone", "loss_vl", "acc_vl")
     supports_feature_accumulation = True
+    supports_patch_dropout = True
 
     def __init__(self, ctx: ObjectiveContext):
         from ..parallel.groups import create_itc_groups

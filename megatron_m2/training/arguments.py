@@ -217,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CMLM head shares the text embedding matrix (needs the embeddings and "
                         "the heads on one pipeline stage: PP=1)")
 
+    g = p.add_argument_group("patch dropout (FLIP; contrastive training, --objective itc)")
+    g.add_argument("--image-mask-ratio", type=float, default=0.0, metavar="R",
+                   help="drop a random fraction R (0 <= R < 1) of each image's patch tokens "
+                        "in training steps ([CLS] kept; a per-sample subset drawn from the "
+                        "seed and the sample's position): the vision sequence shrinks to "
+                        "1 + round((1 - R) x patches) rows. Evaluation runs unmasked")
+    g.add_argument("--image-mask-ratio-until-iter", type=int, default=None, metavar="N",
+                   help="drop patches in steps 1..N only; the steps after N run unmasked "
+                        "(FLIP's unmasked tuning at the end of training). Default: every step")
+
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="indexed dataset prefixes, optionally weighted: 'PREFIX ...' or "

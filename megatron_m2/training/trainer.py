@@ -379,10 +379,10 @@ class Trainer:
 
     def _run_schedule(self, step_func, batches, forward_only: bool, multiple: int = 1):
         # The model sees `multiple` samples per data sample (the objective's passes): the
-        # pipeline's messages are that many columns wide.
+        # pipeline's messages are that many columns wide, and as long as the objective says.
         return self.forward_backward(
             forward_step_func=step_func, data_iterator=iter(batches), model=[self.ddp_model],
-            num_microbatches=len(batches), seq_length=self.seq_len,
+            num_microbatches=len(batches), seq_length=self.objective.seq_length(batches),
             micro_batch_size=self.args.micro_batch_size * multiple, forward_only=forward_only)
 
     def forward_only(self, batches, keys) -> List[Dict[str, torch.Tensor]]:

@@ -281,6 +281,40 @@ def _validate_masked(args: argparse.Namespace, cfg) -> None:
                           "--cmim-weight > 0")
 
 
+def _validate_patch_dropout(args: argparse.Namespace, cfg) -> None:
+    """``--image-mask-ratio`` (FLIP's patch dropout) and its unmasked phase; the objective
+    must support it (:attr:`Objective.supports_patch_dropout`)."""
+    import math
+
+    ratio, until = args.image_mask_ratio, args.image_mask_ratio_until_iter
+    if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise ConfigError(f"--image-mask-ratio must be in [0, 1), got {ratio}")
+    if until is not None:
+        if not ratio:
+            raise ConfigError("--image-mask-ratio-until-iter needs --image-mask-ratio > 0")
+        if until < 1:
+            raise ConfigError(f"--image-mask-ratio-until-iter must be >= 1, got {until}")
+    if ratio:
+        from ..objectives import objective_class
+
+        if not objective_class(args.objective).supports_patch_dropout:
+            raise ConfigError(f"--image-mask-ratio (patch dropout) works with contrastive "
+                              f"training only (--objective itc); objective {args.objective!r} "
+                              "has no patch dropout (m2's contrastive and fused passes share "
+                              "one full-length sequence)")
+        if args.fp8_format:  # FP8 GEMMs take the vision rows as they are (no padding)
+            from ..data.masking import patch_keep_count
+            from ..layout import FP8_ALIGN
+
+            align = FP8_ALIGN.get(args.fp8_recipe, 16)
+            rows = 1 + patch_keep_count(cfg.vision_seq_len - 1, ratio)
+            if rows * args.micro_batch_size % align:
+                raise ConfigError(f"--image-mask-ratio {ratio} with --fp8-format: the vision "
+                                  f"branch's GEMMs get {rows} tokens x {args.micro_batch_size} "
+                                  f"rows, not a multiple of {align}; use a --micro-batch-size "
+                                  f"that is a multiple of {align}")
+
+
 def _validate_visual_tokenizer(args: argparse.Namespace, cfg, grid: int) -> None:
     path = args.visual_tokenizer
     if not path:
@@ -378,6 +412,7 @@ def validate_args(args: argparse.Namespace, world_size: int,
             raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
         _validate_data(args, cfg)
     _validate_resume(args, cfg)
+    _validate_patch_dropout(args, cfg)
     _validate_masked(args, cfg)
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only the "

@@ -346,3 +346,32 @@ def test_attentive_mask_sampling():
     assert torch.equal(m, again)
     cold = M.attentive_mask(scores, 80, temperature=1e-6, generator=g)
     assert torch.equal(cold, M.attentive_mask(scores, 80))
+
+
+def test_patch_keep_count():
+    assert M.patch_keep_count(196, 0.5) == 98
+    assert M.patch_keep_count(196, 0.75) == 49
+    assert M.patch_keep_count(16, 0.5) == 8
+    assert M.patch_keep_count(16, 0.0) == 16
+    assert M.patch_keep_count(4, 0.99) == 1  # never an image of [CLS] alone
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError):
+            M.patch_keep_count(16, bad)
+
+
+def test_patch_keep_indices():
+    a = M.patch_keep_indices(7, [5, 9, 5], 16, 8)
+    assert a.dtype == torch.long and tuple(a.shape) == (3, 8)
+    assert torch.equal(a[0], a[2])  # same (seed, position): same patches, whatever the batch
+    assert torch.equal(M.patch_keep_indices(7, torch.tensor([9]), 16, 8)[0], a[1])
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(M.patch_keep_indices(8, [5], 16, 8)[0], a[0])  # another seed
+    for row in a:  # exactly k distinct patch indices, sorted ([CLS] is not a patch index)
+        assert torch.equal(row, row.sort().values) and len(set(row.tolist())) == 8
+        assert 0 <= int(row.min()) and int(row.max()) < 16
+    many = M.patch_keep_indices(0, range(2000), 16, 4)
+    freq = torch.bincount(many.reshape(-1), minlength=16).float() / 2000
+    assert (freq - 0.25).abs().max() < 0.05  # each patch kept with probability k / P
+    assert M.patch_keep_indices(0, [], 16, 4).shape == (0, 4)
+    with pytest.raises(ValueError):
+        M.patch_keep_indices(0, [1], 16, 17)
