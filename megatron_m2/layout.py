@@ -71,6 +71,9 @@ class ParallelLayout:
     distributed_optimizer: bool = False
     gpus_per_node: Optional[int] = None
     """Ranks per node (torchrun's ``LOCAL_WORLD_SIZE``); ``None``: unknown."""
+    layers_per_virtual_stage: Optional[int] = None
+    """``--num-layers-per-virtual-pipeline-stage``: interleaved pipeline with model chunks of
+    this many layers (``None``: one chunk per stage)."""
 
     @property
     def dp(self) -> int:
@@ -209,12 +212,15 @@ def _recompute_errors(cfg, lay: ParallelLayout) -> Tuple[Optional[Tuple[str, int
     if method not in RECOMPUTE_METHODS:
         return None, [f"--recompute-method must be uniform or block, got {method!r}"]
     per_stage = cfg.num_layers // lay.pp
+    what = "pipeline stage"
+    if lay.layers_per_virtual_stage:  # megatron recomputes per model chunk
+        per_stage, what = lay.layers_per_virtual_stage, "virtual pipeline stage (model chunk)"
     if n is None or not 1 <= n <= per_stage:
         return None, [f"--recompute-num-layers ({n}) must be between 1 and the layers per "
-                      f"pipeline stage ({per_stage})"]
+                      f"{what} ({per_stage})"]
     if method == "uniform" and per_stage % n:
         return None, [f"--recompute-method uniform: --recompute-num-layers ({n}) must divide "
-                      f"the layers per pipeline stage ({per_stage})"]
+                      f"the layers per {what} ({per_stage})"]
     return (method, n), []
 
 
@@ -279,6 +285,37 @@ def _itc_rules(lay: ParallelLayout, dp: int, check: LayoutCheck) -> None:
                               "pairs (no gathered negatives)")
 
 
+def _virtual_stage_rules(cfg, lay: ParallelLayout, check: LayoutCheck) -> Optional[int]:
+    """Interleaved pipeline (megatron-core's interleaved 1F1B): chunks of
+    ``layers_per_virtual_stage`` layers, ``L / (PP · chunk)`` per rank, at least two, and the
+    step's micro-batches a multiple of PP (megatron's schedule runs them in groups of PP).
+    Returns the chunks per rank (``None`` without interleaving or on error)."""
+    n = lay.layers_per_virtual_stage
+    if n is None:
+        return None
+    errors = check.errors
+    pp = lay.pp
+    if n < 1:
+        errors.append(f"--num-layers-per-virtual-pipeline-stage must be >= 1, got {n}")
+        return None
+    if pp < 2:
+        errors.append("--num-layers-per-virtual-pipeline-stage needs "
+                      "--pipeline-model-parallel-size >= 2 (it interleaves pipeline stages)")
+        return None
+    per_stage = cfg.num_layers // pp
+    if cfg.num_layers % pp or per_stage % n or per_stage // n < 2:
+        errors.append(f"--num-layers-per-virtual-pipeline-stage {n} must divide the "
+                      f"{per_stage} layers per pipeline stage into at least 2 chunks")
+        return None
+    m = check.derived.get("num_micro_batches")
+    if m is not None and m % pp:
+        errors.append(f"an interleaved pipeline runs micro-batches in groups of "
+                      f"--pipeline-model-parallel-size ({pp}): {m} micro-batches per step "
+                      f"(--global-batch-size / (--micro-batch-size x DP)) must be a multiple")
+    check.derived["virtual_stages"] = per_stage // n
+    return per_stage // n
+
+
 def check_layout(cfg, lay: ParallelLayout) -> LayoutCheck:
     """Every rule of ``lay`` for the architecture ``cfg`` (an
     :class:`~megatron_m2.config.M2ModelConfig`): all errors, warnings and derived sizes."""
@@ -317,7 +354,15 @@ def check_layout(cfg, lay: ParallelLayout) -> LayoutCheck:
     else:
         check.derived["num_micro_batches"] = gbs // (mbs * dp)
     _itc_rules(lay, dp, check)
-    if pp > 1 and lay.itc_heads == "both":
+    chunks = _virtual_stage_rules(cfg, lay, check)
+    if pp > 1 and lay.itc_heads == "both" and chunks:
+        last = lay.layers_per_virtual_stage
+        if cfg.num_vl_layers > last:
+            errors.append(f"--itc-heads both needs the backbone/VL boundary in the last model "
+                          f"chunk, but chunks of {last} layers "
+                          f"(--num-layers-per-virtual-pipeline-stage) put VL layers in earlier "
+                          f"ones; use larger chunks or --itc-heads vl")
+    elif pp > 1 and lay.itc_heads == "both":
         per_stage = cfg.num_layers // pp
         if cfg.num_vl_layers > per_stage:
             errors.append(f"--itc-heads both needs the backbone/VL boundary on the last pipeline "

@@ -178,10 +178,28 @@ def _dp_assemble(mp: torch.nn.Parameter, holder, rng, state, dp_group
     return entries, step
 
 
+class _Stage:
+    """This rank's model chunks seen as one stage: one chunk, or the chunks of an interleaved
+    pipeline (a list), parameters in chunk order (the same on every rank of a stage)."""
+
+    def __init__(self, model):
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.model_cfg = self.chunks[0].model_cfg
+
+    def parameters(self):
+        for chunk in self.chunks:
+            yield from chunk.parameters()
+
+
+def _as_stage(model) -> _Stage:
+    return model if isinstance(model, _Stage) else _Stage(model)
+
+
 def _full_name_map(model) -> Dict[int, str]:
     from ..model.init import canonical_name
 
-    return {id(p): canonical_name(n, model.layer_offset) for n, p in model.named_parameters()}
+    return {id(p): canonical_name(n, chunk.layer_offset)
+            for chunk in _as_stage(model).chunks for n, p in chunk.named_parameters()}
 
 
 # -- save --------------------------------------------------------------------------------------
@@ -195,6 +213,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, meta: Dic
     Parameters of registered groups (:func:`~megatron_m2.checkpoint.register_parameter_group`)
     are saved like any other; ``meta.json`` records the groups the model holds.
     """
+    model = _as_stage(model)
     from megatron.core import parallel_state as ps
 
     rank = dist.get_rank()
@@ -416,6 +435,7 @@ def load_model_weights(model, weights: Mapping[str, torch.Tensor],
     keeps its current (initial) values, with a warning: a checkpoint written before the group
     existed still loads.
     """
+    model = _as_stage(model)
     from megatron.core import parallel_state as ps
 
     from ..model.init import local_shard
@@ -468,6 +488,7 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None,
     :class:`~megatron_m2.checkpoint.IntegrityError` names the file and tensor). Registered
     parameter groups the checkpoint lacks start fresh (:func:`load_model_weights`).
     """
+    model = _as_stage(model)
     from megatron.core import parallel_state as ps
 
     from ..model.init import local_shard

@@ -60,6 +60,14 @@ class ObjectiveContext:
     tokenizer: Any = None
     """The run's :class:`~megatron_m2.data.tokenizer.M2Tokenizer` (None with synthetic data)."""
     is_first_stage: bool = True
+    first_model: Any = None
+    """This rank's first model chunk (the embeddings, on the first stage) when the pipeline is
+    interleaved; None: ``model`` is the only chunk."""
+
+    @property
+    def first_chunk(self):
+        """The model chunk holding the embeddings on the first stage."""
+        return self.first_model if self.first_model is not None else self.model
 
 
 class Objective:

@@ -94,7 +94,7 @@ class M2Objective(ITCObjective):
         self.vqkd = None
         if "cmim" in self.passes and ctx.is_first_stage:
             # The release's mask token is frozen for contrastive training; CMIM trains it.
-            model.embeddings.mask_token.requires_grad_(True)
+            ctx.first_chunk.embeddings.mask_token.requires_grad_(True)
         if ctx.is_last_stage:
             self._build_heads(model, args)
 
@@ -131,7 +131,8 @@ class M2Objective(ITCObjective):
         d = cfg.hidden_size
         heads = {}
         if "cmlm" in self.passes:
-            tied = model.embeddings.text_embed.weight if args.cmlm_tie_embeddings else None
+            tied = (self.ctx.first_chunk.embeddings.text_embed.weight if args.cmlm_tie_embeddings
+                    else None)
             heads["cmlm_head"] = VocabParallelHead(d, cfg.vocab_size, config, tp_group, tied)
         if "cmim" in self.passes:
             if self.mim_target == "vqkd":

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline (Megatron-LM's flag): each pipeline rank holds "
+                        "several model chunks of this many layers, which shrinks the pipeline "
+                        "bubble by the number of chunks at the cost of more p2p messages")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer states over the data-parallel group")
     g.add_argument("--overlap-grad-reduce", action="store_true",
@@ -372,6 +376,15 @@ def output_dirs(args: argparse.Namespace) -> Dict[str, str]:
     return dirs
 
 
+def virtual_pipeline_size(args: argparse.Namespace, cfg) -> Optional[int]:
+    """Model chunks per pipeline rank of ``--num-layers-per-virtual-pipeline-stage`` (None
+    without it); validation has checked that the layers split."""
+    n = args.num_layers_per_virtual_pipeline_stage
+    if not n:
+        return None
+    return cfg.num_layers // args.pipeline_model_parallel_size // n
+
+
 def recompute_options(args: argparse.Namespace) -> Dict[str, object]:
     """The megatron ``TransformerConfig`` recompute fields the flags ask for (empty: none)."""
     if args.recompute_activations:
@@ -432,4 +445,5 @@ def parallel_layout(args: argparse.Namespace, world_size: int,
         itc_group_size=args.itc_group_size, itc_aggregate_nodes=args.itc_aggregate_nodes,
         itc_accumulate_features=args.itc_accumulate_features, recompute_method=method,
         recompute_num_layers=layers, distributed_optimizer=args.use_distributed_optimizer,
-        gpus_per_node=gpus_per_node)
+        gpus_per_node=gpus_per_node,
+        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)

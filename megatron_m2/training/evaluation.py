@@ -39,11 +39,13 @@ class ScheduleEncoder:
     """
 
     def __init__(self, forward_only: Callable, cfg, tokenizer, micro_batch: int,
-                 is_last_stage: bool):
+                 is_last_stage: bool, batches_multiple: int = 1):
         from ..data.transforms import eval_transform
 
         self.forward_only, self.cfg, self.tokenizer = forward_only, cfg, tokenizer
         self.micro_batch, self.is_last_stage = micro_batch, is_last_stage
+        # An interleaved pipeline runs micro-batches in groups of PP: pad the count to that.
+        self.batches_multiple = batches_multiple
         self.transform = eval_transform(cfg.image_size)
         self.embed_dim = cfg.embed_dim
 
@@ -62,6 +64,7 @@ class ScheduleEncoder:
                                  for x in (images, ids, mask))
         batches = [{"images": images[lo:lo + mbs], "text_ids": ids[lo:lo + mbs],
                     "text_pad_mask": mask[lo:lo + mbs]} for lo in range(0, n + pad, mbs)]
+        batches += [batches[-1]] * (-len(batches) % self.batches_multiple)
         out = self.forward_only(batches, (key,))
         if not self.is_last_stage:
             return torch.zeros(n, self.embed_dim)

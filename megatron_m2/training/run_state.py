@@ -12,14 +12,15 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("megatron_m2.train")
 
-__all__ = ["PHASE", "phase", "ranks", "ExitConditions", "warn_changed_args", "plot_curves"]
+__all__ = ["PHASE", "phase", "ranks", "ExitConditions", "warn_changed_args", "plot_curves",
+           "start_run"]
 
 PHASE = ["start-up (process groups, model)"]
 """What this rank is doing, in words naming the process groups involved: the one-line message
@@ -142,3 +143,27 @@ def plot_curves(records: List[Dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def start_run(save: Optional[str]) -> Tuple[str, object]:
+    """``(run id, save-folder lock or None)``: rank 0's run id on every rank and, with
+    ``save``, the save folder's lock (rank 0 takes it; every rank fails alike when another run
+    holds it). Collective."""
+    from ..checkpoint import SaveLock, SaveLockError
+
+    box, lock = [None, None], None
+    if dist.get_rank() == 0:
+        import uuid
+
+        box[0] = uuid.uuid4().hex[:12]
+        if save:
+            try:
+                lock = SaveLock.acquire(save, box[0])
+            except SaveLockError as e:
+                box[1] = str(e)
+    with phase("start-up (run id and save-folder lock, all ranks)"):
+        dist.broadcast_object_list(box, src=0)
+    if box[1]:
+        raise SaveLockError(box[1])
+    logger.info("run %s%s", box[0], f", saving into {save}" if save else "")
+    return box[0], lock

@@ -9,12 +9,13 @@ that turns the last stage's output into ``(loss, metrics)``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["from_last_stage"]
+__all__ = ["from_last_stage", "params_synced"]
 
 
 def _unwrap(model):
@@ -125,3 +126,21 @@ def from_last_stage(outputs, keys, count: int, is_last_stage: bool, device
             item[k] = t.cpu()
         out.append(item)
     return out
+
+
+@contextlib.contextmanager
+def params_synced(ddp_models):
+    """The model's parameters current inside the block. With --overlap-param-gather the
+    optimizer step leaves the all-gather of the updated parameters to the next forward pass
+    (forward pre-hooks, bucket by bucket); saving and evaluating read them before that, so they
+    gather now (synchronously, as Megatron-LM does around its evaluation and saves)."""
+    if not getattr(ddp_models[0], "use_forward_hook", False):
+        yield
+        return
+    for m in ddp_models:
+        m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for m in ddp_models:
+            m.enable_forward_pre_hook()

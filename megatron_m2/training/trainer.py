@@ -22,7 +22,6 @@ a surrogate loss that injects those gradients.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -36,8 +35,15 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .run_state import ExitConditions, phase, plot_curves, ranks, warn_changed_args
-from .steps import _inject_step, _keep_step, _loss_step, from_last_stage
+from .run_state import (
+    ExitConditions,
+    phase,
+    plot_curves,
+    ranks,
+    start_run,
+    warn_changed_args,
+)
+from .steps import _inject_step, _keep_step, _loss_step, from_last_stage, params_synced
 
 logger = logging.getLogger("megatron_m2.train")
 
@@ -81,14 +87,21 @@ class Trainer:
         from ..model import build_model
         from ..objectives import ObjectiveContext, build_objective
         from ..parallel.distributed import initialize_model_parallel, set_seed
-        from .arguments import fp8_options, model_config, recompute_options, scheduler_settings
+        from .arguments import (
+            fp8_options,
+            model_config,
+            recompute_options,
+            scheduler_settings,
+            virtual_pipeline_size,
+        )
         from .synthetic import SyntheticImageText
 
         self.args = args
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-        initialize_model_parallel(tp, pp)
-        self._save_lock = None
-        self.run_id = self._start_run()
+        # --num-layers-per-virtual-pipeline-stage: this many model chunks per pipeline rank.
+        self.vpp = virtual_pipeline_size(args, model_config(args))
+        initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=self.vpp)
+        self.run_id, self._save_lock = start_run(args.save)
         self.dp = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         set_seed(args.seed)
@@ -118,27 +131,41 @@ class Trainer:
             raise ConfigError(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability "
                               f"10+); this is {torch.cuda.get_device_name()}: use delayed, "
                               f"tensorwise or blockwise")
-        self.model = build_model(cfg, tp, pp, seed=args.seed,
-                                 transformer_impl=args.transformer_impl, bf16=args.bf16,
-                                 params_dtype=params_dtype, **recompute_options(args),
-                                 **fp8_options(args))
+        build = partial(build_model, cfg, tp, pp, seed=args.seed,
+                        transformer_impl=args.transformer_impl, bf16=args.bf16,
+                        params_dtype=params_dtype, **recompute_options(args), **fp8_options(args))
+        # This rank's model chunks: one, or --num-layers-per-virtual-pipeline-stage's
+        # interleaved chunks (chunk i holds global layers (i·PP + rank)·n ... + n).
+        self.chunks = [build()] if not self.vpp else [
+            build(vp_stage=i, virtual_pipeline_model_parallel_size=self.vpp,
+                  # Megatron-LM's default for interleaving: unbatched p2p, overlapped with
+                  # compute. Batched ops between the two ranks of PP=2 would pair an
+                  # activation with a gradient (both go to the one neighbour).
+                  batch_p2p_comm=False, overlap_p2p_comm=True)
+            for i in range(self.vpp)]
+        self.model = self.chunks[-1]  # the chunk with the heads, on the last stage
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.objective = build_objective(args.objective, ObjectiveContext(
             args=args, model=self.model, is_last_stage=self.is_last_stage,
             tokenizer=self.tokenizer,
-            is_first_stage=ps.is_pipeline_first_stage(ignore_virtual=True)))
-        n_params = sum(p.numel() for p in self.model.parameters())  # with the objective's heads
+            is_first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
+            first_model=self.chunks[0]))
+        # With the objective's heads.
+        n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
         # What every micro-batch holds (the synthetic set and the indexed datasets' loader).
         self.objective.check_fits(("images", "text_ids", "text_pad_mask"))
-        logger.info("flavor %s: TP=%d PP=%d DP=%d, objective %s, %.2fM parameters on this rank",
-                    args.flavor, tp, pp, self.dp, self.objective.describe(), n_params / 1e6)
+        logger.info("flavor %s: TP=%d PP=%d%s DP=%d, objective %s, %.2fM parameters on this "
+                    "rank", args.flavor, tp, pp,
+                    f" (interleaved, {self.vpp} chunks per rank)" if self.vpp else "", self.dp,
+                    self.objective.describe(), n_params / 1e6)
 
-        config = self.model.config
+        config = self.chunks[0].config  # the one megatron's schedule reads
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
             overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size,
             use_distributed_optimizer=args.use_distributed_optimizer)
-        self.ddp_model = DistributedDataParallel(config, ddp_config, self.model)
+        self.ddp_models = [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
+        self.ddp_model = self.ddp_models[0]
         opt_config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
@@ -146,7 +173,7 @@ class Trainer:
             use_distributed_optimizer=args.use_distributed_optimizer)
         no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(name="m2_no_wd",
                                                                     fn=no_weight_decay))
-        self.optimizer = get_megatron_optimizer(opt_config, [self.ddp_model],
+        self.optimizer = get_megatron_optimizer(opt_config, self.ddp_models,
                                                 config_overrides={no_wd: {"wd_mult": 0.0}})
         # Megatron-LM's rule on resume: a schedule that differs from the checkpoint's is an
         # error unless one of the flags picks a side. validate_args has checked it already,
@@ -165,7 +192,8 @@ class Trainer:
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             cpu_compat.exempt_optimizer(opt.optimizer)
         config.grad_scale_func = self.optimizer.scale_loss
-        config.no_sync_func = self.ddp_model.no_sync
+        no_sync = [m.no_sync for m in self.ddp_models]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         dp_ranks = ranks(ps.get_data_parallel_group())
 
         def finalize(*a, **k):  # the schedule's last step: the DP gradient all-reduce
@@ -185,7 +213,6 @@ class Trainer:
             self.dataset = SyntheticImageText(cfg, num_samples, seed=args.seed)
         else:
             self.dataset = self._build_train_dataset()
-        self.seq_len = cfg.vision_seq_len + cfg.max_text_len
         self.forward_backward = get_forward_backward_func()
         self.is_logger_rank = self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
         self.step = 0
@@ -200,35 +227,13 @@ class Trainer:
             from .evaluation import Evaluator, ScheduleEncoder
 
             encoder = ScheduleEncoder(self.forward_only, cfg, self.tokenizer,
-                                      args.micro_batch_size, self.is_last_stage)
+                                      args.micro_batch_size, self.is_last_stage,
+                                      batches_multiple=pp if self.vpp else 1)
             self.evaluator = Evaluator(encoder, args.valid_data_path,
                                        max_samples=args.eval_max_samples,
                                        report=self.is_logger_rank)
         if args.load:
             self._resume(args.load)
-
-    def _start_run(self) -> str:
-        """A run id for this run (rank 0's, on every rank) and, with --save, the save folder's
-        lock (rank 0 takes it; every rank fails alike when another run holds it)."""
-        from ..checkpoint import SaveLock, SaveLockError
-
-        box = [None, None]
-        if dist.get_rank() == 0:
-            import uuid
-
-            box[0] = uuid.uuid4().hex[:12]
-            if self.args.save:
-                try:
-                    self._save_lock = SaveLock.acquire(self.args.save, box[0])
-                except SaveLockError as e:
-                    box[1] = str(e)
-        with phase("start-up (run id and save-folder lock, all ranks)"):
-            dist.broadcast_object_list(box, src=0)
-        if box[1]:
-            raise SaveLockError(box[1])
-        logger.info("run %s%s", box[0], f", saving into {self.args.save}" if self.args.save
-                    else "")
-        return box[0]
 
     def close(self) -> None:
         """Release what the run holds outside the process (the save folder's lock)."""
@@ -246,7 +251,7 @@ class Trainer:
         if not holds_checkpoint(path):
             logger.info("--load %s holds no checkpoint yet: starting from scratch", path)
             return
-        meta = load_checkpoint(path, self.model, self.optimizer,
+        meta = load_checkpoint(path, self.chunks, self.optimizer,
                                None if (a.finetune or a.no_load_optim) else self.scheduler,
                                load_optimizer=not (a.no_load_optim or a.finetune),
                                load_rng=not (a.no_load_rng or a.finetune),
@@ -268,20 +273,9 @@ class Trainer:
                            "schedule", decay_end, self.scheduler.min_lr, a.train_iters,
                            decay_end + 1, a.train_iters)
 
-    @contextlib.contextmanager
     def params_synced(self):
-        """The model's parameters current inside the block. With --overlap-param-gather the
-        optimizer step leaves the all-gather of the updated parameters to the next forward pass
-        (forward pre-hooks, bucket by bucket); saving and evaluating read them before that, so
-        they gather now (synchronously, as Megatron-LM does around its evaluation and saves)."""
-        if not getattr(self.ddp_model, "use_forward_hook", False):
-            yield
-            return
-        self.ddp_model.disable_forward_pre_hook(param_sync=True)
-        try:
-            yield
-        finally:
-            self.ddp_model.enable_forward_pre_hook()
+        """Context: the parameters current inside it (see :func:`.steps.params_synced`)."""
+        return params_synced(self.ddp_models)
 
     def save(self) -> str:
         """Write a checkpoint of the current step (collective)."""
@@ -296,7 +290,7 @@ class Trainer:
                 "consumed_samples": self.consumed_samples, "flavor": self.args.flavor,
                 "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
         with phase(f"saving the checkpoint of step {self.step}"):
-            return save_checkpoint(self.args.save, self.step, self.model, self.optimizer,
+            return save_checkpoint(self.args.save, self.step, self.chunks, self.optimizer,
                                    self.scheduler, meta, tokenizer_path=self.args.tokenizer_model)
 
     def _build_train_dataset(self):
@@ -380,8 +374,12 @@ class Trainer:
     def _run_schedule(self, step_func, batches, forward_only: bool, multiple: int = 1):
         # The model sees `multiple` samples per data sample (the objective's passes): the
         # pipeline's messages are that many columns wide, and as long as the objective says.
+        # An interleaved pipeline calls each model chunk once per micro-batch, each with its
+        # own iterator over the same micro-batches.
+        data = ([iter(batches) for _ in self.ddp_models] if len(self.ddp_models) > 1
+                else iter(batches))
         return self.forward_backward(
-            forward_step_func=step_func, data_iterator=iter(batches), model=[self.ddp_model],
+            forward_step_func=step_func, data_iterator=data, model=self.ddp_models,
             num_microbatches=len(batches), seq_length=self.objective.seq_length(batches),
             micro_batch_size=self.args.micro_batch_size * multiple, forward_only=forward_only)
 
@@ -430,7 +428,8 @@ class Trainer:
 
     def train_step(self) -> Dict[str, float]:
         """Forward, backward and optimizer step on the next global batch; returns its record."""
-        self.ddp_model.zero_grad_buffer()
+        for m in self.ddp_models:
+            m.zero_grad_buffer()
         self.optimizer.zero_grad()
         batches = self._microbatches()
         poison = os.environ.get(FAULT_ENV, "") == f"nan_loss:{self.step + 1}"
@@ -518,7 +517,7 @@ class Trainer:
         from ..eval.retrieval import chance_recall, format_table
 
         with phase(f"held-out evaluation at step {self.step}"), self.params_synced():
-            results = self.evaluator.evaluate(self.ddp_model)
+            results = self.evaluator.evaluate(torch.nn.ModuleList(self.ddp_models))
         rows = dict(results)
         sizes = set(self.evaluator.chance_sizes())
         if len(sizes) == 1:  # one caption per image: R@k of a random ranking is k / N
