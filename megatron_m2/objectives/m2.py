@@ -63,7 +63,6 @@ class M2Objective(ITCObjective):
     name = "m2"
     metrics = ITCObjective.metrics + ("loss_itc", "loss_cmlm", "acc_cmlm", "loss_cmim",
                                       "acc_cmim")
-    data_keys = ("images", "text_ids", "text_pad_mask")
     console_metrics = ("loss_itc", "loss_cmlm", "loss_cmim")
 
     def __init__(self, ctx: ObjectiveContext):
