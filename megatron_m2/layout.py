@@ -74,6 +74,9 @@ class ParallelLayout:
     layers_per_virtual_stage: Optional[int] = None
     """``--num-layers-per-virtual-pipeline-stage``: interleaved pipeline with model chunks of
     this many layers (``None``: one chunk per stage)."""
+    sequence_parallel: bool = False
+    """``--sequence-parallel``: activations outside the tensor-parallel regions sharded along
+    the sequence across the TP group (each modality part padded to a multiple of TP)."""
 
     @property
     def dp(self) -> int:
@@ -241,7 +244,10 @@ def _fp8_errors(cfg, lay: ParallelLayout) -> List[str]:
     if bad:
         errors.append(f"--fp8-recipe {lay.fp8_recipe}: GEMM widths must be multiples of "
                       f"{align}: {', '.join(bad)}")
-    rows = {"vision": cfg.vision_seq_len * mbs, "text": cfg.max_text_len * mbs}
+    # Each branch's linears see a whole part (gathered along the sequence under sequence
+    # parallelism, which pads each part to a multiple of TP).
+    part = (lambda n: -(-n // tp) * tp) if lay.sequence_parallel else (lambda n: n)
+    rows = {"vision": part(cfg.vision_seq_len) * mbs, "text": part(cfg.max_text_len) * mbs}
     bad = [f"{k} {n // mbs} tokens x {mbs} = {n}" for k, n in rows.items() if n % align]
     if bad:
         errors.append(f"--fp8-format: each branch's GEMM rows must be a multiple of {align} "
@@ -330,6 +336,9 @@ def check_layout(cfg, lay: ParallelLayout) -> LayoutCheck:
         errors.append(f"world size {world} is not divisible by --tensor-model-parallel-size "
                       f"({tp}) x --pipeline-model-parallel-size ({pp})")
     errors.extend(model_split_errors(cfg, tp, pp))
+    if lay.sequence_parallel and tp < 2:
+        errors.append("--sequence-parallel shards activations across the tensor-parallel group: "
+                      f"it needs --tensor-model-parallel-size >= 2, got {tp}")
     gpn = lay.gpus_per_node
     if gpn is not None and (gpn < 1 or tp > gpn or gpn % tp):
         errors.append(f"tensor-model-parallel-size ({tp}) must divide the ranks per node "

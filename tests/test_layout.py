@@ -108,6 +108,17 @@ def test_fp8_micro_batch_the_model_does_not_pad():
                      Cluster(nodes=1, gpus_per_node=8)).valid
 
 
+def test_fp8_rows_of_sequence_parallel_parts():
+    # Sequence parallelism pads each part to a multiple of TP, and a branch's linears see the
+    # gathered part: 0.4b's 197 vision rows become 200 at TP = 4, and 200 x 4 is a multiple of
+    # 16 where 197 x 4 is not.
+    cfg = get_flavor("0.4b")
+    base = dict(tp=4, world_size=4, precision="fp8", transformer_impl="te", micro_batch=4,
+                global_batch=4)
+    assert "197 tokens x 4" in check_layout(cfg, ParallelLayout(**base)).message()
+    assert check_layout(cfg, ParallelLayout(**base, sequence_parallel=True)).valid
+
+
 def test_check_layout_returns_every_error():
     cfg = get_flavor("tiny")  # 4 heads, 6 layers
     check = check_layout(cfg, ParallelLayout(tp=3, pp=4, world_size=24, micro_batch=4,
@@ -131,6 +142,8 @@ def test_check_layout_returns_every_error():
                     global_batch=6), None),  # explicit k straddling nodes: a warning
     (ParallelLayout(world_size=4, pp=2, recompute_method="uniform", recompute_num_layers=2,
                     micro_batch=1, global_batch=2), "must divide the layers per pipeline stage"),
+    (ParallelLayout(world_size=2, sequence_parallel=True, micro_batch=1, global_batch=2),
+     "--sequence-parallel shards activations across the tensor-parallel group"),
 ])
 def test_layout_rules(lay, message):
     check = check_layout(get_flavor("tiny"), lay)

@@ -92,40 +92,62 @@ class BlockDiagonalSDPA(nn.Module):
         return out.permute(2, 0, 1, 3)  # [s, b, h, d]
 
     def forward(self, q, k, v, text_pad_mask: Optional[torch.Tensor] = None, *,
-                layout: PackedLayout):
+                layout: PackedLayout, vision_pad: int = 0):
         """``layout``: what the rows hold (:class:`M2SelfAttention` calls it on one part of the
         sequence at a time, with ``vision_only()`` or ``text_only()``; in the fused pass on the
         whole sequence with the ``full_attention`` layout: one attention over all rows, keys
-        masked only at padded text positions)."""
+        masked only at padded text positions). ``vision_pad``: the last rows of the vision part
+        are padding (sequence parallelism pads each part to a multiple of TP) and are masked
+        out as keys, like padded text."""
         s = layout.vision_rows(q.shape[0])
         p = self.dropout if self.training else 0.0
         if layout.full_attention:
-            return self._sdpa(q, k, v, fused_key_mask(text_pad_mask, s), p).flatten(2)
+            return self._sdpa(q, k, v, fused_key_mask(text_pad_mask, s, vision_pad,
+                                                      q.shape[1], q.shape[0] - s, q.device),
+                              p).flatten(2)
         mask = None
         if text_pad_mask is not None and s < q.shape[0]:
             # SDPA bool mask: True = may attend. [b, 1, 1, s_t] broadcasts over heads/queries.
             mask = (~text_pad_mask.bool())[:, None, None, :]
+        vmask = _vision_key_mask(s, vision_pad, q.device)
         if s <= 0:
             out = self._sdpa(q, k, v, mask, p)
         elif s >= q.shape[0]:
-            out = self._sdpa(q, k, v, None, p)
+            out = self._sdpa(q, k, v, vmask, p)
         else:
             # torch.split, not slices: one backward node that concatenates (see MultiwayWrapper).
             sizes = [s, q.shape[0] - s]
             (qv, qt), (kv, kt), (vv, vt) = (torch.split(t, sizes, dim=0) for t in (q, k, v))
-            out = torch.cat([self._sdpa(qv, kv, vv, None, p), self._sdpa(qt, kt, vt, mask, p)],
+            out = torch.cat([self._sdpa(qv, kv, vv, vmask, p), self._sdpa(qt, kt, vt, mask, p)],
                             dim=0)
         return out.flatten(2)
 
 
-def fused_key_mask(text_pad_mask: Optional[torch.Tensor], vision_len: int
-                   ) -> Optional[torch.Tensor]:
-    """SDPA bool key mask ``[b, 1, 1, vision_len + s_t]`` of the fused pass: True (may attend)
-    at every vision key and every unpadded text key; None without a padding mask."""
-    if text_pad_mask is None:
+def _vision_key_mask(vision_len: int, vision_pad: int, device) -> Optional[torch.Tensor]:
+    """SDPA bool key mask ``[1, 1, 1, vision_len]`` hiding the last ``vision_pad`` rows (None
+    when there are none)."""
+    if vision_pad <= 0 or vision_len <= 0:
         return None
-    keep_text = ~text_pad_mask.bool()
+    keep = torch.arange(vision_len, device=device) < vision_len - vision_pad
+    return keep[None, None, None, :]
+
+
+def fused_key_mask(text_pad_mask: Optional[torch.Tensor], vision_len: int,
+                   vision_pad: int = 0, batch: Optional[int] = None,
+                   text_len: Optional[int] = None, device=None) -> Optional[torch.Tensor]:
+    """SDPA bool key mask ``[b, 1, 1, vision_len + s_t]`` of the fused pass: True (may attend)
+    at every vision key but the last ``vision_pad`` (padding) and every unpadded text key; None
+    when nothing is masked. ``batch``, ``text_len`` and ``device`` are needed only for a vision
+    padding without a text padding mask."""
+    if text_pad_mask is None and vision_pad <= 0:
+        return None
+    if text_pad_mask is None:
+        keep_text = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+    else:
+        keep_text = ~text_pad_mask.bool()
     keep_vision = keep_text.new_ones(keep_text.shape[0], vision_len)
+    if vision_pad > 0:
+        keep_vision[:, vision_len - vision_pad:] = False
     return torch.cat([keep_vision, keep_text], dim=1)[:, None, None, :]
 
 
@@ -173,19 +195,27 @@ class M2SelfAttention(MegatronModule):
         # Each part of the packed sequence (vision rows, text rows) attends only to itself, so
         # the whole block runs part by part with that part's branch, and is concatenated once.
         outs = []
+        vision_pad = self.linear_q.state.vision_pad
         for key, x, modality in self.linear_q.parts(hidden_states):
-            s, b, _ = x.shape
-            shape = (s, b, self.num_heads_local, self.head_dim)
-            q, k, v = (_first(lin.branch(key)(x)).view(shape)
-                       for lin in (self.linear_q, self.linear_k, self.linear_v))
-            # Vision parts have no padding mask.
+            q, k, v = self._qkv(key, x)
+            # Vision parts have no padding mask (but sequence parallelism's padding rows).
             if modality is Modality.VISION:
-                ctx = self.core_attention(q, k, v, text_pad_mask=None, layout=_VISION_ONLY)
+                ctx = self.core_attention(q, k, v, text_pad_mask=None, layout=_VISION_ONLY,
+                                          vision_pad=vision_pad)
             else:
                 ctx = self.core_attention(q, k, v, text_pad_mask=attention_mask,
                                           layout=_TEXT_ONLY)
             outs.append(_first(self.linear_proj.branch(key)(self.inner_norm.branch(key)(ctx))))
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None
+
+    def _qkv(self, key: str, x: torch.Tensor):
+        """Q, K, V ``[s, b, heads / tp, head_dim]`` of one part with its branch (under
+        sequence parallelism the column-parallel linears gather the part: ``s`` is the whole
+        part's length, not the shard's)."""
+        q, k, v = (_first(lin.branch(key)(x))
+                   for lin in (self.linear_q, self.linear_k, self.linear_v))
+        shape = (q.shape[0], q.shape[1], self.num_heads_local, self.head_dim)
+        return q.view(shape), k.view(shape), v.view(shape)
 
     def _fused_forward(self, hidden_states, text_pad_mask, layout: PackedLayout):
         """The fused pass: Q/K/V per part with its branch, one attention over the whole
@@ -195,13 +225,12 @@ class M2SelfAttention(MegatronModule):
         ``Out`` once for the whole batch; only the attention differs by sample: samples
         ``[:c]`` attend part by part (the contrastive pass), samples ``[c:]`` fully."""
         parts = self.linear_q.parts(hidden_states)
-        qkv = []
-        for key, x, _ in parts:
-            s, b, _ = x.shape
-            shape = (s, b, self.num_heads_local, self.head_dim)
-            qkv.append([_first(lin.branch(key)(x)).view(shape)
-                        for lin in (self.linear_q, self.linear_k, self.linear_v)])
-        sizes = [x.shape[0] for _, x, _ in parts]
+        vision_pad = self.linear_q.state.vision_pad
+        qkv = [list(self._qkv(key, x)) for key, x, _ in parts]
+        # The parts' whole lengths (under sequence parallelism, padded and gathered).
+        sizes = [part[0].shape[0] for part in qkv]
+        if vision_pad:
+            layout = PackedLayout.mixed(sizes[0], layout.contrastive_batch)
         c = layout.contrastive_batch
         if c:
             b = hidden_states.shape[1]
@@ -215,12 +244,14 @@ class M2SelfAttention(MegatronModule):
                     text_pad_mask[:c] if text_pad_mask is not None else None)
                 block.append(self.core_attention(
                     q, k, v, text_pad_mask=mask,
-                    layout=_VISION_ONLY if modality is Modality.VISION else _TEXT_ONLY))
+                    layout=_VISION_ONLY if modality is Modality.VISION else _TEXT_ONLY,
+                    vision_pad=vision_pad))
             qkv = [[t[1] for t in part] for part in split]
             text_pad_mask = text_pad_mask[c:] if text_pad_mask is not None else None
         q, k, v = (qkv[0][i] if len(qkv) == 1 else torch.cat([t[i] for t in qkv], dim=0)
                    for i in range(3))
-        ctx = self.core_attention(q, k, v, text_pad_mask=text_pad_mask, layout=layout)
+        ctx = self.core_attention(q, k, v, text_pad_mask=text_pad_mask, layout=layout,
+                                  vision_pad=vision_pad)
         ctxs = torch.split(ctx, sizes, dim=0)
         if c:
             ctxs = [torch.cat([cb, cf], dim=1) for cb, cf in zip(block, ctxs)]

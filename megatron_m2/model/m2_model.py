@@ -43,6 +43,7 @@ from ..config import M2ModelConfig
 from .embeddings import M2Embeddings
 from .layer_specs import M2VLEntryLayer, get_m2_block_spec
 from .multiway import Modality, MultiwayState, PackedLayout, _init_device
+from .sequence_parallel import SequenceSharding, gather_parts, pad_text_mask, scatter_parts
 from .transformer_config import M2TransformerConfig
 
 __all__ = ["M2EncoderModel"]
@@ -181,6 +182,12 @@ class M2EncoderModel(MegatronModule):
         heads read: rows ``[:s_v]`` image, the rest text); a mixed layout returns the
         embeddings of samples ``[:c]`` and ``fused_hidden`` of samples ``[c:]``.
 
+        Under sequence parallelism (``config.sequence_parallel``) the stages exchange, and the
+        layers see, this TP rank's shard of the sequence (each modality part padded to a
+        multiple of TP and split along the sequence,
+        :mod:`~megatron_m2.model.sequence_parallel`); the last stage gathers the parts back, so
+        the outputs are the same.
+
         ``keep_index`` (LongTensor ``[b, k]``, first stage; patch dropout in contrastive
         training) keeps [CLS] and those k patches of each image
         (:meth:`~.embeddings.M2Embeddings.embed_image`): the vision part has ``1 + k`` rows,
@@ -202,12 +209,23 @@ class M2EncoderModel(MegatronModule):
                              f"needs {1 + keep_index.shape[1]} vision rows, got {layout}")
         if layout.full_attention and self.pre_process and (images is None or text_ids is None):
             raise ValueError("the fused pass needs both images and text_ids")
-        self.multiway_state.begin(layout)
+        sharding = self._sequence_sharding(layout, images, text_ids, text_pad_mask, keep_index)
+        self.multiway_state.begin(layout, sharding)
         x = self.embeddings(images, text_ids, text_pad_mask, image_mask, keep_index) if (
             self.pre_process) else None
-        h = self.encoder(x, attention_mask=text_pad_mask)
+        attention_mask = text_pad_mask
+        if sharding is not None:
+            # Each part padded to a multiple of TP and split along the sequence; padded text
+            # rows join the text padding mask (padded vision rows: MultiwayState.vision_pad).
+            attention_mask = pad_text_mask(text_pad_mask, self._batch(images, text_ids,
+                                                                      text_pad_mask),
+                                           sharding, next(self.parameters()).device)
+            x = scatter_parts(x, sharding) if x is not None else None
+        h = self.encoder(x, attention_mask=attention_mask)
         if not self.post_process:
             return h
+        if sharding is not None:  # the whole sequence, unpadded, on every TP rank
+            h = gather_parts(h, sharding)
         if not layout.full_attention:
             out = self._heads(h)
             if patch_scores and "vl_image_feats" in out and "vl_text_feats" in out:
@@ -224,6 +242,44 @@ class M2EncoderModel(MegatronModule):
         out = self._heads(hc, contrastive_batch=c)
         out["fused_hidden"] = hf
         return out
+
+    @staticmethod
+    def _batch(images, text_ids, text_pad_mask) -> int:
+        for t in (text_pad_mask, text_ids, images):
+            if t is not None:
+                return t.shape[0]
+        raise ValueError("no input gives the batch size")
+
+    def _sequence_sharding(self, layout: PackedLayout, images, text_ids, text_pad_mask,
+                           keep_index) -> Optional[SequenceSharding]:
+        """How this forward's sequence is split across the TP group under sequence parallelism
+        (None without it). The vision rows come from the layout (both modalities), the images
+        (first stage) or the configured s_v; the text rows from the padding mask (every stage
+        with text is given it) or the token ids."""
+        if not self.config.sequence_parallel:
+            return None
+        vision = text = 0
+        if layout.modality is Modality.BOTH:
+            vision = layout.vision_len
+        elif layout.modality is Modality.VISION:
+            if keep_index is not None:
+                vision = 1 + keep_index.shape[1]
+            elif images is not None:
+                p = self.model_cfg.patch_size
+                vision = 1 + (images.shape[-2] // p) * (images.shape[-1] // p)
+            else:
+                vision = self.config.vision_seq_len
+        if layout.modality is not Modality.VISION:
+            if text_pad_mask is not None:
+                text = text_pad_mask.shape[1]
+            elif text_ids is not None:
+                text = text_ids.shape[1]
+            else:
+                raise ValueError("with sequence parallelism every pipeline stage needs "
+                                 "text_pad_mask when the sequence holds text (its length "
+                                 "decides the text part's padding)")
+        tp = self.pg_collection.tp
+        return SequenceSharding(torch.distributed.get_world_size(tp), vision, text, tp)
 
     def _heads(self, h: torch.Tensor, contrastive_batch: Optional[int] = None
                ) -> Dict[str, torch.Tensor]:
@@ -243,6 +299,8 @@ class M2EncoderModel(MegatronModule):
         # The backbone output of this forward, recorded by the first VL layer (if this stage
         # holds it; None otherwise).
         hb = self.multiway_state.take_backbone()
+        if hb is not None and self.multiway_state.sharding is not None:
+            hb = gather_parts(hb, self.multiway_state.sharding)
         if hb is not None and contrastive_batch is not None:  # a mixed batch: its first samples
             hb = hb[:, :contrastive_batch]
         if hb is not None:

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable, List, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sequence_parallel import SequenceSharding
 
 __all__ = ["Modality", "PackedLayout", "MultiwayState", "Part", "MultiwayWrapper", "TPLayerNorm",
            "MultiwayLayerNorm"]
@@ -133,18 +136,37 @@ class MultiwayState:
 
     layout: PackedLayout
     capture_backbone: bool = False
+    sharding: Optional["SequenceSharding"] = None
+    """With sequence parallelism: how this forward's sequence is split across the TP group
+    (:mod:`~megatron_m2.model.sequence_parallel`); the modules see one rank's shard."""
     _backbone: Optional[torch.Tensor] = field(default=None, repr=False)
     _recording: bool = field(default=False, repr=False)
 
-    def begin(self, layout: PackedLayout) -> None:
-        """Start a forward pass over a sequence of ``layout`` (called by the model)."""
+    def begin(self, layout: PackedLayout, sharding: Optional["SequenceSharding"] = None
+              ) -> None:
+        """Start a forward pass over a sequence of ``layout`` (called by the model), sharded
+        as ``sharding`` says under sequence parallelism."""
         if not isinstance(layout, PackedLayout):
             raise TypeError(f"layout must be a PackedLayout, got {layout!r}")
         self.layout = layout
+        self.sharding = sharding
         self._backbone = None
         # The fused pass has no backbone heads: nothing to record (a mixed batch records the
         # whole batch; the model keeps its contrastive samples).
         self._recording = self.capture_backbone and layout.has_contrastive
+
+    def vision_rows(self, rows: int) -> int:
+        """How many of the first ``rows`` rows of the sequence the modules are given are
+        vision tokens: the layout's split, or with sequence parallelism the shard's."""
+        if self.sharding is not None:
+            return min(self.sharding.local_vision, rows)
+        return self.layout.vision_rows(rows)
+
+    @property
+    def vision_pad(self) -> int:
+        """Padding rows at the end of the (whole) vision part: 0 without sequence
+        parallelism."""
+        return self.sharding.vision_pad if self.sharding is not None else 0
 
     def record_backbone(self, hidden: torch.Tensor) -> None:
         """The backbone output ``[s, b, d]`` (called by the first VL layer)."""
@@ -206,7 +228,7 @@ class MultiwayWrapper(nn.Module):
         of a branch on its part and concatenate once, instead of a cut and a concatenation
         around each module. Parts are made with one ``torch.split`` (see :meth:`forward`).
         """
-        s = self.state.layout.vision_rows(x.shape[0])
+        s = self.state.vision_rows(x.shape[0])
         if s >= x.shape[0]:
             return [Part("A", x, Modality.VISION)]
         if s <= 0:
@@ -220,7 +242,7 @@ class MultiwayWrapper(nn.Module):
         return self.A if key == "A" else self.B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.state.layout.vision_rows(x.shape[0])
+        s = self.state.vision_rows(x.shape[0])
         if self.shared or s >= x.shape[0]:
             return _first(self.A(x))
         if s <= 0:
@@ -335,6 +357,12 @@ class MultiwayLayerNorm(MultiwayWrapper):
             lambda: TPLayerNorm(hidden_size, eps, params_dtype=config.params_dtype,
                                 device=_init_device(config)),
             state=state, shared=shared)
+        # Under sequence parallelism each TP rank normalises its own shard of the tokens: the
+        # weights' gradients are partial sums, added across TP by megatron's
+        # finalize_model_grads (which reads this attribute).
+        if getattr(config, "sequence_parallel", False):
+            for p in self.parameters():
+                p.sequence_parallel = True
 
 
 def _init_device(config) -> Optional[torch.device]:

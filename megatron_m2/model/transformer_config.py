@@ -35,6 +35,7 @@ def to_transformer_config(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    sequence_parallel: bool = False,
     **overrides,
 ) -> M2TransformerConfig:
     """Build the megatron-core config for ``cfg`` at the given TP/PP sizes.
@@ -46,10 +47,17 @@ def to_transformer_config(
     ``recompute_granularity="full"`` with ``recompute_method`` (``"uniform"``/``"block"``) and
     ``recompute_num_layers`` turns on megatron's activation recomputation of whole layers
     (``TransformerBlock`` checkpoints layer inputs and re-runs the layers in the backward).
+    ``sequence_parallel=True`` (TP > 1) shards the activations between the tensor-parallel
+    regions along the sequence (Megatron's sequence parallelism, applied to each modality part
+    of the packed sequence: :mod:`megatron_m2.model.sequence_parallel`).
+
     ``"selective"`` is refused: megatron's selective recompute checkpoints its own core
     attention module, which the M2 layer does not use, so it would silently recompute nothing.
     """
     cfg.validate_parallel(tensor_parallel, pipeline_parallel)
+    if sequence_parallel and tensor_parallel < 2:
+        raise ValueError("sequence_parallel shards activations across the tensor-parallel "
+                         f"group: it needs tensor_parallel >= 2, got {tensor_parallel}")
     if recompute_granularity not in (None, "full"):
         raise ValueError(f"recompute_granularity={recompute_granularity!r}: only 'full' (whole "
                          f"layers) applies to the M2 layer, whose attention is not megatron's")
@@ -74,7 +82,7 @@ def to_transformer_config(
         persist_layer_norm=False,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=torch.bfloat16 if bf16 else params_dtype,
         bf16=bf16,

@@ -144,8 +144,15 @@ class Objective:
     def seq_length(self, batches: List[Dict[str, torch.Tensor]]) -> int:
         """Rows of the packed sequence the model is given for ``batches``, the micro-batches of
         one schedule (its ``seq_length``: the pipeline's messages have that many rows): vision
-        rows (:meth:`vision_len`) + text rows. One schedule needs one length."""
-        lengths = {self.vision_len(b) + int(b["text_ids"].shape[1]) for b in batches}
+        rows (:meth:`vision_len`) + text rows, each part padded to a multiple of TP under
+        sequence parallelism (megatron's schedule divides this by TP for the messages of one
+        sequence shard). One schedule needs one length."""
+        from ..model.sequence_parallel import padded
+
+        config = self.ctx.model.config
+        multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+        lengths = {padded(self.vision_len(b), multiple)
+                   + padded(int(b["text_ids"].shape[1]), multiple) for b in batches}
         if len(lengths) != 1:
             raise ValueError(f"the micro-batches of one schedule have sequence lengths "
                              f"{sorted(lengths)}: a step straddles the end of patch dropout "

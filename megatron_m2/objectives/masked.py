@@ -15,6 +15,7 @@ the masked positions only. Their parameters are a checkpoint parameter group eac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Tuple
 
@@ -72,6 +73,10 @@ class VocabParallelHead(nn.Module):
         if tied_weight is not None and tuple(tied_weight.shape) != (self.per_rank, hidden_size):
             raise ValueError(f"tied weight of shape {tuple(tied_weight.shape)}, expected "
                              f"{(self.per_rank, hidden_size)}")
+        # The head reads the whole sequence (gathered by the model under sequence parallelism,
+        # on every TP rank): its linear must not gather it again along the sequence.
+        if getattr(config, "sequence_parallel", False):
+            config = dataclasses.replace(config, sequence_parallel=False)
         self.linear = ColumnParallelLinear(
             hidden_size, self.padded, config=config, init_method=lambda w: None, bias=True,
             gather_output=False, skip_bias_add=False,

@@ -13,6 +13,9 @@ explicit compatibility layer:
   and gradient clipping assert on;
 * stubs for ``torch.cuda.current_device``, ``synchronize``, ``empty_cache``, ``default_stream`` and
   ``Stream`` so that bookkeeping calls succeed;
+* megatron's sequence-parallel collectives and the linears that gather along the sequence run
+  with the layer on wherever they are reached: the autograd engine runs backward functions
+  without the caller's torch-function modes, so a mode alone would not cover their backward;
 * the "CUDA" random generator mapped onto the CPU one (the generator that random ops rewritten
   to CPU draw from): ``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed`` and
   megatron's private ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, which its RNG tracker and
@@ -144,10 +147,33 @@ def _patch(module, stubs, saved) -> None:
         setattr(module, name, stub)
 
 
+def _on_layer(fn):
+    """``fn`` run with the layer on (for megatron code reached where the mode is not: the
+    autograd engine runs backward functions without the caller's torch-function modes, and the
+    model's forward runs :func:`suspended`)."""
+
+    def wrapped(*args, **kwargs):
+        with active():
+            return fn(*args, **kwargs)
+
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def _patch_static(cls, names, saved) -> None:
+    """Wrap static methods of ``cls`` with :func:`_on_layer` (restored as they were)."""
+    for name in names:
+        raw = cls.__dict__[name]
+        saved.append((cls, name, raw))
+        setattr(cls, name, staticmethod(_on_layer(raw.__func__)))
+
+
 def _stub_cuda_functions():
     with warnings.catch_warnings():
         # megatron-core warns at import that TE/Apex are missing: the expected state on CPU.
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+        from megatron.core.tensor_parallel import layers as mcore_layers
+        from megatron.core.tensor_parallel import mappings as mcore_mappings
         from megatron.core.tensor_parallel import random as mcore_random
 
     saved = []
@@ -166,6 +192,13 @@ def _stub_cuda_functions():
     _patch(torch.cuda.random, rng, saved)
     _patch(mcore_random, {"_get_cuda_rng_state": _cpu_rng_state,
                           "_set_cuda_rng_state": _set_cpu_rng_state}, saved)
+    # Sequence parallelism's collectives allocate their outputs (and the linears their gather
+    # buffer) on the "current CUDA device", in forward and backward alike.
+    _patch(mcore_mappings, {
+        name: _on_layer(getattr(mcore_mappings, name))
+        for name in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim")}, saved)
+    _patch_static(mcore_layers.LinearWithGradAccumulationAndAsyncCommunication,
+                  ("forward", "backward"), saved)
     return saved
 
 

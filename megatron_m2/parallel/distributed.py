@@ -91,15 +91,21 @@ def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch identically on every rank of a model replica.
 
     Weights do not depend on this (see :mod:`megatron_m2.model.init`); it drives data order and
-    augmentation. On GPUs megatron's TP-aware CUDA RNG tracker is seeded too.
+    augmentation. Megatron's TP-aware "CUDA" RNG tracker is seeded too, on GPUs and under the
+    CPU compatibility layer (whose "CUDA" generator is the CPU one): sequence parallelism runs
+    the transformer block inside the tracker's ``fork()``, as in megatron.
     """
     from megatron.core import parallel_state, tensor_parallel
+
+    from . import cpu_compat
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if torch.cuda.is_available() and parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized() and (
+            torch.cuda.is_available() or cpu_compat.is_enabled()):
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        torch.manual_seed(seed)  # on CPU the tracker's seeding went through this generator
 
 
 def destroy() -> None:

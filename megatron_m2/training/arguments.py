@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved pipeline (Megatron-LM's flag): each pipeline rank holds "
                         "several model chunks of this many layers, which shrinks the pipeline "
                         "bubble by the number of chunks at the cost of more p2p messages")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's sequence parallelism: the activations outside the "
+                        "tensor-parallel regions (LayerNorms, residuals, pipeline messages) "
+                        "are sharded along the sequence across the TP group instead of "
+                        "replicated; each modality part is padded to a multiple of TP "
+                        "(needs --tensor-model-parallel-size >= 2)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer states over the data-parallel group")
     g.add_argument("--overlap-grad-reduce", action="store_true",
@@ -446,4 +452,5 @@ def parallel_layout(args: argparse.Namespace, world_size: int,
         itc_accumulate_features=args.itc_accumulate_features, recompute_method=method,
         recompute_num_layers=layers, distributed_optimizer=args.use_distributed_optimizer,
         gpus_per_node=gpus_per_node,
-        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)
+        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+        sequence_parallel=args.sequence_parallel)

@@ -133,7 +133,8 @@ class Trainer:
                               f"tensorwise or blockwise")
         build = partial(build_model, cfg, tp, pp, seed=args.seed,
                         transformer_impl=args.transformer_impl, bf16=args.bf16,
-                        params_dtype=params_dtype, **recompute_options(args), **fp8_options(args))
+                        params_dtype=params_dtype, sequence_parallel=args.sequence_parallel,
+                        **recompute_options(args), **fp8_options(args))
         # This rank's model chunks: one, or --num-layers-per-virtual-pipeline-stage's
         # interleaved chunks (chunk i holds global layers (i·PP + rank)·n ... + n).
         self.chunks = [build()] if not self.vpp else [

@@ -1,7 +1,8 @@
 """``--objective m2``: GBA-ITC + CMLM + CMIM on the real trainer (objectives/m2.py).
 
 * **Layouts**: one training step of the tiny flavor (CMLM on, CMIM with VQ-KD targets from the
-  committed tiny BEiT-v2 tokenizer, 2 micro-batches so PP pipelines) at TP=2 and PP=2 against
+  committed tiny BEiT-v2 tokenizer, 2 micro-batches so PP pipelines) at TP=2, TP=2 with
+  sequence parallelism (the heads read the gathered sequence) and PP=2 against
   TP=1/PP=1: every logged loss (total, ITC, CMLM, CMIM) equal within ``LOSS_RTOL`` relative,
   and every gradient (each parameter's full tensor, gathered over TP and PP, the heads and the
   now-trainable mask token included) within ``GRAD_RTOL`` of the tensor's largest reference
@@ -72,10 +73,10 @@ def _full_grads(trainer):
     return {k: v.numpy() for k, v in out.items()}
 
 
-def _one_step(tp, pp, mbs):
+def _one_step(tp, pp, mbs, extra=()):
     from megatron_m2.training.trainer import Trainer
 
-    args = parse_args(COMMON + ["--tensor-model-parallel-size", str(tp),
+    args = parse_args(COMMON + list(extra) + ["--tensor-model-parallel-size", str(tp),
                                 "--pipeline-model-parallel-size", str(pp),
                                 "--micro-batch-size", str(mbs)])
     validate_args(args, tp * pp)
@@ -89,9 +90,11 @@ def reference():
     return run_distributed(_one_step, world_size=1, tp=1, pp=1, mbs=4)[0]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_losses_and_gradients_match_single_process(tp, pp, reference):
-    results = run_distributed(_one_step, world_size=tp * pp, tp=tp, pp=pp, mbs=4)
+@pytest.mark.parametrize("tp,pp,extra",
+                         [(2, 1, ()), (1, 2, ()), (2, 1, ("--sequence-parallel",))],
+                         ids=["tp2", "pp2", "tp2_sequence_parallel"])
+def test_losses_and_gradients_match_single_process(tp, pp, extra, reference):
+    results = run_distributed(_one_step, world_size=tp * pp, tp=tp, pp=pp, mbs=4, extra=extra)
     ref_rec, ref_grads = reference["record"], reference["grads"]
     for key in LOSSES:
         assert key in ref_rec, key
