@@ -1,6 +1,7 @@
 """The trainer's held-out evaluation is ``m2-eval``'s retrieval task: the same figures from the
 parallel model through megatron's schedule (PP=2 × DP=2: forward-only pipeline, data-parallel
-shards ranked over the DP group) as from ``M2Encoder`` on the checkpoint the run saved."""
+shards ranked over the DP group; TP=2 with sequence parallelism × PP=2: sequence shards through
+the pipeline, gathered for the heads) as from ``M2Encoder`` on the checkpoint the run saved."""
 
 from pathlib import Path
 
@@ -16,7 +17,14 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r
 pytestmark = pytest.mark.slow
 
 
-def _train(save):
+LAYOUTS = {
+    "pp2_dp2": ["--pipeline-model-parallel-size", "2"],
+    "tp2_sp_pp2": ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                   "--sequence-parallel"],
+}
+
+
+def _train(save, layout):
     from megatron_m2.training.arguments import parse_args
     from megatron_m2.training.trainer import Trainer
     from megatron_m2.training.validation import validate_args
@@ -24,7 +32,7 @@ def _train(save):
     args = parse_args(["--flavor", "tiny", "--data-path", str(DEMO / "train"),
                        "--tokenizer-model", str(DEMO / "tokenizer.model"),
                        "--valid-data-path", str(DEMO / "validation"),
-                       "--eval-max-samples", str(N), "--pipeline-model-parallel-size", "2",
+                       "--eval-max-samples", str(N), *layout,
                        "--micro-batch-size", "2", "--global-batch-size", "4",
                        "--train-iters", "2", "--num-workers", "0", "--save", save])
     validate_args(args, 4)
@@ -43,11 +51,13 @@ def _encoder_figures(save):
     return evaluate_retrieval(enc, str(DEMO / "validation"), ["en", "zh"], max_samples=N)
 
 
-def test_trainer_evaluation_equals_m2_eval_on_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_trainer_evaluation_equals_m2_eval_on_its_checkpoint(tmp_path, layout):
     if not (DEMO / "validation.idx").exists():
         pytest.skip("bundled demo data not found")
     save = str(tmp_path / "run")
-    during = run_distributed(_train, world_size=4, timeout=600, save=save)
+    during = run_distributed(_train, world_size=4, timeout=600, save=save,
+                             layout=LAYOUTS[layout])
     assert all(r == during[0] for r in during)  # every rank logs the same figures
     after = run_distributed(_encoder_figures, world_size=1, save=save)[0]
     assert set(during[0]) == set(after) == {"en", "zh"}
