@@ -16,6 +16,10 @@ Examples::
     m2-plan --flavor 0.4b --nodes 4 --objective m2 --mim-target pixel
     m2-plan --flavor 0.4b --nodes 4 --objective m2 --visual-tokenizer vqkd.pth
     m2-plan --flavor 0.4b --nodes 4 --objective m2 --mim-target pixel --image-mask-style attentive
+    m2-plan --flavor 10b --nodes 4 --tp 4 --pp 2 --sequence-parallel \\
+        --num-layers-per-virtual-pipeline-stage 3 --use-distributed-optimizer \\
+        --overlap-grad-reduce --overlap-param-gather
+    m2-plan --flavor 0.4b --nodes 4 --image-mask-ratio 0.5
     m2-plan --list-flavors [--json]
 
 Exit status: 0 for a valid layout (fitting or not: see ``fits``), 2 for an invalid one (with
@@ -109,6 +113,26 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="recomputed layers per stage (block method)")
 
+    g = p.add_argument_group("scale features (as m2-pretrain's flags)")
+    g.add_argument("--image-mask-ratio", type=float, default=0.0, metavar="R",
+                   help="patch dropout (FLIP): training steps keep round((1 - R) x patches) "
+                        "patches plus [CLS] (--objective itc; the plan is for the masked "
+                        "steps)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard the activations outside the TP regions along the sequence "
+                        "(each modality part padded to a multiple of TP; TP >= 2)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   metavar="N", help="interleaved pipeline: model chunks of N layers, "
+                                     "L / (PP x N) per pipeline rank")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradient buckets during the last micro-batch's backward")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: all-gather the parameters during "
+                        "the next step's first forward")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="elements per gradient bucket with --overlap-grad-reduce (default: "
+                        "megatron-core's, max(4e7, 1e6 x DP))")
+
     g = p.add_argument_group("objective (as m2-pretrain's flags)")
     g.add_argument("--objective", choices=["itc", "m2"], default="itc",
                    help="itc: GBA-ITC; m2: GBA-ITC + CMLM + CMIM (fused columns, masked heads, "
@@ -144,8 +168,10 @@ def build_parser() -> ArgumentParser:
                    help="fixed memory per GPU (CUDA context, workspaces, NCCL buffers)")
     g.add_argument("--collective-latency-us", type=float, default=10.0,
                    help="latency of one collective, microseconds")
-    g.add_argument("--dp-overlap", type=float, default=0.0,
-                   help="fraction of DP gradient traffic hidden by the backward (the trainer: 0)")
+    g.add_argument("--dp-overlap", type=float, default=None,
+                   help="override: fraction of the DP traffic hidden (a measured value; unset: "
+                        "derived from --overlap-grad-reduce, --overlap-param-gather, the "
+                        "buckets and the pipeline)")
 
     g = p.add_argument_group("output")
     g.add_argument("--recommend", action="store_true",
@@ -231,7 +257,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
         visual_tokenizer_heads=args.visual_tokenizer_heads,
         image_mask_patches=args.image_mask_patches,
         cmlm_tie_embeddings=args.cmlm_tie_embeddings, image_mask_style=args.image_mask_style,
-        attentive_mask_temperature=args.attentive_mask_temperature)
+        attentive_mask_temperature=args.attentive_mask_temperature,
+        image_mask_ratio=args.image_mask_ratio, sequence_parallel=args.sequence_parallel,
+        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, ddp_bucket_size=args.ddp_bucket_size)
     assumptions = planner.Assumptions(args.mfu, args.overhead_gb, args.collective_latency_us,
                                       args.dp_overlap)
     plan = planner.make_plan(cfg, layout, cluster, assumptions, name)

@@ -17,8 +17,15 @@ Conventions (all formulas are stated in the docstrings of the functions that app
 * megatron-core's rank order ``tp-cp-ep-dp-pp``: ``rank = tp_rank + TP·(dp_rank + DP·pp_rank)``,
   nodes hold consecutive ranks (``node = rank // gpus_per_node``);
 * what is modelled is this package's implementation: the local (pure torch) layer spec with
-  SDPA attention, megatron DDP with ``grad_reduce_in_fp32=True`` and
-  ``overlap_grad_reduce=False``, the contrastive loss in fp32 on the last pipeline stage.
+  SDPA attention, megatron DDP with ``grad_reduce_in_fp32=True`` (``--overlap-grad-reduce``
+  and ``--overlap-param-gather`` as the layout says), the contrastive loss in fp32 on the
+  last pipeline stage;
+* the scale features m2-pretrain has, as :class:`Layout` fields named like its flags: patch
+  dropout (``image_mask_ratio``: the masked steps' shorter vision part), sequence parallelism
+  (``sequence_parallel``: each part padded to a multiple of TP and sharded between the TP
+  regions), the interleaved pipeline (``layers_per_virtual_stage``) and the overlapped
+  data-parallel communication (``overlap_grad_reduce``, ``overlap_param_gather``,
+  ``ddp_bucket_size``).
 
 Modules, one per concern:
 
@@ -34,7 +41,8 @@ Modules, one per concern:
 * :mod:`~megatron_m2.planner.communication`: the ring formulas, :func:`itc_bytes_per_rank`,
   the communication section (TP, PP, DP, ITC);
 * :mod:`~megatron_m2.planner.flops`: :func:`forward_flops_per_sample`, FLOPs per step and stage;
-* :mod:`~megatron_m2.planner.timing`: step time, pipeline bubble, throughput, MFU;
+* :mod:`~megatron_m2.planner.timing`: step time, pipeline bubble, the exposed DP time
+  (:func:`~megatron_m2.planner.timing.dp_exposure`), throughput, MFU;
 * :mod:`~megatron_m2.planner.groups`: :func:`rank_groups`, :func:`build_groups`;
 * :mod:`~megatron_m2.planner.plan`: :class:`Plan` and :func:`make_plan`, one call per section;
 * :mod:`~megatron_m2.planner.search`: :func:`recommend` → :class:`Recommendation`;
@@ -46,7 +54,8 @@ Public API: :class:`Cluster`, :class:`Layout`, :class:`Assumptions`, :func:`make
 :class:`Plan`, :func:`recommend` → :class:`Recommendation`, :func:`rank_groups`,
 :func:`build_groups`, the shared formulas (:func:`ring_all_reduce_bytes`,
 :func:`ring_gather_bytes`, :func:`itc_bytes_per_rank`, :func:`stage_parameters`,
-:func:`layer_activation_bytes`) and the text formatters :func:`format_plan`,
+:func:`layer_activation_bytes`, :func:`in_flight_micro_batches`, :func:`patch_keep_count`,
+:func:`ddp_bucket_elements`) and the text formatters :func:`format_plan`,
 :func:`format_recommendation`.
 """
 
@@ -67,11 +76,14 @@ from .inputs import (
     Assumptions,
     Cluster,
     Layout,
+    ddp_bucket_elements,
     load_model_config,
+    patch_keep_count,
     resolve_model,
 )
 from .memory import (
     StageShape,
+    in_flight_micro_batches,
     layer_activation_bytes,
     mixed_layer_extra_bytes,
     sequence_parts,
@@ -91,5 +103,6 @@ __all__ = [
     "forward_flops_per_sample", "load_model_config", "format_plan", "format_recommendation",
     "resolve_model", "StageShape", "sequence_parts", "short_ranks",
     "MaskedSettings", "masked_settings", "mixed_layer_extra_bytes", "vqkd_parameters",
-    "vqkd_forward_flops", "CPU_DECODE_SAMPLES_PER_CORE",
+    "vqkd_forward_flops", "CPU_DECODE_SAMPLES_PER_CORE", "patch_keep_count",
+    "ddp_bucket_elements", "in_flight_micro_batches",
 ]

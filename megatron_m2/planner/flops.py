@@ -7,6 +7,11 @@ frozen VQ-KD's forward; not recomputation, not the cached-feature forward of
 ``--itc-accumulate-features`` nor the scoring pass of ``--image-mask-style attentive`` (both one
 forward of the contrastive columns), not work replicated on the TP ranks. Hardware FLOPs count
 what each stage's TP rank runs, recomputation, those extra forwards and replicas included.
+
+Patch dropout (``--image-mask-ratio``) shortens the vision part to ``1 + keep`` rows in both
+(its GEMM and attention terms shrink; the patch Conv2d still embeds every patch, before the
+kept ones are gathered). Sequence parallelism's padding rows (each part padded to a multiple of
+TP) are computed too: hardware FLOPs only.
 """
 
 from __future__ import annotations
@@ -92,11 +97,12 @@ def flops_section(ctx: Context) -> Dict[str, object]:
     (:func:`masked_flops_per_sample`) and ``vqkd_flops_per_step`` (inside the model FLOPs)."""
     cfg, gbs = ctx.cfg, ctx.gbs
     group_batch = ctx.k * ctx.itc_rows
-    model_f = forward_flops_per_sample(cfg, cfg.vision_seq_len, cfg.max_text_len, group_batch,
-                                       ctx.heads)
-    hw_f = forward_flops_per_sample(cfg, ctx.sv, ctx.st, group_batch, ctx.heads)
-    masked_model = masked_flops_per_sample(cfg, cfg.vision_seq_len, cfg.max_text_len, ctx.obj)
-    hw_f.update(masked_flops_per_sample(cfg, ctx.sv, ctx.st, ctx.obj, ctx.tp))
+    # The model FLOPs count the rows a step needs (patch dropout's 1 + keep vision rows); the
+    # hardware FLOPs those the layers process (sequence parallelism's padding included).
+    model_f = forward_flops_per_sample(cfg, ctx.sv, ctx.st, group_batch, ctx.heads)
+    hw_f = forward_flops_per_sample(cfg, ctx.sv_p, ctx.st_p, group_batch, ctx.heads)
+    masked_model = masked_flops_per_sample(cfg, ctx.sv, ctx.st, ctx.obj)
+    hw_f.update(masked_flops_per_sample(cfg, ctx.sv_p, ctx.st_p, ctx.obj, ctx.tp))
     fwd_model_sample = (cfg.num_layers * (model_f["layer_gemm"] + model_f["layer_attention"]
                                           + masked_model["fused_layer_gemm"]
                                           + masked_model["fused_layer_attention"])
@@ -110,8 +116,7 @@ def flops_section(ctx: Context) -> Dict[str, object]:
     out = {
         "forward_per_sample": model_f, "model_flops_per_step": model_step,
         "hardware_flops_per_step": hw_step, "per_stage_rank": stage_rows,
-        "six_n_t": (6 * active_parameters_per_token(cfg)
-                    * (cfg.vision_seq_len + cfg.max_text_len) * gbs * (1 + ctx.passes)),
+        "six_n_t": (6 * active_parameters_per_token(cfg) * ctx.s * gbs * (1 + ctx.passes)),
     }
     if ctx.obj is not None:
         out.update(masked_forward_per_sample=masked_model, vqkd_flops_per_step=vqkd_step)
@@ -155,10 +160,28 @@ def stage_flops(ctx: Context, st_: StageShape, hw_f: Dict[str, int]) -> Dict[str
         other += 3 * (hw_f.get("cmlm_head", 0) + hw_f.get("cmim_head", 0)) * b
         vqkd = hw_f.get("vqkd", 0) * b
     peak_bf16, peak_gemm = peak_flops(ctx)
-    t = (gemm / peak_gemm + (attn + other) / peak_bf16) / ctx.assumptions.mfu
+    mfu = ctx.assumptions.mfu
+    t = (gemm / peak_gemm + (attn + other) / peak_bf16) / mfu
+    # One forward of the micro-batch (every column, no recomputation, no extra pass): the
+    # window that hides the parameter all-gather of --overlap-param-gather; the backward
+    # (with its recomputation) hides the gradient reduce of --overlap-grad-reduce.
+    f_gemm = st_.num_layers * (hw_f["layer_gemm"] + hw_f.get("fused_layer_gemm", 0)) * b // tp
+    f_attn = st_.num_layers * (hw_f["layer_attention"]
+                               + hw_f.get("fused_layer_attention", 0)) * b // tp
+    f_other = ((hw_f["embed"] + hw_f.get("fused_embed", 0)) * b if st_.is_first else 0) + (
+        (hw_f["heads"] + hw_f["loss"] + hw_f.get("cmlm_head", 0) + hw_f.get("cmim_head", 0))
+        * b if st_.is_last else 0)
+    t_fwd = (f_gemm / peak_gemm + (f_attn + f_other) / peak_bf16) / mfu
+    e_gemm = extra * st_.num_layers * hw_f["layer_gemm"] * b // tp
+    e_rest = extra * (st_.num_layers * hw_f["layer_attention"] * b // tp
+                      + (hw_f["embed"] * b if st_.is_first else 0)
+                      + (hw_f["heads"] * b if st_.is_last else 0))
+    t_extra = (e_gemm / peak_gemm + e_rest / peak_bf16) / mfu
     row = {"stage": st_.index, "flops_per_micro_batch": gemm + attn + other + vqkd,
            "gemm_flops": gemm, "attention_flops": attn, "other_flops": other,
-           "compute_time_s_per_micro_batch": t}
+           "compute_time_s_per_micro_batch": t,
+           "forward_time_s_per_micro_batch": t_fwd,
+           "backward_time_s_per_micro_batch": max(0.0, t - t_fwd - t_extra)}
     if ctx.obj is not None:
         row["vqkd_flops"] = vqkd
         row["vqkd_time_s_per_micro_batch"] = vqkd / (vqkd_peak(ctx) * ctx.assumptions.mfu)

@@ -7,6 +7,7 @@ and rank-order constants every section shares, and the model-config loaders of `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -83,6 +84,16 @@ class Layout:
     ``recompute_num_layers=N`` the first N layers of every stage (``--recompute-method block``).
     ``objective`` and the masked-modelling fields are ``--objective`` and its flags
     (:mod:`megatron_m2.planner.objective`).
+
+    The scale features, named like m2-pretrain's flags: ``image_mask_ratio``
+    (``--image-mask-ratio``, FLIP's patch dropout: the vision part keeps
+    :func:`patch_keep_count` patches plus [CLS]; the plan is for the masked phase of a run that
+    ends with ``--image-mask-ratio-until-iter``), ``sequence_parallel``
+    (``--sequence-parallel``), ``layers_per_virtual_stage``
+    (``--num-layers-per-virtual-pipeline-stage``: an interleaved pipeline),
+    ``overlap_grad_reduce`` / ``overlap_param_gather`` (``--overlap-grad-reduce``,
+    ``--overlap-param-gather``) and ``ddp_bucket_size`` (``--ddp-bucket-size``, elements per
+    gradient bucket; ``None``: megatron-core's default, :func:`ddp_bucket_elements`).
     """
 
     tp: int = 1
@@ -112,11 +123,38 @@ class Layout:
     """``--image-mask-style``: ``block`` (BEiT block-wise) or ``attentive`` (text-guided: the
     patches most similar to the caption, scored by a forward-only contrastive pass)."""
     attentive_mask_temperature: float = 0.0
+    image_mask_ratio: float = 0.0
+    """``--image-mask-ratio``: patch dropout in training steps (``--objective itc`` only)."""
+    sequence_parallel: bool = False
+    """``--sequence-parallel``: activations outside the TP regions sharded along the sequence
+    (each modality part padded to a multiple of TP); needs TP >= 2."""
+    layers_per_virtual_stage: Optional[int] = None
+    """``--num-layers-per-virtual-pipeline-stage``: model chunks of this many layers,
+    ``L / (PP·n)`` per pipeline rank (megatron-core's interleaved 1F1B)."""
+    overlap_grad_reduce: bool = False
+    """``--overlap-grad-reduce``: gradient buckets reduced during the last micro-batch's
+    backward."""
+    overlap_param_gather: bool = False
+    """``--overlap-param-gather`` (needs ``distributed_optimizer``): the parameter all-gather
+    hidden behind the next step's first forward."""
+    ddp_bucket_size: Optional[int] = None
+    """``--ddp-bucket-size``: elements per gradient bucket with ``overlap_grad_reduce``."""
 
     def key(self) -> str:
-        """Short label, e.g. ``TP2 PP1 DO+ RC-``."""
-        return (f"TP{self.tp} PP{self.pp} DO{'+' if self.distributed_optimizer else '-'} "
-                f"RC{'+' if self.recompute else '-'}")
+        """Short label, e.g. ``TP2 PP1 DO+ RC-``; the scale features add ``SP+`` (sequence
+        parallelism), ``VPn`` (n layers per model chunk) and ``OG+`` / ``OP+`` (overlapped
+        gradient reduce / parameter gather) when on."""
+        key = (f"TP{self.tp} PP{self.pp} DO{'+' if self.distributed_optimizer else '-'} "
+               f"RC{'+' if self.recompute else '-'}")
+        if self.sequence_parallel:
+            key += " SP+"
+        if self.layers_per_virtual_stage is not None:
+            key += f" VP{self.layers_per_virtual_stage}"
+        if self.overlap_grad_reduce:
+            key += " OG+"
+        if self.overlap_param_gather:
+            key += " OP+"
+        return key
 
 
 @dataclass(frozen=True)
@@ -128,14 +166,34 @@ class Assumptions:
     * ``overhead_gb``: fixed memory per GPU outside the model: CUDA context (~0.5 GB), cuBLAS
       and NCCL workspaces and buffers, allocator slack.
     * ``collective_latency_us``: fixed cost of every collective and p2p transfer.
-    * ``dp_overlap``: fraction of the data-parallel gradient communication hidden behind the
-      backward; 0 because the trainer runs megatron DDP with ``overlap_grad_reduce=False``.
+    * ``dp_overlap``: ``None`` (the default) derives the exposed data-parallel time from the
+      layout (``--overlap-grad-reduce``, ``--overlap-param-gather``, the buckets and the
+      pipeline's drain: :func:`megatron_m2.planner.timing.dp_exposure`); a number in [0, 1]
+      overrides it with a measured fraction of the DP traffic hidden, for calibration.
     """
 
     mfu: float = 0.4
     overhead_gb: float = 3.0
     collective_latency_us: float = 10.0
-    dp_overlap: float = 0.0
+    dp_overlap: Optional[float] = None
+
+
+def patch_keep_count(num_patches: int, ratio: float) -> int:
+    """Patches an image keeps under patch dropout at ``ratio``: ``round((1 − ratio)·P)``
+    (halves rounded up), at least 1 — :func:`megatron_m2.data.masking.patch_keep_count`'s rule
+    (that module imports torch; the planner does not). The vision part then holds
+    ``1 + keep`` rows ([CLS] is always kept)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"patch dropout ratio must be in [0, 1), got {ratio}")
+    return max(1, min(int(num_patches), int(math.floor((1.0 - ratio) * num_patches + 0.5))))
+
+
+def ddp_bucket_elements(dp: int, bucket_size: Optional[int] = None) -> int:
+    """Elements per gradient bucket of megatron-core's DDP with ``overlap_grad_reduce``:
+    ``--ddp-bucket-size``, or its default ``max(40M, 1M × DP)``
+    (``DistributedDataParallel.__init__``: large enough for ring chunks of
+    ``bucket / DP`` to stay bandwidth-bound)."""
+    return int(bucket_size) if bucket_size is not None else max(40_000_000, 1_000_000 * dp)
 
 
 def resolve_model(flavor: Optional[str] = None, config_path: Optional[str] = None

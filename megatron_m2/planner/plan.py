@@ -65,7 +65,10 @@ class Plan:
         """The m2-pretrain arguments of this layout: ``--flavor NAME`` for a named flavor, else
         ``--model-config`` with the configuration's fields inline (data arguments are not
         included). ``--objective m2`` adds its flags
-        (:func:`~megatron_m2.planner.objective.objective_args`)."""
+        (:func:`~megatron_m2.planner.objective.objective_args`); the scale features theirs
+        (``--num-layers-per-virtual-pipeline-stage``, ``--sequence-parallel``,
+        ``--overlap-grad-reduce``, ``--overlap-param-gather``, ``--ddp-bucket-size``,
+        ``--image-mask-ratio``)."""
         lay = self.layout
         if self.model_name in FLAVORS and FLAVORS[self.model_name] == self.model:
             args = ["--flavor", self.model_name]
@@ -82,6 +85,19 @@ class Plan:
                      "--transformer-impl", "te"]
         if lay.distributed_optimizer:
             args.append("--use-distributed-optimizer")
+        if lay.layers_per_virtual_stage is not None:
+            args += ["--num-layers-per-virtual-pipeline-stage",
+                     str(lay.layers_per_virtual_stage)]
+        if lay.sequence_parallel:
+            args.append("--sequence-parallel")
+        if lay.overlap_grad_reduce:
+            args.append("--overlap-grad-reduce")
+        if lay.overlap_param_gather:
+            args.append("--overlap-param-gather")
+        if lay.ddp_bucket_size is not None:
+            args += ["--ddp-bucket-size", str(lay.ddp_bucket_size)]
+        if lay.image_mask_ratio:
+            args += ["--image-mask-ratio", repr(float(lay.image_mask_ratio))]
         if lay.itc_group_size is not None:
             args += ["--itc-group-size", str(lay.itc_group_size)]
         if lay.itc_aggregate_nodes is not None:
@@ -133,13 +149,14 @@ class Plan:
 def _context(model: M2ModelConfig, layout: Layout, cluster: Cluster, assumptions: Assumptions,
              derived: Dict[str, object]) -> Context:
     """The :class:`Context` of a valid layout (``derived``: the validator's sizes)."""
-    sv, st = sequence_parts(model, layout.precision)
+    sv, st = sequence_parts(model, layout.precision, layout.image_mask_ratio)
     obj = masked_settings(model, layout)
+    n = layout.layers_per_virtual_stage
     return Context(model, layout, cluster, assumptions, dp=derived["dp"],
                    m=derived["num_micro_batches"], k=derived["itc_group_size"],
                    gbs=derived["global_batch"], recompute=derived["recompute"],
-                   stages=stage_layout(model, layout.pp),
-                   params=stage_parameters(model, layout.tp, layout.pp, obj), sv=sv, st=st,
+                   stages=stage_layout(model, layout.pp, n),
+                   params=stage_parameters(model, layout.tp, layout.pp, obj, n), sv=sv, st=st,
                    obj=obj)
 
 
@@ -152,6 +169,8 @@ def make_plan(model: M2ModelConfig, layout: Layout = Layout(), cluster: Cluster 
     if errors:
         return plan
     ctx = _context(model, layout, cluster, assumptions, derived)
+    # The rows of a training step's sequence (patch dropout: 1 + keep vision rows).
+    plan.derived.update(vision_rows=ctx.sv, text_rows=ctx.st)
     plan.parameters = parameters_section(ctx)
     plan.memory = memory_section(ctx)
     plan.communication = communication_section(ctx)

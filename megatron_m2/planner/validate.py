@@ -6,16 +6,18 @@ layout the planner's command line (:meth:`~megatron_m2.planner.plan.Plan.trainin
 for on this cluster's world and node size; only the cluster's own sanity and the fields of the
 planner's :class:`~megatron_m2.planner.inputs.Layout` that ``m2-pretrain`` has no flag for are
 checked here; the objective's flags by m2-pretrain's rules
-(:func:`~megatron_m2.planner.objective.objective_errors`).
+(:func:`~megatron_m2.planner.objective.objective_errors`), and so are patch dropout's
+(:func:`patch_dropout_errors`) and the data-parallel overlap flags' (:func:`dp_overlap_errors`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Tuple
 
 from ..config import M2ModelConfig
-from ..layout import ParallelLayout, check_layout
-from .inputs import Cluster, Layout
+from ..layout import FP8_ALIGN, ParallelLayout, check_layout
+from .inputs import Cluster, Layout, patch_keep_count
 from .objective import objective_errors
 
 PLANNED_PRECISIONS = ("bf16", "fp8")
@@ -40,7 +42,51 @@ def parallel_layout(layout: Layout, cluster: Cluster) -> ParallelLayout:
         itc_aggregate_nodes=layout.itc_aggregate_nodes,
         itc_accumulate_features=layout.itc_accumulate_features, recompute_method=method,
         recompute_num_layers=layers, distributed_optimizer=layout.distributed_optimizer,
-        gpus_per_node=cluster.gpus_per_node)
+        gpus_per_node=cluster.gpus_per_node,
+        layers_per_virtual_stage=layout.layers_per_virtual_stage,
+        sequence_parallel=layout.sequence_parallel)
+
+
+PATCH_DROPOUT_OBJECTIVES = ("itc",)
+"""Objectives with patch dropout (``Objective.supports_patch_dropout`` in m2-pretrain): the
+contrastive one. ``m2``'s contrastive and fused passes share one full-length sequence."""
+
+
+def patch_dropout_errors(cfg: M2ModelConfig, layout: Layout) -> List[str]:
+    """``--image-mask-ratio``'s rules, m2-pretrain's (``_validate_patch_dropout``): a ratio in
+    [0, 1); an objective with patch dropout (``itc``; m2-pretrain refuses it under ``m2``); with
+    FP8 the vision branch's GEMM rows ``(1 + keep) × micro-batch`` aligned to the recipe's 16."""
+    ratio = float(layout.image_mask_ratio)
+    if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        return [f"--image-mask-ratio must be in [0, 1), got {ratio}"]
+    if not ratio:
+        return []
+    if layout.objective not in PATCH_DROPOUT_OBJECTIVES:
+        return [f"--image-mask-ratio (patch dropout) works with contrastive training only "
+                f"(--objective itc); objective {layout.objective!r} has no patch dropout "
+                "(m2's contrastive and fused passes share one full-length sequence)"]
+    if layout.precision == "fp8":
+        align = FP8_ALIGN["delayed"]  # the recipe the planned command asks for
+        rows = 1 + patch_keep_count(cfg.vision_seq_len - 1, ratio)
+        if layout.sequence_parallel:  # the gathered part, padded to a multiple of TP
+            rows = -(-rows // layout.tp) * layout.tp
+        if rows * layout.micro_batch % align:
+            return [f"--image-mask-ratio {ratio} with --fp8-format: the vision branch's GEMMs "
+                    f"get {rows} tokens x {layout.micro_batch} rows, not a multiple of {align}; "
+                    f"use a --micro-batch-size that is a multiple of {align}"]
+    return []
+
+
+def dp_overlap_errors(layout: Layout) -> List[str]:
+    """m2-pretrain's rules of the data-parallel overlap flags: ``--overlap-param-gather`` needs
+    ``--use-distributed-optimizer``; ``--ddp-bucket-size`` >= 1."""
+    errors = []
+    if layout.overlap_param_gather and not layout.distributed_optimizer:
+        errors.append("--overlap-param-gather needs --use-distributed-optimizer (only the "
+                      "distributed optimizer all-gathers parameters)")
+    if layout.ddp_bucket_size is not None and layout.ddp_bucket_size < 1:
+        errors.append(f"--ddp-bucket-size must be >= 1, got {layout.ddp_bucket_size}")
+    return errors
 
 
 def validate(cfg: M2ModelConfig, layout: Layout, cluster: Cluster
@@ -60,9 +106,13 @@ def validate(cfg: M2ModelConfig, layout: Layout, cluster: Cluster
     obj_errors, obj_warnings = objective_errors(cfg, layout)
     derived: Dict[str, object] = {"global_batch": lay.global_batch, **check.derived}
     derived.setdefault("recompute", None)
+    derived.setdefault("virtual_stages", None)
     warnings = list(check.warnings) + obj_warnings
     if layout.precision == "fp8":
         warnings.append("fp8 is a projection: it needs Transformer Engine layers "
                         "(--transformer-impl te); GEMMs at 2x the BF16 peak, weights keep "
                         "FP8 copies")
-    return list(check.errors) + obj_errors, warnings, derived
+    # m2-pretrain's order: the layout, patch dropout, the objective, the DP overlap flags.
+    errors = (list(check.errors) + patch_dropout_errors(cfg, layout) + obj_errors
+              + dp_overlap_errors(layout))
+    return errors, warnings, derived

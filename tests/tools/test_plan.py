@@ -22,7 +22,10 @@ from megatron_m2.planner import GB, Assumptions, Cluster, Layout, make_plan, rec
 from tests.helpers.tools import ROOT, load_tool
 
 pytestmark = [pytest.mark.filterwarnings("ignore:full scope is deprecated"),
-              pytest.mark.filterwarnings("ignore:When using async grad allreduce")]
+              pytest.mark.filterwarnings("ignore:When using async grad allreduce"),
+              pytest.mark.filterwarnings("ignore:When using sequence parallelism"),
+              pytest.mark.filterwarnings("ignore:`torch.distributed.all_gather_into_tensor`"),
+              pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_scatter_tensor`")]
 C32 = Cluster(nodes=32, gpus_per_node=8)
 
 
@@ -237,7 +240,8 @@ def test_recommendation_fits_and_reports_rejections():
     fitting = [p for p in rec.candidates if p.fits]
     assert rec.best.time["step_time_s"] == min(p.time["step_time_s"] for p in fitting)
     rows = {r["layout"]: r for r in rec.rows()}
-    assert rows["TP1 PP1 DO- RC-"]["rejected"].startswith("does not fit: stage 0 needs 184.")
+    # DP > 1: the search overlaps the gradient reduce (OG+).
+    assert rows["TP1 PP1 DO- RC- OG+"]["rejected"].startswith("does not fit: stage 0 needs 184.")
     assert "invalid" in rows["TP1 PP3 DO- RC-"]["rejected"]
 
 
@@ -330,12 +334,13 @@ def _fake_world(fake_pg, rank, world, tp=1, pp=1):
             cpu_compat.disable()
 
 
-def _tiny_model(tp, pp):
+def _tiny_model(tp, pp, **kwargs):
     import torch
 
     from megatron_m2.model import build_model
 
-    return build_model(get_flavor("tiny"), tp, pp, bf16=True, params_dtype=torch.bfloat16)
+    return build_model(get_flavor("tiny"), tp, pp, bf16=True, params_dtype=torch.bfloat16,
+                       **kwargs)
 
 
 @pytest.mark.parametrize("rank,world,tp,pp", [(0, 1, 1, 1), (0, 4, 2, 2), (3, 4, 2, 2),
@@ -390,21 +395,114 @@ def test_tp_all_reduces_match_the_model(fake_backend):
         r["payload_bytes"] for r in rows if r not in stats)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_layer_activations_match_saved_tensors(fake_backend, tp):
+def test_tp_collectives_match_the_model_with_sequence_parallelism(fake_backend):
+    """TP=2 with --sequence-parallel: every all-gather, reduce-scatter and all-reduce of a
+    forward and backward of the real model (megatron's collectives, counted where its linears
+    and sequence mappings call them), against the planned rows: count and whole-tensor bytes
+    per kind and phase. The tiny flavor's vision part (17 rows) is odd, so the padding to a
+    multiple of TP is in the sizes."""
+    import torch
+    from megatron.core.tensor_parallel import layers, mappings
+
+    from megatron_m2.parallel.distributed import set_seed
+
+    cfg = get_flavor("tiny")
+    b = 2
+    plan = make_plan(cfg, Layout(tp=2, micro_batch=b, global_batch=b, sequence_parallel=True),
+                     Cluster(nodes=1, gpus_per_node=2))
+    assert plan.valid, plan.errors
+    rows = plan.communication["tp"]["per_stage"][0]["per_micro_batch"]
+    assert plan.communication["tp"]["rows_per_part"] == [
+        -(-cfg.vision_seq_len // 2) * 2, -(-cfg.max_text_len // 2) * 2]
+    calls = []
+
+    def counting(kind, real, index):
+        def call(*a, **k):
+            t = a[index]  # the whole tensor: the gathered output, the scattered input
+            calls.append((kind, t.numel() * t.element_size()))
+            return real(*a, **k)
+        return call
+
+    with _fake_world(fake_backend, 0, 2, tp=2) as dist:
+        set_seed(5)  # megatron's RNG tracker, which sequence parallelism forks
+        model = _tiny_model(2, 1, sequence_parallel=True)
+        patched = [(dist, "all_reduce", counting("all_reduce", dist.all_reduce, 0))]
+        for mod in (mappings, layers):
+            patched += [(mod, "dist_all_gather_func",
+                         counting("all_gather", mod.dist_all_gather_func, 0)),
+                        (mod, "dist_reduce_scatter_func",
+                         counting("reduce_scatter", mod.dist_reduce_scatter_func, 1))]
+        saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g)
+        ids = torch.randint(4, cfg.vocab_size, (b, cfg.max_text_len), generator=g)
+        pad = torch.zeros(b, cfg.max_text_len, dtype=torch.bool)
+        for mod, name, fn in patched:
+            setattr(mod, name, fn)
+        try:
+            out = model(images, ids, pad)
+            n_fwd = len(calls)
+            sum(v.float().sum() for k, v in out.items() if k.endswith("feats")).backward()
+        finally:
+            for mod, name, fn in saved:
+                setattr(mod, name, fn)
+
+    def tally(selected):
+        out = {}
+        for kind, n in selected:
+            count, total = out.get(kind, (0, 0))
+            out[kind] = (count + 1, total + n)
+        return out
+
+    def planned(phase):
+        out = {}
+        for r in rows:
+            if phase not in r["op"]:
+                continue
+            kind = r["op"].split()[0]
+            count, total = out.get(kind, (0, 0))
+            out[kind] = (count + r["count"], total + r["payload_bytes"])
+        return out
+
+    assert tally(calls[:n_fwd]) == planned("fwd")
+    assert tally(calls[n_fwd:]) == planned("bwd")
+    assert {r["op"].split()[0] for r in rows} == {"all_gather", "reduce_scatter", "all_reduce"}
+    # The bytes on the wire: a ring all-gather or reduce-scatter sends (t - 1)/t of the whole
+    # tensor, an all-reduce twice that.
+    for r in rows:
+        factor = 1.0 if r["op"].startswith("all_reduce") else 0.5
+        assert r["bytes_sent"] == pytest.approx(factor * r["payload_bytes"])
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)])
+def test_layer_activations_match_saved_tensors(fake_backend, tp, sp):
     """The bytes autograd saves in one layer's forward (deduplicated by storage, parameters
     excluded) are within 1 % of layer_activation_bytes (the rest: LayerNorm statistics that
-    CPU kernels keep in bf16, the text mask)."""
+    CPU kernels keep in bf16, the text and padding masks).
+
+    With sequence parallelism the layer is called as in training: on this rank's shard of the
+    padded sequence (``⌈s_v/t⌉ + ⌈s_t/t⌉`` rows), with the model's sharding set and the text
+    mask padded; the formula is evaluated on the padded sequence. The tiny flavor's 17 vision
+    rows and a 31-token caption both need a padding row at t = 2."""
     import torch
 
     from megatron_m2.model.multiway import PackedLayout
+    from megatron_m2.model.sequence_parallel import SequenceSharding, pad_text_mask
 
     cfg = get_flavor("tiny")
-    b, s = 4, cfg.vision_seq_len + cfg.max_text_len
+    sv, st, b = cfg.vision_seq_len, cfg.max_text_len - (1 if sp else 0), 4
     with _fake_world(fake_backend, 0, tp, tp=tp):
-        model = _tiny_model(tp, 1)
+        from megatron.core import parallel_state as ps
+
+        model = _tiny_model(tp, 1, sequence_parallel=sp)
         model.train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        sharding = SequenceSharding(tp, sv, st, ps.get_tensor_model_parallel_group()) if sp \
+            else None
+        tokens = sharding.rows if sp else sv + st  # the (padded) whole sequence
+        rows = sharding.local_vision + sharding.local_text if sp else sv + st
+        if sp:
+            assert (sharding.vision_pad, sharding.text_pad) == (1, 1)
         for index in (0, cfg.num_sep_layers, cfg.num_sep_layers + 1):
             seen = {}
 
@@ -414,13 +512,20 @@ def test_layer_activations_match_saved_tensors(fake_backend, tp):
                     seen[ptr] = t.untyped_storage().nbytes()
                 return t
 
-            x = torch.randn(s, b, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-            pad = torch.zeros(b, cfg.max_text_len, dtype=torch.bool)
+            x = torch.randn(rows, b, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+            pad = torch.zeros(b, st, dtype=torch.bool)
+            if sp:
+                pad = pad_text_mask(pad, b, sharding)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                with model.using_layout(PackedLayout.both(cfg.vision_seq_len)):
-                    model.encoder.layers[index](x, attention_mask=pad)
-            expected = planner.layer_activation_bytes(cfg, tp, s, b,
-                                                      entry=index == cfg.num_sep_layers)
+                with model.using_layout(PackedLayout.both(sv)):
+                    model.multiway_state.sharding = sharding
+                    try:
+                        model.encoder.layers[index](x, attention_mask=pad)
+                    finally:
+                        model.multiway_state.sharding = None
+            expected = planner.layer_activation_bytes(cfg, tp, tokens, b,
+                                                      entry=index == cfg.num_sep_layers,
+                                                      sequence_parallel=sp)
             assert sum(seen.values()) == pytest.approx(expected, rel=0.01), index
 
 

@@ -24,7 +24,10 @@ from megatron_m2.planner.objective import (
 from tests.tools.test_plan import _cli, _fake_world, _tiny_model, fake_backend  # noqa: F401
 
 pytestmark = [pytest.mark.filterwarnings("ignore:full scope is deprecated"),
-              pytest.mark.filterwarnings("ignore:When using async grad allreduce")]
+              pytest.mark.filterwarnings("ignore:When using async grad allreduce"),
+              pytest.mark.filterwarnings("ignore:When using sequence parallelism"),
+              pytest.mark.filterwarnings("ignore:`torch.distributed.all_gather_into_tensor`"),
+              pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_scatter_tensor`")]
 C4 = Cluster(nodes=4, gpus_per_node=8)
 TINY_VQKD = str(Path(__file__).resolve().parents[1] / "fixtures" / "vqkd" / "tiny_vqkd.safetensors")
 
@@ -125,20 +128,30 @@ def test_activations_scale_with_columns_and_logits_by_hand():
     assert big(m2) == 3 * big(itc)
 
 
-def test_mixed_layer_activations_match_saved_tensors(fake_backend):  # noqa: F811
+@pytest.mark.parametrize("sp", [False, True])
+def test_mixed_layer_activations_match_saved_tensors(fake_backend, sp):  # noqa: F811
     """One layer's saved bytes in the mixed layout (b contrastive + n·b fused columns) against
-    layer_activation_bytes + mixed_layer_extra_bytes, as the itc test does for one pass."""
+    layer_activation_bytes + mixed_layer_extra_bytes, as the itc test does for one pass; with
+    sequence parallelism on this rank's shard of the padded sequence (17 → 18 vision rows),
+    the formulas evaluated on the padded sequence."""
     import torch
 
     from megatron_m2.model.multiway import PackedLayout
+    from megatron_m2.model.sequence_parallel import SequenceSharding, pad_text_mask
     from megatron_m2.planner.memory import mixed_layer_extra_bytes
 
     cfg = get_flavor("tiny")
-    b, s, tp = 4, cfg.vision_seq_len + cfg.max_text_len, 2
+    b, sv, st, tp = 4, cfg.vision_seq_len, cfg.max_text_len, 2
     with _fake_world(fake_backend, 0, tp, tp=tp):
-        model = _tiny_model(tp, 1)
+        from megatron.core import parallel_state as ps
+
+        model = _tiny_model(tp, 1, sequence_parallel=sp)
         model.train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        sharding = SequenceSharding(tp, sv, st, ps.get_tensor_model_parallel_group()) if sp \
+            else None
+        s = sharding.rows if sp else sv + st
+        rows = sharding.local_vision + sharding.local_text if sp else s
         for n in (1, 2):
             seen = {}
 
@@ -149,12 +162,19 @@ def test_mixed_layer_activations_match_saved_tensors(fake_backend):  # noqa: F81
                 return t
 
             cols = b * (1 + n)
-            x = torch.randn(s, cols, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-            pad = torch.zeros(cols, cfg.max_text_len, dtype=torch.bool)
+            x = torch.randn(rows, cols, cfg.hidden_size, dtype=torch.bfloat16,
+                            requires_grad=True)
+            pad = torch.zeros(cols, st, dtype=torch.bool)
+            if sp:
+                pad = pad_text_mask(pad, cols, sharding)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                with model.using_layout(PackedLayout.mixed(cfg.vision_seq_len, b)):
-                    model.encoder.layers[0](x, attention_mask=pad)
-            expected = (planner.layer_activation_bytes(cfg, tp, s, cols)
+                with model.using_layout(PackedLayout.mixed(sv, b)):
+                    model.multiway_state.sharding = sharding
+                    try:
+                        model.encoder.layers[0](x, attention_mask=pad)
+                    finally:
+                        model.multiway_state.sharding = None
+            expected = (planner.layer_activation_bytes(cfg, tp, s, cols, sequence_parallel=sp)
                         + mixed_layer_extra_bytes(cfg, tp, s, b, n))
             assert sum(seen.values()) == pytest.approx(expected, rel=0.01), n
 
@@ -402,5 +422,7 @@ def test_recommendation_keeps_the_objective():
                             model_name="0.4b")
     assert rec.best is not None and rec.best.layout.objective == "m2"
     assert all(dataclasses.replace(p.layout, tp=1, pp=1, distributed_optimizer=False,
-                                   recompute=False) ==
+                                   recompute=False, sequence_parallel=False,
+                                   layers_per_virtual_stage=None, overlap_grad_reduce=False,
+                                   overlap_param_gather=False) ==
                Layout(objective="m2", mim_target="pixel") for p in rec.candidates)
