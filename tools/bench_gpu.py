@@ -21,9 +21,20 @@ Precisions: ``bf16`` (``--bf16``), ``fp8`` (``--bf16 --transformer-impl te --fp8
 m2-pretrain's message) and ``fp32`` (no flag; what the CPU plumbing test uses). ``--device cpu``
 runs the same code on CPU (gloo world of one and the CPU compatibility layer, as m2-pretrain).
 
-Every (flavor, precision) runs in its own spawned process under ``--timeout``, so that an error,
-a CUDA out-of-memory or a crash of one row leaves the others running. The exit status is 0 when
-every row ran or was skipped, 1 otherwise.
+``--variants`` adds rows of the scale features, each against the layout it changes (names
+below; ``base`` is the plain world of one): ``patch-dropout`` (``--image-mask-ratio 0.5``),
+``accumulate`` (``--itc-accumulate-features``); on two devices ``tp2`` / ``tp2-sp``
+(``--sequence-parallel``), ``dp2`` / ``dp2-overlap`` (``--use-distributed-optimizer
+--overlap-grad-reduce --overlap-param-gather``) and ``pp2`` / ``pp2-vpp``
+(``--num-layers-per-virtual-pipeline-stage``, two chunks per stage). A variant's global batch is
+``micro-batch × DP × micro-batches`` (``--micro-batches``, at least 2 × PP on a pipeline and 2
+with feature accumulation); its model FLOPs are the planner's for that layout (patch dropout
+shrinks them), and MFU divides by the peak of all its devices. A variant that needs more
+devices than there are is reported as skipped.
+
+Every (flavor, precision, variant) runs in its own spawned processes under ``--timeout``, so
+that an error, a CUDA out-of-memory or a crash of one row leaves the others running. The exit
+status is 0 when every row ran or was skipped, 1 otherwise.
 
 Examples::
 
@@ -31,6 +42,8 @@ Examples::
     python tools/bench_gpu.py --flavors 0.4b --precisions bf16 --micro-batch-size 128 --json
     python tools/bench_gpu.py --device cpu --flavors tiny --precisions fp32 --iters 2
     python tools/bench_gpu.py --decode                          # GPU vs CPU image decode
+    python tools/bench_gpu.py --flavors 0.4b --precisions bf16 \
+        --variants base patch-dropout tp2 tp2-sp dp2 dp2-overlap pp2 pp2-vpp
 
 ``--decode`` measures instead the data path of ``m2-pretrain --image-decode gpu``: decode +
 train transform samples/s of the CPU path (Pillow, one core, with and without RandAugment), of
@@ -114,18 +127,63 @@ def resolve_peaks(device: str, device_name: str, peak: Optional[float],
         f"{PEAK_SOURCE} ({device_name})"
 
 
-def model_flops_per_step(flavor: str, micro_batch: int, global_batch: int) -> int:
-    """Model FLOPs of one training step in a world of one (forward + backward), from the planner.
+VARIANTS: Dict[str, Dict] = {
+    "base": {"tp": 1, "pp": 1, "dp": 1, "flags": []},
+    "patch-dropout": {"tp": 1, "pp": 1, "dp": 1, "flags": ["--image-mask-ratio", "0.5"],
+                      "layout": {"image_mask_ratio": 0.5}},
+    "accumulate": {"tp": 1, "pp": 1, "dp": 1, "flags": ["--itc-accumulate-features"],
+                   "min_micro_batches": 2},
+    "tp2": {"tp": 2, "pp": 1, "dp": 1, "flags": []},
+    "tp2-sp": {"tp": 2, "pp": 1, "dp": 1, "flags": ["--sequence-parallel"]},
+    "dp2": {"tp": 1, "pp": 1, "dp": 2, "flags": ["--use-distributed-optimizer"]},
+    "dp2-overlap": {"tp": 1, "pp": 1, "dp": 2,
+                    "flags": ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                              "--overlap-param-gather"]},
+    "pp2": {"tp": 1, "pp": 2, "dp": 1, "flags": []},
+    "pp2-vpp": {"tp": 1, "pp": 2, "dp": 1, "flags": [], "virtual_chunks": 2},
+}
+"""Scale-feature rows (``--variants``): model-parallel sizes, DP, m2-pretrain flags, planner
+layout fields; ``virtual_chunks``: an interleaved pipeline of that many chunks per stage."""
+
+
+def variant_flags(variant: str, flavor: str) -> List[str]:
+    """m2-pretrain flags of ``variant`` for ``flavor`` (layout sizes included)."""
+    from megatron_m2.flavors import get_flavor
+
+    v = VARIANTS[variant]
+    cfg = get_flavor(flavor)
+    flags = ["--tensor-model-parallel-size", str(v["tp"]),
+             "--pipeline-model-parallel-size", str(v["pp"])] + list(v["flags"])
+    if v.get("virtual_chunks"):
+        per_chunk = cfg.num_layers // (v["pp"] * v["virtual_chunks"])
+        flags += ["--num-layers-per-virtual-pipeline-stage", str(max(per_chunk, 1))]
+    if v["pp"] > 1:
+        # The backbone heads need the backbone/VL boundary in the last model chunk; where the
+        # interleaved row's chunks are too short for that (the tiny flavor), both pipeline
+        # rows train the VL heads only, so that they stay comparable.
+        chunk = cfg.num_layers // (v["pp"] * VARIANTS["pp2-vpp"]["virtual_chunks"])
+        if cfg.num_vl_layers > chunk:
+            flags += ["--itc-heads", "vl"]
+    return flags
+
+
+def model_flops_per_step(flavor: str, micro_batch: int, global_batch: int,
+                         variant: str = "base") -> int:
+    """Model FLOPs of one training step of ``variant`` (forward + backward), from the planner.
 
     Model FLOPs do not depend on the precision (FP8's padding of the sequence is hardware work,
-    not model work), so the plan is made for bf16.
+    not model work), so the plan is made for bf16. They do not depend on TP/PP/DP either, but
+    on what the step computes: patch dropout's shorter vision sequence shrinks them.
     """
     from megatron_m2.flavors import get_flavor
     from megatron_m2.planner import Cluster, Layout, make_plan
 
+    v = VARIANTS[variant]
+    world = v["tp"] * v["pp"] * v["dp"]
     plan = make_plan(get_flavor(flavor),
-                     Layout(tp=1, pp=1, micro_batch=micro_batch, global_batch=global_batch),
-                     Cluster(nodes=1, gpus_per_node=1), model_name=flavor)
+                     Layout(tp=v["tp"], pp=v["pp"], micro_batch=micro_batch,
+                            global_batch=global_batch, **v.get("layout", {})),
+                     Cluster(nodes=1, gpus_per_node=world), model_name=flavor)
     if plan.errors:
         raise ValueError("; ".join(plan.errors))
     return int(plan.flops["model_flops_per_step"])
@@ -133,8 +191,10 @@ def model_flops_per_step(flavor: str, micro_batch: int, global_batch: int) -> in
 
 def make_row(job: Dict, result: Dict, flops: int, peak: Optional[float]) -> Dict:
     """One output row from a worker's result: step time, samples/s, TFLOP/s, MFU, memory."""
-    row = {"flavor": job["flavor"], "precision": job["precision"], "mbs": job["mbs"],
-           "gbs": job["gbs"], "step_ms": None, "step_ms_min": None, "samples_per_s": None,
+    row = {"flavor": job["flavor"], "precision": job["precision"],
+           "variant": job.get("variant", "base"), "world": job.get("world", 1),
+           "mbs": job["mbs"], "gbs": job["gbs"], "step_ms": None, "step_ms_min": None,
+           "samples_per_s": None,
            "flops_per_step": flops, "tflops": None, "peak_tflops": peak, "mfu": None,
            "peak_mem_gb": None, "params": None, "status": result["status"],
            "reason": result.get("reason")}
@@ -142,9 +202,10 @@ def make_row(job: Dict, result: Dict, flops: int, peak: Optional[float]) -> Dict
         return row
     median = statistics.median(result["step_s"])
     tflops = flops / median / 1e12
+    world = job.get("world", 1)
     row.update(step_ms=median * 1e3, step_ms_min=min(result["step_s"]) * 1e3,
                samples_per_s=job["gbs"] / median, tflops=tflops,
-               mfu=tflops / peak if peak else None, params=result.get("params"))
+               mfu=tflops / (peak * world) if peak else None, params=result.get("params"))
     if result.get("peak_mem_bytes") is not None:
         row["peak_mem_gb"] = result["peak_mem_bytes"] / GB
     return row
@@ -156,6 +217,7 @@ def trainer_argv(job: Dict) -> List[str]:
     argv = ["--synthetic", "--flavor", job["flavor"],
             "--micro-batch-size", str(job["mbs"]), "--global-batch-size", str(job["gbs"]),
             "--train-iters", str(job["warmup"] + job["iters"] + 1)]
+    argv += variant_flags(job.get("variant", "base"), job["flavor"])  # layout, then precision
     if job["precision"] in ("bf16", "fp8"):
         argv.append("--bf16")
     if job["precision"] == "fp8":
@@ -186,13 +248,15 @@ def _measure(job: Dict) -> Dict:
     from megatron_m2.training.validation import validate_args
 
     args = build_parser().parse_args(trainer_argv(job))
+    world, rank = job.get("world", 1), job.get("rank", 0)
     try:
-        validate_args(args, 1)
+        validate_args(args, world)
     except ConfigError as e:
         return {"status": "skipped", "reason": str(e)}
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(job["port"]))
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     from megatron_m2.parallel.distributed import destroy, init_distributed
@@ -250,38 +314,74 @@ def _probe(job: Dict, q) -> None:
 
 
 def run_in_process(target, job: Dict, timeout: float) -> Dict:
-    """Run ``target(job, queue)`` in a fresh spawned process; its result, or an error/timeout
-    result if it ran past ``timeout`` seconds or died without one."""
+    """Run ``target(job, queue)`` in fresh spawned processes, one per rank of ``job["world"]``
+    (default 1; each gets ``job["rank"]``); rank 0's result with the largest peak memory of
+    all ranks, or the first failure of any rank (an error, a timeout past ``timeout`` seconds,
+    a process that died without a result)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=target, args=(job, q), daemon=True)
-    p.start()
+    world = job.get("world", 1)
+    procs = [ctx.Process(target=_tag_rank, args=(target, dict(job, rank=r), q), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
     deadline = time.monotonic() + timeout
-    result = None
+    results: Dict[int, Dict] = {}
+    failure = None
     try:
-        while result is None:
+        while len(results) < world and failure is None:
             try:
-                result = q.get(timeout=1.0)
+                rank, result = q.get(timeout=1.0)
+                results[rank] = result
+                if result["status"] != "ok":
+                    failure = result
             except queue.Empty:
-                if not p.is_alive():
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+                if dead:
                     try:  # a result put just before the process ended
-                        result = q.get(timeout=5.0)
+                        rank, result = q.get(timeout=5.0)
+                        results[rank] = result
+                        if result["status"] != "ok":
+                            failure = result
+                        continue
                     except queue.Empty:
-                        code = p.exitcode
+                        code = procs[dead[0]].exitcode
                         why = (f"killed by signal {-code} (host out of memory?)" if code < 0
                                else f"exit code {code}")
-                        result = {"status": "error",
-                                  "reason": f"worker ended without a result: {why}"}
+                        failure = {"status": "error",
+                                   "reason": f"worker (rank {dead[0]}) ended without a result: "
+                                             f"{why}"}
                 elif time.monotonic() > deadline:
-                    result = {"status": "timeout", "reason": f"no result within {timeout:g} s"}
+                    failure = {"status": "timeout", "reason": f"no result within {timeout:g} s"}
     finally:
-        if result is None or result["status"] == "timeout":
-            p.terminate()
-        p.join(timeout=60)  # a finished worker is tearing its process group down
-        if p.is_alive():
-            p.kill()
-            p.join()
+        for p in procs:
+            if failure is not None and p.is_alive():
+                p.terminate()
+            p.join(timeout=60)  # a finished worker is tearing its process group down
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failure is not None:
+        return failure
+    result = dict(results[0])
+    mems = [r.get("peak_mem_bytes") for r in results.values() if r.get("peak_mem_bytes")]
+    if mems:
+        result["peak_mem_bytes"] = max(mems)
     return result
+
+
+class _RankQueue:
+    """The queue a rank's worker puts its result on, tagged with the rank."""
+
+    def __init__(self, q, rank: int):
+        self.q, self.rank = q, rank
+
+    def put(self, result) -> None:
+        self.q.put((self.rank, result))
+
+
+def _tag_rank(target, job: Dict, q) -> None:
+    target(job, _RankQueue(q, job.get("rank", 0)))
 
 
 # == report ======================================================================================
@@ -298,17 +398,19 @@ def print_table(report: Dict) -> None:
           f"{report['device']}; torch {report['torch']}, Transformer Engine {te}")
     w = report["warmup"]
     data = "built once" if report["data"] == "cached" else "regenerated every step"
-    print(f"TP=1 PP=1 DP=1, synthetic data ({data}), median of {report['iters']} "
+    print(f"TP=1 PP=1 DP=1 unless the variant says, synthetic data ({data}), median of "
+          f"{report['iters']} "
           f"steps after {w} warm-up step{'' if w == 1 else 's'}; model FLOPs from the planner "
           f"(3 x forward); peak TFLOP/s bf16 {_fmt(pk['bf16'], 'g')}, fp8 {_fmt(pk['fp8'], 'g')}, "
           f"fp32 {_fmt(pk['fp32'], 'g')} ({report['peak_source']})")
-    print(f"\n{'flavor':<7}{'prec':<6}{'mbs':>5}{'gbs':>6}{'step ms':>10}{'samples/s':>11}"
+    print(f"\n{'flavor':<7}{'prec':<6}{'variant':<15}{'mbs':>5}{'gbs':>6}{'step ms':>10}"
+          f"{'samples/s':>11}"
           f"{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>9}  status")
     for r in report["rows"]:
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         pct = " " if mfu is None else "%"
         status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
-        print(f"{r['flavor']:<7}{r['precision']:<6}{r['mbs']:>5}{r['gbs']:>6}"
+        print(f"{r['flavor']:<7}{r['precision']:<6}{r['variant']:<15}{r['mbs']:>5}{r['gbs']:>6}"
               f"{_fmt(r['step_ms'], '.2f'):>10}{_fmt(r['samples_per_s'], '.1f'):>11}"
               f"{_fmt(r['tflops'], '.4g'):>10}{_fmt(mfu, '.1f'):>7}{pct}"
               f"{_fmt(r['peak_mem_gb'], '.2f'):>9}  {status}")
@@ -423,7 +525,13 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help=f"for every flavor (default per flavor: {DEFAULT_BATCH})")
     p.add_argument("--global-batch-size", type=int, default=None,
-                   help="for every flavor (default: the micro-batch size)")
+                   help="for every flavor and variant (default: micro-batch size x DP x "
+                        "--micro-batches)")
+    p.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS),
+                   help="scale-feature rows (module docstring); each needs its devices")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="micro-batches per step (raised to 2 x PP on a pipeline and to 2 "
+                        "with feature accumulation)")
     p.add_argument("--data", default="cached", choices=["cached", "synthetic"],
                    help="cached: the synthetic global batch is built once and every step "
                         "trains on it; synthetic: regenerated on the host every step, as "
@@ -471,19 +579,25 @@ def main(argv=None) -> int:
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the workers (spawned) see no GPU
 
+    devices = torch.cuda.device_count() if device == "cuda" else None
     jobs = []
     for flavor in a.flavors:
         mbs = a.micro_batch_size or DEFAULT_BATCH[device][flavor]
-        gbs = a.global_batch_size or mbs
-        try:
-            flops = model_flops_per_step(flavor, mbs, gbs)
-        except ValueError as e:
-            p.error(f"{flavor}: {e}")
-        for precision in a.precisions:
-            jobs.append({"flavor": flavor, "precision": precision, "mbs": mbs, "gbs": gbs,
-                         "flops": flops, "iters": a.iters, "warmup": a.warmup,
-                         "device": device, "threads": a.threads, "timeout": a.timeout,
-                         "data": a.data})
+        for variant in a.variants:
+            v = VARIANTS[variant]
+            world = v["tp"] * v["pp"] * v["dp"]
+            m = max(a.micro_batches, 2 * v["pp"] if v["pp"] > 1 else 1,
+                    v.get("min_micro_batches", 1))
+            gbs = a.global_batch_size or mbs * v["dp"] * m
+            try:
+                flops = model_flops_per_step(flavor, mbs, gbs, variant)
+            except ValueError as e:
+                p.error(f"{flavor} {variant}: {e}")
+            for precision in a.precisions:
+                jobs.append({"flavor": flavor, "precision": precision, "variant": variant,
+                             "world": world, "mbs": mbs, "gbs": gbs, "flops": flops,
+                             "iters": a.iters, "warmup": a.warmup, "device": device,
+                             "threads": a.threads, "timeout": a.timeout, "data": a.data})
 
     if device == "cuda":
         probe = run_in_process(_probe, {"device": device}, timeout=300)
@@ -502,12 +616,17 @@ def main(argv=None) -> int:
     rows = []
     for job in jobs:
         job["port"] = _free_port()
-        result = run_in_process(_worker, job, a.timeout)
+        label = f"{job['flavor']} {job['precision']} {job['variant']}"
+        if devices is not None and job["world"] > devices:
+            result = {"status": "skipped",
+                      "reason": f"needs {job['world']} GPUs, {devices} visible"}
+        else:
+            result = run_in_process(_worker, job, a.timeout)
         if "traceback" in result:
-            sys.stderr.write(f"{job['flavor']} {job['precision']}: {result['traceback']}\n")
+            sys.stderr.write(f"{label}: {result['traceback']}\n")
         row = make_row(job, result, job["flops"], peaks[job["precision"]])
         rows.append(row)
-        sys.stderr.write(f"{job['flavor']} {job['precision']}: {row['status']}"
+        sys.stderr.write(f"{label}: {row['status']}"
                          + (f", {row['step_ms']:.2f} ms/step" if row["step_ms"] else "")
                          + (f" ({row['reason']})" if row["reason"] else "") + "\n")
     report = {"device": name, "device_type": device, "torch": torch.__version__,

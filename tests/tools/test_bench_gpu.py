@@ -86,6 +86,53 @@ def test_trainer_argv_per_precision(bench):
     assert fp8[-4:] == ["--fp8-format", "hybrid", "--fp8-recipe", "delayed"]
 
 
+def test_variant_flags(bench):
+    """Each scale-feature row asks m2-pretrain for its layout and flags; the interleaved row
+    splits every stage into two chunks."""
+    from megatron_m2.training.arguments import parse_args
+
+    base = {"flavor": "0.4b", "mbs": 4, "gbs": 8, "warmup": 1, "iters": 2, "precision": "bf16"}
+    args = {v: parse_args(bench.trainer_argv(dict(base, variant=v)))
+            for v in bench.VARIANTS}
+    assert args["base"].tensor_model_parallel_size == 1 and not args["base"].sequence_parallel
+    assert args["tp2-sp"].tensor_model_parallel_size == 2 and args["tp2-sp"].sequence_parallel
+    assert args["dp2-overlap"].overlap_grad_reduce and args["dp2-overlap"].overlap_param_gather
+    assert args["patch-dropout"].image_mask_ratio == 0.5
+    assert args["accumulate"].itc_accumulate_features
+    vpp = args["pp2-vpp"]
+    layers = get_flavor("0.4b").num_layers
+    assert vpp.pipeline_model_parallel_size == 2
+    assert layers // 2 // vpp.num_layers_per_virtual_pipeline_stage == 2
+
+
+@pytest.mark.slow
+def test_cpu_run_of_the_two_rank_variants():
+    """Sequence parallelism, overlapped DP communication and the interleaved pipeline run
+    through the tool's multi-process rows (two gloo ranks each); the patch-dropout row's model
+    FLOPs are the planner's for the shorter sequence."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--device", "cpu", "--flavors", "tiny",
+         "--precisions", "fp32", "--iters", "1", "--warmup", "1", "--micro-batch-size", "2",
+         "--variants", "tp2-sp", "dp2-overlap", "pp2-vpp", "patch-dropout", "--json"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["variant"]: r for r in json.loads(proc.stdout)["rows"]}
+    assert set(rows) == {"tp2-sp", "dp2-overlap", "pp2-vpp", "patch-dropout"}
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r["reason"])
+        assert r["step_ms"] > 0
+    assert rows["tp2-sp"]["world"] == 2 and rows["tp2-sp"]["gbs"] == 2
+    assert rows["dp2-overlap"]["gbs"] == 4  # one micro-batch per DP rank
+    assert rows["pp2-vpp"]["gbs"] == 8  # 2 x PP micro-batches
+    assert rows["patch-dropout"]["world"] == 1
+    plan = make_plan(get_flavor("tiny"), Layout(micro_batch=2, global_batch=2,
+                                                image_mask_ratio=0.5),
+                     Cluster(nodes=1, gpus_per_node=1))
+    assert rows["patch-dropout"]["flops_per_step"] == plan.flops["model_flops_per_step"]
+    assert rows["patch-dropout"]["flops_per_step"] < planner_flops("tiny", 2, 2)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
                     reason="the FP8 row is skipped only where Transformer Engine is missing")
