@@ -147,12 +147,16 @@ def _patch(module, stubs, saved) -> None:
         setattr(module, name, stub)
 
 
-def _on_layer(fn):
+def _on_layer(fn, when=None):
     """``fn`` run with the layer on (for megatron code reached where the mode is not: the
     autograd engine runs backward functions without the caller's torch-function modes, and the
-    model's forward runs :func:`suspended`)."""
+    model's forward runs :func:`suspended`). ``when(*args)``: only for the calls it accepts
+    (the others keep their cost: one Python call per torch call inside is what
+    :func:`suspended` exists to avoid)."""
 
     def wrapped(*args, **kwargs):
+        if when is not None and not when(*args):
+            return fn(*args, **kwargs)
         with active():
             return fn(*args, **kwargs)
 
@@ -160,12 +164,13 @@ def _on_layer(fn):
     return wrapped
 
 
-def _patch_static(cls, names, saved) -> None:
-    """Wrap static methods of ``cls`` with :func:`_on_layer` (restored as they were)."""
-    for name in names:
+def _patch_static(cls, conditions, saved) -> None:
+    """Wrap static methods of ``cls`` (``{name: when}``) with :func:`_on_layer` (restored as
+    they were)."""
+    for name, when in conditions.items():
         raw = cls.__dict__[name]
         saved.append((cls, name, raw))
-        setattr(cls, name, staticmethod(_on_layer(raw.__func__)))
+        setattr(cls, name, staticmethod(_on_layer(raw.__func__, when)))
 
 
 def _stub_cuda_functions():
@@ -197,8 +202,11 @@ def _stub_cuda_functions():
     _patch(mcore_mappings, {
         name: _on_layer(getattr(mcore_mappings, name))
         for name in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim")}, saved)
+    # The linears only where they gather along the sequence (forward(ctx, input, weight, bias,
+    # gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel, ...)).
     _patch_static(mcore_layers.LinearWithGradAccumulationAndAsyncCommunication,
-                  ("forward", "backward"), saved)
+                  {"forward": lambda *a: bool(a[6]),
+                   "backward": lambda ctx, *a: bool(ctx.sequence_parallel)}, saved)
     return saved
 
 
