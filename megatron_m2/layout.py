@@ -25,6 +25,7 @@ applies on the real node map.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,7 +35,7 @@ from .errors import ConfigError
 __all__ = [
     "ParallelLayout", "LayoutCheck", "check_layout", "model_split_errors", "dp_groups",
     "resolve_itc_group_size", "misaligned_itc_group", "short_ranks", "FP8_ALIGN",
-    "PRECISIONS", "RECOMPUTE_METHODS",
+    "PRECISIONS", "RECOMPUTE_METHODS", "patch_dropout_fp8_error", "patch_keep_count",
 ]
 
 FP8_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
@@ -42,6 +43,15 @@ FP8_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
 the packed sequence: each branch's linears see ``s_part × micro_batch`` rows as they are."""
 PRECISIONS = ("fp32", "bf16", "fp8")
 RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def patch_keep_count(num_patches: int, ratio: float) -> int:
+    """Patches kept per image by patch dropout at ``ratio``: ``round((1 - ratio) · P)``
+    (halves rounded up), at least 1. The vision sequence then holds ``1 + keep`` rows ([CLS]
+    is always kept). Torch-free: the data path, the layout rules and the planner share it."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"patch dropout ratio must be in [0, 1), got {ratio}")
+    return max(1, min(int(num_patches), int(math.floor((1.0 - ratio) * num_patches + 0.5))))
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ class ParallelLayout:
     layers_per_virtual_stage: Optional[int] = None
     """``--num-layers-per-virtual-pipeline-stage``: interleaved pipeline with model chunks of
     this many layers (``None``: one chunk per stage)."""
+    image_mask_ratio: float = 0.0
+    """``--image-mask-ratio``: patch dropout's training steps have ``1 + keep`` vision rows."""
     sequence_parallel: bool = False
     """``--sequence-parallel``: activations outside the tensor-parallel regions sharded along
     the sequence across the TP group (each modality part padded to a multiple of TP)."""
@@ -253,7 +265,27 @@ def _fp8_errors(cfg, lay: ParallelLayout) -> List[str]:
         errors.append(f"--fp8-format: each branch's GEMM rows must be a multiple of {align} "
                       f"({'; '.join(bad)}); use a --micro-batch-size that is a multiple of "
                       f"{align}")
+    masked = patch_dropout_fp8_error(cfg, lay.image_mask_ratio, mbs, align,
+                                     tp if lay.sequence_parallel else 1)
+    if masked:
+        errors.append(masked)
     return errors
+
+
+def patch_dropout_fp8_error(cfg, ratio: float, micro_batch: int, align: int,
+                            sequence_shards: int = 1) -> Optional[str]:
+    """With FP8, patch dropout's training steps give the vision branch's GEMMs
+    ``(1 + keep) × micro_batch`` rows (the part padded to a multiple of ``sequence_shards``
+    under sequence parallelism), which must be a multiple of ``align``: the message if not."""
+    if not 0.0 < ratio < 1.0:
+        return None
+    rows = 1 + patch_keep_count(cfg.vision_seq_len - 1, ratio)
+    rows = -(-rows // sequence_shards) * sequence_shards
+    if rows * micro_batch % align == 0:
+        return None
+    return (f"--image-mask-ratio {ratio} with --fp8-format: the vision branch's GEMMs get "
+            f"{rows} tokens x {micro_batch} rows, not a multiple of {align}; use a "
+            f"--micro-batch-size that is a multiple of {align}")
 
 
 def _itc_rules(lay: ParallelLayout, dp: int, check: LayoutCheck) -> None:

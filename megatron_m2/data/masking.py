@@ -59,6 +59,8 @@ from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 
+from ..layout import patch_keep_count  # noqa: F401 - the data path's name for it
+
 if TYPE_CHECKING:
     from .tokenizer import M2Tokenizer
 
@@ -534,14 +536,6 @@ def attentive_mask(scores: torch.Tensor, num_masked: int = IMAGE_MASK_PATCHES,
 
 # ------------------------------------------------------------------------------------------------
 # Patch dropout (FLIP)
-
-
-def patch_keep_count(num_patches: int, ratio: float) -> int:
-    """Patches kept per image by patch dropout at ``ratio``: ``round((1 - ratio) · P)``
-    (halves rounded up), at least 1. The vision sequence then holds ``1 + keep`` rows."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"patch dropout ratio must be in [0, 1), got {ratio}")
-    return max(1, min(int(num_patches), int(math.floor((1.0 - ratio) * num_patches + 0.5))))
 
 
 def patch_keep_indices(seed: int, positions: Sequence[int], num_patches: int,

@@ -105,7 +105,6 @@ def set_seed(seed: int) -> None:
     if parallel_state.model_parallel_is_initialized() and (
             torch.cuda.is_available() or cpu_compat.is_enabled()):
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-        torch.manual_seed(seed)  # on CPU the tracker's seeding went through this generator
 
 
 def destroy() -> None:

@@ -7,12 +7,12 @@ and rank-order constants every section shares, and the model-config loaders of `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from ..config import M2ModelConfig, load_model_config
 from ..flavors import get_flavor
+from ..layout import patch_keep_count  # noqa: F401 - the planner's name for it
 
 GB = 10 ** 9
 """One gigabyte (decimal), the unit of the memory report and of the bandwidths (GB/s)."""
@@ -176,16 +176,6 @@ class Assumptions:
     overhead_gb: float = 3.0
     collective_latency_us: float = 10.0
     dp_overlap: Optional[float] = None
-
-
-def patch_keep_count(num_patches: int, ratio: float) -> int:
-    """Patches an image keeps under patch dropout at ``ratio``: ``round((1 − ratio)·P)``
-    (halves rounded up), at least 1 — :func:`megatron_m2.data.masking.patch_keep_count`'s rule
-    (that module imports torch; the planner does not). The vision part then holds
-    ``1 + keep`` rows ([CLS] is always kept)."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"patch dropout ratio must be in [0, 1), got {ratio}")
-    return max(1, min(int(num_patches), int(math.floor((1.0 - ratio) * num_patches + 0.5))))
 
 
 def ddp_bucket_elements(dp: int, bucket_size: Optional[int] = None) -> int:

@@ -16,8 +16,8 @@ import math
 from typing import Dict, List, Tuple
 
 from ..config import M2ModelConfig
-from ..layout import FP8_ALIGN, ParallelLayout, check_layout
-from .inputs import Cluster, Layout, patch_keep_count
+from ..layout import ParallelLayout, check_layout
+from .inputs import Cluster, Layout
 from .objective import objective_errors
 
 PLANNED_PRECISIONS = ("bf16", "fp8")
@@ -44,7 +44,7 @@ def parallel_layout(layout: Layout, cluster: Cluster) -> ParallelLayout:
         recompute_num_layers=layers, distributed_optimizer=layout.distributed_optimizer,
         gpus_per_node=cluster.gpus_per_node,
         layers_per_virtual_stage=layout.layers_per_virtual_stage,
-        sequence_parallel=layout.sequence_parallel)
+        image_mask_ratio=layout.image_mask_ratio, sequence_parallel=layout.sequence_parallel)
 
 
 PATCH_DROPOUT_OBJECTIVES = ("itc",)
@@ -54,8 +54,8 @@ contrastive one. ``m2``'s contrastive and fused passes share one full-length seq
 
 def patch_dropout_errors(cfg: M2ModelConfig, layout: Layout) -> List[str]:
     """``--image-mask-ratio``'s rules, m2-pretrain's (``_validate_patch_dropout``): a ratio in
-    [0, 1); an objective with patch dropout (``itc``; m2-pretrain refuses it under ``m2``); with
-    FP8 the vision branch's GEMM rows ``(1 + keep) × micro-batch`` aligned to the recipe's 16."""
+    [0, 1); an objective with patch dropout (``itc``; m2-pretrain refuses it under ``m2``). (Its
+    FP8 row alignment is a layout rule: :func:`megatron_m2.layout.check_layout`.)"""
     ratio = float(layout.image_mask_ratio)
     if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
         return [f"--image-mask-ratio must be in [0, 1), got {ratio}"]
@@ -65,15 +65,6 @@ def patch_dropout_errors(cfg: M2ModelConfig, layout: Layout) -> List[str]:
         return [f"--image-mask-ratio (patch dropout) works with contrastive training only "
                 f"(--objective itc); objective {layout.objective!r} has no patch dropout "
                 "(m2's contrastive and fused passes share one full-length sequence)"]
-    if layout.precision == "fp8":
-        align = FP8_ALIGN["delayed"]  # the recipe the planned command asks for
-        rows = 1 + patch_keep_count(cfg.vision_seq_len - 1, ratio)
-        if layout.sequence_parallel:  # the gathered part, padded to a multiple of TP
-            rows = -(-rows // layout.tp) * layout.tp
-        if rows * layout.micro_batch % align:
-            return [f"--image-mask-ratio {ratio} with --fp8-format: the vision branch's GEMMs "
-                    f"get {rows} tokens x {layout.micro_batch} rows, not a multiple of {align}; "
-                    f"use a --micro-batch-size that is a multiple of {align}"]
     return []
 
 

@@ -453,4 +453,4 @@ def parallel_layout(args: argparse.Namespace, world_size: int,
         recompute_num_layers=layers, distributed_optimizer=args.use_distributed_optimizer,
         gpus_per_node=gpus_per_node,
         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
-        sequence_parallel=args.sequence_parallel)
+        image_mask_ratio=args.image_mask_ratio, sequence_parallel=args.sequence_parallel)

@@ -302,20 +302,15 @@ def _validate_patch_dropout(args: argparse.Namespace, cfg) -> None:
                               f"training only (--objective itc); objective {args.objective!r} "
                               "has no patch dropout (m2's contrastive and fused passes share "
                               "one full-length sequence)")
-        if args.fp8_format:  # FP8 GEMMs take the vision rows as the model gives them
-            from ..data.masking import patch_keep_count
-            from ..layout import FP8_ALIGN
+        if args.fp8_format:  # the layout rule check_layout applies, for this check alone
+            from ..layout import FP8_ALIGN, patch_dropout_fp8_error
 
-            align = FP8_ALIGN.get(args.fp8_recipe, 16)
-            rows = 1 + patch_keep_count(cfg.vision_seq_len - 1, ratio)
             tp = args.tensor_model_parallel_size
-            if args.sequence_parallel:  # the gathered part, padded to a multiple of TP
-                rows = -(-rows // tp) * tp
-            if rows * args.micro_batch_size % align:
-                raise ConfigError(f"--image-mask-ratio {ratio} with --fp8-format: the vision "
-                                  f"branch's GEMMs get {rows} tokens x {args.micro_batch_size} "
-                                  f"rows, not a multiple of {align}; use a --micro-batch-size "
-                                  f"that is a multiple of {align}")
+            error = patch_dropout_fp8_error(cfg, ratio, args.micro_batch_size,
+                                            FP8_ALIGN.get(args.fp8_recipe, 16),
+                                            tp if args.sequence_parallel else 1)
+            if error:
+                raise ConfigError(error)
 
 
 def _validate_visual_tokenizer(args: argparse.Namespace, cfg, grid: int) -> None:
