@@ -16,7 +16,8 @@ from ..config import ConfigError
 from ..flavors import FLAVORS
 
 __all__ = ["build_parser", "parse_args", "parse_data_path", "parse_split",
-           "parse_randaugment", "recompute_options", "recompute_setting", "fp8_options",
+           "parse_randaugment", "parse_crop_scale", "recompute_options", "recompute_setting",
+           "fp8_options",
            "parallel_layout", "model_config",
            "scheduler_settings", "output_dirs"]
 
@@ -64,6 +65,17 @@ def parse_randaugment(value: str) -> Optional[Tuple[int, int]]:
     except ValueError:
         raise ConfigError(f"--randaugment {value!r}: expected 'N,M' or 'none'") from None
     return n, m
+
+
+def parse_crop_scale(value: str) -> Tuple[float, float]:
+    """``--crop-scale 'MIN,MAX'``: RandomResizedCrop's area-fraction bounds, 0 < MIN <= MAX <= 1."""
+    try:
+        lo, hi = (float(x) for x in value.split(","))
+    except ValueError:
+        raise ConfigError(f"--crop-scale {value!r}: expected 'MIN,MAX', e.g. '0.8,1.0'") from None
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"--crop-scale {value!r}: need 0 < MIN <= MAX <= 1")
+    return lo, hi
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption-lang", default="balanced",
                    choices=["any", "en", "zh", "balanced"],
                    help="which caption of a sample to train on")
+    g.add_argument("--crop-scale", default="0.8,1.0", metavar="MIN,MAX",
+                   help="RandomResizedCrop area-fraction bounds of the train transform "
+                        "(1,1: no crop; the image is only resized)")
+    g.add_argument("--hflip", type=float, default=0.5, metavar="P",
+                   help="probability of a horizontal flip in the train transform (0 when "
+                        "left and right carry meaning, e.g. arrows and pointing hands)")
     g.add_argument("--randaugment", default="2,7",
                    help="RandAugment 'N,M' of the train transform, or 'none'")
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")

@@ -298,10 +298,11 @@ class Trainer:
         from ..data.dataset import BlendedDataset, ImageTextDataset, split_ranges
         from ..data.indexed import ImageTextIndexedDataset
         from ..data.transforms import train_transform
-        from .arguments import parse_data_path, parse_randaugment, parse_split
+        from .arguments import parse_crop_scale, parse_data_path, parse_randaugment, parse_split
 
         a, cfg = self.args, self.cfg
-        transform = train_transform(cfg.image_size, randaugment=parse_randaugment(a.randaugment))
+        transform = train_transform(cfg.image_size, parse_crop_scale(a.crop_scale), hflip=a.hflip,
+                                    randaugment=parse_randaugment(a.randaugment))
         self._image_decoder = None
         if getattr(a, "image_decode", "cpu") == "gpu":  # workers pass bytes + crop/flip params
             from ..data.gpu_decode import EncodedTrainTransform, GpuBatchDecoder

@@ -18,6 +18,7 @@ from .arguments import (
     model_config,
     output_dirs,
     parallel_layout,
+    parse_crop_scale,
     parse_data_path,
     parse_randaugment,
     parse_split,
@@ -405,6 +406,9 @@ def validate_args(args: argparse.Namespace, world_size: int,
             raise ConfigError(f"--randaugment {args.randaugment}: N >= 0 operations of "
                               "magnitude M in 0..30")
         _validate_image_decode(args, ra)
+        parse_crop_scale(getattr(args, "crop_scale", "0.8,1.0"))
+        if not 0.0 <= getattr(args, "hflip", 0.5) <= 1.0:
+            raise ConfigError(f"--hflip {args.hflip}: a probability in [0, 1]")
     if args.tokenizer_model:
         if not os.path.exists(args.tokenizer_model):
             raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
