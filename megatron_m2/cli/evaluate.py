@@ -6,6 +6,10 @@ Examples::
     # image<->text retrieval on an indexed dataset, English and Chinese captions
     m2-eval --load runs/demo --task retrieval --data data/emoji_demo/validation --json
 
+    # ... with a picture of the top-5 images of 4 caption queries per language
+    m2-eval --load runs/demo --task retrieval --data data/emoji_demo/test \\
+        --retrieval-examples retrieval.png --retrieval-examples-queries 4 --seed 0
+
     # zero-shot classification on Fashion-MNIST (Debian dataset-fashion-mnist), both languages
     m2-eval --load runs/demo --task zeroshot --fashion-mnist
 
@@ -19,7 +23,9 @@ Examples::
 One process by default; under ``torchrun`` every rank embeds a shard of the images (and of
 their captions) and the figures are computed jointly (``retrieval_metrics`` and
 ``zero_shot_accuracy`` are collectives over the world). ``--json`` prints one JSON object on
-stdout (rank 0) instead of the table.
+stdout (rank 0) instead of the table. Retrieval on a dataset with English and Chinese captions
+also reports their cross-lingual agreement (``cross_lingual`` in the JSON object);
+``--retrieval-examples`` is drawn by rank 0.
 
 Text is tokenized in the text style recorded with the checkpoint's tokenizer (the release's exact
 tokenisation for converted official models; ``--text-style`` overrides). Retrieval checks the
@@ -90,12 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-dataset-mismatch", action="store_true",
                    help="evaluate on a dataset whose card names another tokenizer, text style "
                         "or text length than the model's (a warning instead of an error)")
+    g.add_argument("--retrieval-examples", default=None, metavar="PNG",
+                   help="also draw a picture of text->image retrieval: per language, the top-5 "
+                        "images of a few caption queries (the same samples in every language, "
+                        "drawn with --seed), the query's own image framed in green")
+    g.add_argument("--retrieval-examples-queries", type=int, default=4, metavar="N",
+                   help="queries per language in --retrieval-examples")
+    g.add_argument("--font", default=None,
+                   help="font file for --retrieval-examples (default: the first CJK font found; "
+                        "without one Chinese shows as boxes)")
 
     g = p.add_argument_group("probe (counting and spatial relations, --data an emoji dataset "
                              "made by tools/make_demo_dataset.py)")
     g.add_argument("--probe-items", type=int, default=200,
                    help="items per probe kind (counting, relations)")
-    g.add_argument("--seed", type=int, default=0, help="seed the probe images are drawn from")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed the probe images (and the --retrieval-examples queries) are drawn "
+                        "from")
     g.add_argument("--probe-canvas", type=int, default=224,
                    help="probe image side in pixels (the model's transform resizes it)")
 
@@ -127,6 +144,11 @@ def _validate(args) -> Optional[str]:
         return f"--max-samples must be >= 0, got {args.max_samples}"
     if args.task in ("retrieval", "probe") and not args.data:
         return f"--task {args.task} needs --data PREFIX (an indexed dataset)"
+    if args.retrieval_examples and args.task != "retrieval":
+        return "--retrieval-examples goes with --task retrieval"
+    if args.retrieval_examples_queries < 1:
+        return (f"--retrieval-examples-queries must be >= 1, got "
+                f"{args.retrieval_examples_queries}")
     if args.task == "probe" and args.probe_items < 1:
         return f"--probe-items must be >= 1, got {args.probe_items}"
     if args.task == "zeroshot":
@@ -152,7 +174,8 @@ def _check_inputs(args) -> None:
     if args.data:
         if read_index(args.data, full=False).num_samples == 0:
             raise DatasetError(f"--data {args.data}: {args.data}.idx holds no samples")
-    for path in [args.image_folder] + [i.split("=", 1)[1] for i in args.classnames or []]:
+    for path in [args.image_folder, args.font] + [i.split("=", 1)[1]
+                                                  for i in args.classnames or []]:
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or directory")
 
@@ -171,21 +194,40 @@ def _world():
 
 
 # -- retrieval ----------------------------------------------------------------------------------
-def run_retrieval(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str, float]]:
-    """R@1/5/10 both ways and mean recall per language on ``args.data``
-    (:func:`megatron_m2.eval.tasks.evaluate_retrieval`)."""
+def run_retrieval(enc, args, rank: int, world: int, group):
+    """R@1/5/10 both ways and mean recall per language on ``args.data``, the cross-lingual
+    agreement and the example queries of ``--retrieval-examples``
+    (:func:`megatron_m2.eval.tasks.retrieval_report`)."""
     from ..data.identity import check_datasets, tokenizer_identity
-    from ..eval.tasks import evaluate_retrieval
+    from ..eval.tasks import retrieval_report
 
     enc._need_tokenizer()
     check_datasets([args.data], tokenizer_identity(enc.tokenizer), enc.cfg.max_text_len,
                    languages=args.lang or (), allow=args.allow_dataset_mismatch,
                    against=f"the model {args.load} (its tokenizer, text style "
                            f"{enc.tokenizer.text_style}, text length {enc.cfg.max_text_len})")
-    return evaluate_retrieval(enc, args.data, args.lang, max_samples=args.max_samples,
-                              shard=(rank, world), group=group, batch_size=args.batch_size,
-                              chunk_size=args.chunk_size,
-                              progress=rank == 0 and not args.no_progress)
+    return retrieval_report(enc, args.data, args.lang, max_samples=args.max_samples,
+                            shard=(rank, world), group=group, batch_size=args.batch_size,
+                            chunk_size=args.chunk_size,
+                            progress=rank == 0 and not args.no_progress,
+                            example_queries=args.retrieval_examples_queries
+                            if args.retrieval_examples else 0, seed=args.seed)
+
+
+def draw_retrieval_examples(enc, args, report) -> Optional[dict]:
+    """Rank 0's ``--retrieval-examples`` picture (:mod:`megatron_m2.eval.retrieval_examples`);
+    None when no language has a query."""
+    from ..eval.retrieval_examples import render_retrieval_examples
+
+    if not any(report.examples.values()):
+        logger.warning("--retrieval-examples: no caption queries to draw")
+        return None
+    counts = sorted({len(q) for q in report.examples.values()})
+    title = (f"{os.path.basename(args.data)}: text-to-image top-5 of {'/'.join(map(str, counts))} "
+             f"caption quer{'y' if counts == [1] else 'ies'} per language (seed {args.seed}), "
+             f"{args.head} head of {os.path.basename(os.path.normpath(args.load))}")
+    return render_retrieval_examples(args.data, report.examples, args.retrieval_examples,
+                                     tokenizer=enc.tokenizer, font_path=args.font, title=title)
 
 
 # -- zero-shot ----------------------------------------------------------------------------------
@@ -323,12 +365,21 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                                     tokenizer_model=args.tokenizer_model,
                                     text_style=args.text_style,
                                     verify_checksums=not args.no_verify_checksums)
-    run = {"retrieval": run_retrieval, "zeroshot": run_zeroshot, "probe": run_probe}[args.task]
-    results = run(enc, args, rank, world, group)
+    report = None
+    if args.task == "retrieval":
+        report = run_retrieval(enc, args, rank, world, group)
+        results = report.results
+    else:
+        results = {"zeroshot": run_zeroshot, "probe": run_probe}[args.task](enc, args, rank,
+                                                                          world, group)
     record = {"task": args.task, "load": args.load, "head": args.head,
               "data": args.data or args.fashion_mnist or args.image_folder,
               "world_size": world, "seconds": round(time.perf_counter() - t0, 2),
               "results": results}
+    if report is not None and report.cross_lingual is not None:
+        record["cross_lingual"] = report.cross_lingual
+    if report is not None and args.retrieval_examples and rank == 0:
+        record["retrieval_examples"] = draw_retrieval_examples(enc, args, report)
     if args.task == "probe":
         record["probe"] = {"items": args.probe_items, "seed": args.seed,
                            "canvas": args.probe_canvas}
@@ -341,6 +392,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                 unit = "% accuracy, chance = 1/candidates"
             sys.stdout.write(f"{args.task} on {record['data']} ({args.head} head, {unit}):\n"
                              f"{_table(results, args.task)}\n")
+            if "cross_lingual" in record:
+                from ..eval.retrieval import format_cross_lingual
+
+                sys.stdout.write(f"\n{format_cross_lingual(record['cross_lingual'])}\n")
+            if record.get("retrieval_examples"):
+                pic = record["retrieval_examples"]
+                sys.stdout.write(f"\nretrieval examples: {pic['path']} ({pic['width']}x"
+                                 f"{pic['height']} px)\n")
         if args.output:
             with open(args.output, "w") as f:
                 json.dump(record, f, ensure_ascii=False, indent=1)

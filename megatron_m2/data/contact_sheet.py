@@ -25,7 +25,8 @@ from .indexed import (
 )
 
 __all__ = ["read_sample", "find_cjk_font", "sheet_size", "contact_sheet", "COLUMNS",
-           "TILE_WIDTH", "PAD", "GAP"]
+           "TILE_WIDTH", "PAD", "GAP", "text_width", "wrap_text", "ellipsize", "caption_text",
+           "fit_image", "LANG_COLOURS"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +117,19 @@ def sheet_size(num_tiles: int, columns: int = COLUMNS) -> Tuple[int, int]:
             HEADER_HEIGHT + rows * TILE_HEIGHT + (rows + 1) * GAP)
 
 
-def _text_width(font, text: str) -> float:
+def text_width(font, text: str) -> float:
+    """Width in pixels of ``text`` drawn in ``font``."""
     return font.getlength(text) if hasattr(font, "getlength") else font.getsize(text)[0]
 
 
-def _wrap(text: str, font, width: float, max_lines: int) -> Tuple[List[str], bool]:
+def wrap_text(text: str, font, width: float, max_lines: int) -> Tuple[List[str], bool]:
     """Greedy pixel-width wrapping, breaking at spaces where there are any (English) and
     between characters otherwise (Chinese has no spaces). Returns ``(lines, truncated)`` with
     at most ``max_lines`` lines."""
     lines: List[str] = []
     line = ""
     for pos, ch in enumerate(text):
-        if _text_width(font, line + ch) <= width:
+        if text_width(font, line + ch) <= width:
             line += ch
             continue
         cut = line.rfind(" ")
@@ -144,13 +146,16 @@ def _wrap(text: str, font, width: float, max_lines: int) -> Tuple[List[str], boo
     return lines, False
 
 
-def _ellipsize(line: str, font, width: float) -> str:
-    while line and _text_width(font, line + "…") > width:
+def ellipsize(line: str, font, width: float) -> str:
+    """``line`` cut to fit ``width`` with a trailing ellipsis."""
+    while line and text_width(font, line + "…") > width:
         line = line[:-1]
     return line.rstrip() + "…"
 
 
-def _caption_text(ids: np.ndarray, tokenizer) -> str:
+def caption_text(ids: np.ndarray, tokenizer) -> str:
+    """A caption's text decoded with ``tokenizer`` (its token ids when there is none or the
+    ids do not decode)."""
     if tokenizer is not None:
         try:
             return tokenizer.decode(ids)
@@ -160,8 +165,9 @@ def _caption_text(ids: np.ndarray, tokenizer) -> str:
     return " ".join(str(int(i)) for i in ids)
 
 
-def _fit_image(data: bytes):
-    """The decoded image on white, scaled to fit ``IMAGE_BOX``; None if it does not decode."""
+def fit_image(data: bytes, box: int = IMAGE_BOX):
+    """``(image, original size)``: the decoded image on white, scaled to fit a ``box`` square
+    (nearest when enlarged); ``(None, None)`` if it does not decode."""
     from PIL import Image
 
     try:
@@ -173,7 +179,7 @@ def _fit_image(data: bytes):
     size = rgba.size
     flat = Image.new("RGBA", size, (255, 255, 255, 255))
     flat.alpha_composite(rgba)
-    scale = IMAGE_BOX / max(size)
+    scale = box / max(size)
     new = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
     # Nearest keeps tiny images' pixels crisp instead of blurring them into mush when enlarged.
     resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
@@ -186,10 +192,10 @@ def _draw_tile(sheet, draw, font, x: int, y: int, index: int, sample: Sample, to
     box_x, box_y = x + (TILE_WIDTH - IMAGE_BOX) // 2, y + PAD
     draw.rectangle([box_x, box_y, box_x + IMAGE_BOX - 1, box_y + IMAGE_BOX - 1],
                    fill=(236, 236, 236))
-    thumb, size = _fit_image(sample.image)
+    thumb, size = fit_image(sample.image)
     if thumb is None:
         note = "undecodable image"
-        draw.text((box_x + (IMAGE_BOX - _text_width(font, note)) / 2,
+        draw.text((box_x + (IMAGE_BOX - text_width(font, note)) / 2,
                    box_y + (IMAGE_BOX - LINE_HEIGHT) / 2), note, fill=(170, 0, 0), font=font)
         info = f"#{index}  undecodable, {len(sample.image)} B"
     else:
@@ -227,8 +233,8 @@ def _layout_captions(captions, font, width: float, tokenizer):
     hidden = len(captions) - len(shown)
     wrapped = []
     for lang, ids in shown:
-        indent = _text_width(font, f"{lang} ")
-        lines, cut = _wrap(_caption_text(ids, tokenizer), font, width - indent, budget)
+        indent = text_width(font, f"{lang} ")
+        lines, cut = wrap_text(caption_text(ids, tokenizer), font, width - indent, budget)
         wrapped.append((lang, indent, lines or [""], cut))
     take = [1] * len(wrapped)
     left = budget - (1 if hidden else 0) - len(wrapped)
@@ -241,7 +247,7 @@ def _layout_captions(captions, font, width: float, tokenizer):
     for (lang, indent, lines, cut), t in zip(wrapped, take):
         kept = lines[:t]
         if cut or t < len(lines):
-            kept[-1] = _ellipsize(kept[-1], font, width - indent)
+            kept[-1] = ellipsize(kept[-1], font, width - indent)
         out.append((lang, indent, kept))
     if hidden:
         out.append((None, 0, [f"+{hidden} more captions"]))
@@ -281,8 +287,8 @@ def contact_sheet(prefix: str, out_path: str, tokenizer_model: Optional[str] = N
     draw = ImageDraw.Draw(sheet)
     title = (f"{os.path.basename(prefix)}: {len(chosen)} of {index.num_samples} samples "
              f"(seed {seed}); captions {'decoded' if tokenizer else 'as token ids'}")
-    if _text_width(font, title) > width - 2 * GAP:
-        title = _ellipsize(title, font, width - 2 * GAP)
+    if text_width(font, title) > width - 2 * GAP:
+        title = ellipsize(title, font, width - 2 * GAP)
     draw.text((GAP, (HEADER_HEIGHT + GAP - LINE_HEIGHT) // 2), title, fill=(0, 0, 0), font=font)
     for n, i in enumerate(chosen):
         r, c = divmod(n, cols)

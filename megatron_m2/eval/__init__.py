@@ -12,7 +12,13 @@ from .datasets import (
     read_idx,
 )
 from .probe import build_probe, evaluate_probe
-from .retrieval import format_table, retrieval_metrics, zero_shot_accuracy
+from .retrieval import (
+    cross_lingual_agreement,
+    format_table,
+    query_rankings,
+    retrieval_metrics,
+    zero_shot_accuracy,
+)
 from .zeroshot import (
     BUILTIN_CLASSNAMES,
     LANGUAGES,
@@ -25,6 +31,8 @@ from .zeroshot import (
 
 __all__ = [
     "retrieval_metrics",
+    "cross_lingual_agreement",
+    "query_rankings",
     "zero_shot_accuracy",
     "format_table",
     "LANGUAGES",

@@ -6,6 +6,11 @@ percentages. An image usually has several captions: image→text counts a hit wh
 image's captions is among the top-k texts, text→image when the caption's own image is among the
 top-k images.
 
+:func:`cross_lingual_agreement` (do two captions of a sample, e.g. its English and its Chinese
+one, retrieve the same images?) and :func:`query_rankings` (the top-k images and the rank of
+the right one for a few queries, drawn by :mod:`megatron_m2.eval.retrieval_examples`) rank the
+same way, in the same bounded memory.
+
 Memory. The Ni × Nt similarity matrix is never built: queries are scored in chunks against
 gallery chunks, and each query keeps a running top-k that every new chunk × chunk block is
 merged into. Peak memory is about ``chunk_size² × 4`` bytes for the score block plus
@@ -39,13 +44,15 @@ backend needs (CUDA for NCCL). Invalid inputs on any rank make every rank raise.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "chance_recall", "zero_shot_accuracy", "format_table"]
+__all__ = ["retrieval_metrics", "chance_recall", "zero_shot_accuracy", "format_table",
+           "cross_lingual_agreement", "chance_cross_lingual", "query_rankings",
+           "format_cross_lingual"]
 
 _IDX_MAX = 2**32 - 1
 """Largest global gallery index the 64-bit ranking key can hold."""
@@ -142,30 +149,45 @@ def _gallery_chunks(comm: _Comm, local: Tensor, local_labels: Optional[Tensor],
             yield emb, index, index if labels is None else labels
 
 
+def _score_blocks(queries: Tensor, gallery: Iterator[Tuple[Tensor, Tensor, Tensor]],
+                  chunk_size: int) -> Iterator[Tuple[int, int, Tensor, Tensor, Tensor]]:
+    """``(query chunk index, first query row, scores, gallery indices, gallery labels)`` for
+    every query chunk × gallery chunk block, gallery chunks in the outer loop (each is received
+    once, and every rank walks through the same sequence of broadcasts however many queries it
+    holds). Scores are float32 (float64 ones are rounded)."""
+    n = queries.shape[0]
+    for emb, index, labels in gallery:
+        for i, s in enumerate(range(0, n, chunk_size)):
+            scores = queries[s:s + chunk_size] @ emb.T
+            if scores.dtype == torch.float64:
+                scores = scores.float()
+            yield i, s, scores, index, labels
+
+
 def _ranked_labels(queries: Tensor, gallery: Iterator[Tuple[Tensor, Tensor, Tensor]], k: int,
-                   chunk_size: int) -> Tensor:
-    """Labels of the top-``k`` gallery items of every query, best first: ``[Nq, min(k, Ng)]``."""
+                   chunk_size: int, visit: Optional[Callable[[int, Tensor, Tensor], None]] = None
+                   ) -> Tensor:
+    """Labels of the top-``k`` gallery items of every query, best first: ``[Nq, min(k, Ng)]``.
+
+    ``visit(first query row, scores, gallery indices)``, when given, sees every score block.
+    """
     n = queries.shape[0]
     bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     empty = queries.new_empty((0, 0), dtype=torch.int64)
     state: List[Tuple[Tensor, Tensor]] = [(empty.new_empty(e - s, 0), empty.new_empty(e - s, 0))
                                           for s, e in bounds]
-    # Gallery chunks in the outer loop: each is received once, and every rank walks through the
-    # same sequence of broadcasts however many queries it holds.
-    for emb, index, labels in gallery:
-        for i, (s, e) in enumerate(bounds):
-            scores = queries[s:e] @ emb.T
-            if scores.dtype == torch.float64:
-                scores = scores.float()
-            keys, pos = _block_top(scores, index, k)
-            del scores
-            run_keys, run_labels = state[i]
-            keys = torch.cat([run_keys, keys], dim=1)
-            merged_labels = torch.cat([run_labels, labels[pos]], dim=1)
-            if keys.shape[1] > k:
-                keys, sel = keys.topk(k, dim=1)
-                merged_labels = merged_labels.gather(1, sel)
-            state[i] = (keys, merged_labels)
+    for i, s, scores, index, labels in _score_blocks(queries, gallery, chunk_size):
+        if visit is not None:
+            visit(s, scores, index)
+        keys, pos = _block_top(scores, index, k)
+        del scores
+        run_keys, run_labels = state[i]
+        keys = torch.cat([run_keys, keys], dim=1)
+        merged_labels = torch.cat([run_labels, labels[pos]], dim=1)
+        if keys.shape[1] > k:
+            keys, sel = keys.topk(k, dim=1)
+            merged_labels = merged_labels.gather(1, sel)
+        state[i] = (keys, merged_labels)
     if not state:
         return empty.new_empty(0, 0)
     out = []
@@ -321,6 +343,127 @@ def chance_recall(n: int, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
     return _recall_row(ks, recalls, recalls)
 
 
+def _image_shards(comm: _Comm, image_emb: Tensor, texts: Sequence[Tensor], what: str,
+                  aligned: bool) -> Tuple[List[int], List[int]]:
+    """Image counts and global offsets of every rank's shard. Checks the shapes (``aligned``:
+    every text has a row per image) on every rank and makes all of them raise together, as
+    :func:`retrieval_metrics` does."""
+    error = None
+    if image_emb.dim() != 2 or any(t.dim() != 2 for t in texts):
+        error = "embeddings must be 2-D"
+    elif any(t.shape[1] != image_emb.shape[1] or t.dtype != image_emb.dtype for t in texts):
+        error = "image and text embeddings differ in width or dtype"
+    elif aligned and any(t.shape[0] != image_emb.shape[0] for t in texts):
+        error = "need one text row per image"
+    meta = torch.tensor([image_emb.shape[0] if error is None else 0, int(error is not None)],
+                        dtype=torch.int64, device=image_emb.device)
+    meta = comm.all_gather(meta).cpu().tolist()
+    if error is not None:
+        raise ValueError(f"{what}: {error}, got image {tuple(image_emb.shape)} and text "
+                         f"{[tuple(t.shape) for t in texts]}")
+    bad = [r for r, m in enumerate(meta) if m[1]]
+    if bad:
+        raise ValueError(f"{what}: invalid inputs on rank(s) {bad}")
+    sizes = [m[0] for m in meta]
+    if sum(sizes) == 0:
+        raise ValueError(f"{what}: no images")
+    return sizes, [sum(sizes[:r]) for r in range(comm.world)]
+
+
+def cross_lingual_agreement(image_emb: Tensor, text_a: Tensor, text_b: Tensor, k: int = 5,
+                            chunk_size: int = 4096, group=None) -> Dict[str, float]:
+    """How much text→image retrieval agrees between two captions of each sample (e.g. its
+    English and its Chinese caption), in %.
+
+    Row ``j`` of ``text_a`` and of ``text_b`` are two captions of image ``j``; both are queries
+    against the gallery of all the images (ties rank the lower global index first, as in
+    :func:`retrieval_metrics`). With ``group``, every rank passes its shard of aligned rows
+    (images numbered globally in rank order) and gets the same figures.
+
+    Returns:
+        ``samples``: the number of samples n (= gallery images); ``top1_agreement``: samples whose
+        two queries retrieve the same top-1 image; ``top{k}_overlap``: mean of
+        ``|top-k(a) ∩ top-k(b)| / k`` (k capped at n); ``both_r1`` / ``both_r{k}``: samples whose
+        two queries both rank the right image first / within the top k; and the values of the
+        first two for two independent random rankings, ``chance_top1_agreement`` (100 / n) and
+        ``chance_top{k}_overlap`` (100 · k / n).
+    """
+    k = _check_ks((k,))[0]
+    chunk_size = _check_chunk(chunk_size)
+    device = image_emb.device
+    comm = _Comm(group, device)
+    sizes, offsets = _image_shards(comm, image_emb, (text_a, text_b), "cross_lingual_agreement",
+                                   aligned=True)
+    targets = torch.arange(offsets[comm.rank], offsets[comm.rank] + text_a.shape[0],
+                           device=device)
+    ranked = [_ranked_labels(t, _gallery_chunks(comm, image_emb, None, sizes, offsets,
+                                                chunk_size), k, chunk_size)
+              for t in (text_a, text_b)]
+    a, b = ranked
+    n = sum(sizes)
+    kk = min(k, n)
+    hit_a, hit_b = a == targets[:, None], b == targets[:, None]
+    counts = torch.stack([(a[:, 0] == b[:, 0]).sum(),
+                          (a[:, :, None] == b[:, None, :]).any(dim=2).sum(),  # labels unique
+                          (hit_a[:, 0] & hit_b[:, 0]).sum(),
+                          (hit_a.any(dim=1) & hit_b.any(dim=1)).sum()]).to(torch.int64)
+    agree, overlap, both1, bothk = comm.all_reduce(counts).cpu().tolist()
+    return {"samples": n, "top1_agreement": 100.0 * agree / n,
+            f"top{k}_overlap": 100.0 * overlap / (n * kk),
+            "both_r1": 100.0 * both1 / n, f"both_r{k}": 100.0 * bothk / n,
+            **chance_cross_lingual(n, k)}
+
+
+def chance_cross_lingual(n: int, k: int = 5) -> Dict[str, float]:
+    """Top-1 agreement and top-``k`` overlap (%) of two independent random rankings of ``n``
+    images: ``100 / n`` and ``100 · min(k, n) / n``."""
+    return {"chance_top1_agreement": 100.0 / n, f"chance_top{k}_overlap": 100.0 * min(k, n) / n}
+
+
+def query_rankings(queries: Tensor, image_emb: Tensor, targets: Tensor, k: int = 5,
+                   chunk_size: int = 4096, group=None) -> Tuple[Tensor, Tensor]:
+    """The top-``k`` images of a few text queries and the rank of each query's right image.
+
+    Args:
+        queries: ``[Nq, D]`` text embeddings, the same on every rank of ``group``.
+        image_emb: ``[Ni, D]`` image embeddings (this rank's shard with ``group``; images are
+            numbered globally in rank order, as in :func:`retrieval_metrics`).
+        targets: ``[Nq]`` global index of each query's right image.
+
+    Returns:
+        ``(top, rank)``: ``[Nq, min(k, N)]`` global image indices, best first, and the 1-based
+        rank ``[Nq]`` of each target among all N images; the same on every rank. Ties rank the
+        lower global index first. The gallery is read twice (once to find the target scores,
+        once to count the images above them).
+    """
+    k = _check_ks((k,))[0]
+    chunk_size = _check_chunk(chunk_size)
+    device = image_emb.device
+    comm = _Comm(group, device)
+    sizes, offsets = _image_shards(comm, image_emb, (queries,), "query_rankings", aligned=False)
+    n = sum(sizes)
+    targets = targets.to(device=device, dtype=torch.int64)
+    if targets.shape != queries.shape[:1] or bool(((targets < 0) | (targets >= n)).any()):
+        raise ValueError(f"query_rankings: targets must be [{queries.shape[0]}] indices in "
+                         f"[0, {n}), got {targets.tolist()}")
+    target_key = torch.zeros(queries.shape[0], dtype=torch.int64, device=device)
+
+    def gallery():
+        return _gallery_chunks(comm, image_emb, None, sizes, offsets, chunk_size)
+
+    def find_targets(s: int, scores: Tensor, index: Tensor) -> None:
+        rows, cols = (index[None, :] == targets[s:s + scores.shape[0], None]).nonzero(
+            as_tuple=True)
+        target_key[s + rows] = _rank_keys(scores[rows, cols], index[cols])
+
+    top = _ranked_labels(queries, gallery(), k, chunk_size, visit=find_targets)
+    above = torch.zeros_like(target_key)
+    for _, s, scores, index, _ in _score_blocks(queries, gallery(), chunk_size):
+        above[s:s + scores.shape[0]] += (_rank_keys(scores, index)
+                                         > target_key[s:s + scores.shape[0], None]).sum(dim=1)
+    return top, above + 1
+
+
 def zero_shot_accuracy(image_emb: Tensor, class_emb: Tensor, labels: Tensor,
                        ks: Sequence[int] = (1, 5), chunk_size: int = 4096,
                        group=None) -> Dict[str, float]:
@@ -403,4 +546,25 @@ def format_table(rows: Dict[str, Dict[str, float]], digits: int = 2) -> str:
 
     lines = [line(table[0]), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     lines += [line(r) for r in table[1:]]
+    return "\n".join(lines)
+
+
+def format_cross_lingual(metrics: Dict[str, float], languages: Sequence[str] = ("en", "zh"),
+                         digits: int = 2) -> str:
+    """Render :func:`cross_lingual_agreement`'s figures (%) with their chance values."""
+    k = next((key[3:-8] for key in metrics if key.startswith("top") and key.endswith("_overlap")),
+             "5")
+    a, b = languages
+    rows = [("top-1 agreement", metrics["top1_agreement"], metrics["chance_top1_agreement"]),
+            (f"top-{k} overlap", metrics[f"top{k}_overlap"], metrics[f"chance_top{k}_overlap"]),
+            ("both R@1", metrics["both_r1"], None),
+            (f"both R@{k}", metrics[f"both_r{k}"], None)]
+    cells = [[name, f"{v:.{digits}f}", "" if c is None else f"{c:.{digits}f}"]
+             for name, v, c in rows]
+    widths = [max(len(r[j]) for r in cells + [["", "value", "chance"]]) for j in range(3)]
+    lines = [f"cross-lingual T→I, {a} vs {b} queries of the same {metrics['samples']} samples "
+             f"(%):",
+             "  ".join([" " * widths[0], "value".rjust(widths[1]), "chance".rjust(widths[2])])]
+    lines += ["  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]),
+                         r[2].rjust(widths[2])]).rstrip() for r in cells]
     return "\n".join(lines)

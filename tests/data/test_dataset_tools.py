@@ -192,7 +192,7 @@ def test_caption_layout_fits_the_tile(tokenizer_model):
     assert layout[-1] == (None, 0, ["+4 more captions"])
     for lang, indent, lines in layout[:-1]:
         for line in lines:
-            assert contact_sheet._text_width(font, line) <= width - indent
+            assert contact_sheet.text_width(font, line) <= width - indent
     assert layout[0][2][-1].endswith("…")
 
 
