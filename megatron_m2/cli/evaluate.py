@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retrieval-examples-queries", type=int, default=4, metavar="N",
                    help="queries per language in --retrieval-examples")
     g.add_argument("--font", default=None,
-                   help="font file for --retrieval-examples (default: the first CJK font found; "
-                        "without one Chinese shows as boxes)")
+                   help="font file for --retrieval-examples (default: the first CJK font found, "
+                        "else the bundled subset that covers the demo set's captions)")
 
     g = p.add_argument_group("probe (counting and spatial relations, --data an emoji dataset "
                              "made by tools/make_demo_dataset.py)")

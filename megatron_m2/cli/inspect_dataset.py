@@ -18,7 +18,8 @@ The contact sheet shows ``--samples`` randomly chosen samples (seeded, in datase
 tile holding the image scaled to fit 128 px and its captions, one per language-prefixed line,
 decoded with ``--tokenizer-model`` (token ids without one). Chinese needs a CJK font: Noto Sans
 CJK (Debian/Ubuntu ``fonts-noto-cjk``) and a few other common ones are looked for, ``--font``
-names another; without any, Pillow's default font draws Chinese as boxes.
+names another; without any, the package's bundled subset of Noto Sans CJK SC is used (it
+covers the demo set's captions; characters outside it draw as boxes, with one warning).
 
 ``--write-card`` adds the dataset card (``PREFIX.meta.json``, see
 :mod:`megatron_m2.data.identity`) to a dataset that has none (made by an older version or

@@ -1,6 +1,7 @@
 """A contact sheet of an indexed dataset: a PNG grid of seeded random samples, each tile the
 image scaled to fit and its captions decoded per language (``m2-inspect-dataset
---contact-sheet``). Chinese needs a CJK font (:func:`find_cjk_font`). numpy and Pillow only.
+--contact-sheet``). Chinese needs a CJK font (:func:`find_cjk_font`; without a system one, the
+package's subset font covers the bundled demo set). numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from .indexed import (
     read_index,
 )
 
-__all__ = ["read_sample", "find_cjk_font", "sheet_size", "contact_sheet", "COLUMNS",
-           "TILE_WIDTH", "PAD", "GAP", "text_width", "wrap_text", "ellipsize", "caption_text",
-           "fit_image", "LANG_COLOURS"]
+__all__ = ["read_sample", "find_cjk_font", "BUNDLED_CJK_FONT", "sheet_size", "contact_sheet",
+           "COLUMNS", "TILE_WIDTH", "PAD", "GAP", "text_width", "wrap_text", "ellipsize",
+           "caption_text", "fit_image", "LANG_COLOURS"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,65 @@ CJK_FONT_CANDIDATES: Tuple[Tuple[str, int], ...] = (
 )
 
 
+BUNDLED_CJK_FONT: Optional[str] = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "fonts",
+    "NotoSansCJKsc-Regular-demo-subset.otf")
+"""A subset of Noto Sans CJK SC (SIL OFL 1.1) shipped with the package, used when no system CJK
+font is found: it covers the bundled emoji demo set's captions, ASCII, Latin-1 and common
+punctuation only (built by ``tools/make_demo_font.py``; see ``data/emoji_demo/README.md``)."""
+
+
+def _subset_font(path: str, size: int):
+    """The bundled subset font as a Pillow font that logs one warning, the first time it draws
+    text with characters it has no glyph for (they draw as its ``.notdef`` box)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    def rendering(font, ch: str):
+        left, top, right, bottom = font.getbbox(ch)
+        im = Image.new("L", (max(1, right - left), max(1, bottom - top)))
+        ImageDraw.Draw(im).text((-left, -top), ch, fill=255, font=font)
+        return im.size, im.tobytes()
+
+    class SubsetFont(ImageFont.FreeTypeFont):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # A plain copy to draw probe characters with (drawing with self would recurse).
+            self._probe = ImageFont.FreeTypeFont(self.path, self.size, index=self.index)
+            self._notdef = rendering(self._probe, "\ue000")  # private use: never in the subset
+            self._known = {}
+            self._warned = False
+
+        def missing(self, text: str) -> str:
+            """The distinct characters of ``text`` this font has no glyph for."""
+            out = []
+            for ch in dict.fromkeys(text):
+                if ch not in self._known:
+                    self._known[ch] = (not ch.isprintable()
+                                       or rendering(self._probe, ch) != self._notdef)
+                if not self._known[ch]:
+                    out.append(ch)
+            return "".join(out)
+
+        def getmask2(self, text, *args, **kwargs):
+            if not self._warned:
+                absent = self.missing(text)
+                if absent:
+                    self._warned = True
+                    logger.warning(
+                        "the bundled CJK font (a subset for the demo set) has no glyph for %r "
+                        "(in %r): such characters draw as boxes; install fonts-noto-cjk or pass "
+                        "--font", absent, text)
+            return super().getmask2(text, *args, **kwargs)
+
+    return SubsetFont(path, size)
+
+
 def find_cjk_font(size: int = FONT_SIZE, path: Optional[str] = None):
-    """``(font, description)``: ``path`` if given, else the first CJK font found, else Pillow's
-    default font (logged as a warning, because it draws Chinese as boxes).
+    """``(font, description)``: ``path`` if given, else the first system CJK font found
+    (:data:`CJK_FONT_CANDIDATES`), else the subset font shipped with the package
+    (:data:`BUNDLED_CJK_FONT`: it covers the demo set's captions; it logs a warning once if it
+    is asked to draw a character it lacks), else Pillow's default font (logged as a warning,
+    because it draws Chinese as boxes).
 
     Raises:
         OSError: if an explicitly given ``path`` cannot be loaded.
@@ -101,6 +158,15 @@ def find_cjk_font(size: int = FONT_SIZE, path: Optional[str] = None):
                 logger.debug("cannot load font %s: %s", candidate, exc)
                 continue
             return font, " ".join(font.getname())
+    if BUNDLED_CJK_FONT is not None and os.path.isfile(BUNDLED_CJK_FONT):
+        try:
+            font = _subset_font(BUNDLED_CJK_FONT, size)
+        except OSError as exc:
+            logger.debug("cannot load font %s: %s", BUNDLED_CJK_FONT, exc)
+        else:
+            logger.debug("no system CJK font found; using the bundled subset %s (demo set's "
+                        "characters only)", os.path.basename(BUNDLED_CJK_FONT))
+            return font, " ".join(font.getname()) + " (bundled demo subset)"
     logger.warning("no CJK font found (install fonts-noto-cjk or pass --font); Chinese captions "
                    "will render as boxes")
     try:

@@ -11,9 +11,9 @@ scaled to ``THUMB`` pixels (nearest when enlarged, as in the contact sheet). The
 are queried in every language (see :func:`megatron_m2.eval.tasks.example_samples`), so the
 English and the Chinese query of one emoji are row ``j`` of their sections.
 
-Text is drawn with :func:`megatron_m2.data.contact_sheet.find_cjk_font`: without a CJK font
-(install ``fonts-noto-cjk`` or pass ``font_path``) Pillow's default font is used, with a warning,
-and Chinese captions show as boxes.
+Text is drawn with :func:`megatron_m2.data.contact_sheet.find_cjk_font`: ``font_path``, else
+an installed CJK font, else the package's bundled subset of Noto Sans CJK SC (every character of
+the demo set's captions; other characters draw as boxes, with one warning).
 """
 
 from __future__ import annotations

@@ -199,6 +199,7 @@ def test_caption_layout_fits_the_tile(tokenizer_model):
 def test_contact_sheet_without_cjk_font(datasets, tokenizer_model, tmp_path, monkeypatch, caplog):
     d, _ = datasets
     monkeypatch.setattr(contact_sheet, "CJK_FONT_CANDIDATES", ())
+    monkeypatch.setattr(contact_sheet, "BUNDLED_CJK_FONT", None)
     with caplog.at_level("WARNING", logger=contact_sheet.__name__):
         sheet = contact_sheet.contact_sheet(str(d / "b"), str(tmp_path / "s.png"),
                                               tokenizer_model=tokenizer_model, samples=2)

@@ -289,6 +289,7 @@ def test_picture_of_hand_made_queries_without_cjk_font(dataset, tmp_path, monkey
     """Precomputed queries, another k, one language, token ids for text, Pillow's font."""
     prefix, _ = dataset
     monkeypatch.setattr(contact_sheet, "CJK_FONT_CANDIDATES", ())
+    monkeypatch.setattr(contact_sheet, "BUNDLED_CJK_FONT", None)
     examples = {"zh": [ExampleQuery(sample=2, caption=[5, 7, 3], top=[4, 2, 0], rank=2,
                                     gallery=6),
                        ExampleQuery(sample=5, caption=[5, 9, 3], top=[1, 0, 3], rank=4,
