@@ -12,6 +12,8 @@ per rank:
   with a dispatch-mode storage tracker, see ``megatron_m2.utils.memory``);
 * ``ms``: forward+backward wall time (median over ``--iters``, slowest rank).
 
+The measuring is :mod:`megatron_m2.loss_measure`'s (shared with ``tools/study_gba.py``).
+
 Then the analytic figures for a cluster (``--cluster-nodes``, ``--gpus-per-node``): bytes per
 rank per step of global ITC vs GBA-ITC with k = one node, and where they travel.
 
@@ -25,72 +27,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from megatron_m2.loss_measure import LossCase, divisors, measure_loss_cases  # noqa: E402
 
 
-def _divisors(n):
-    return [k for k in range(1, n + 1) if n % k == 0]
+def cases(nproc, batch, dim):
+    """``(method name, case)``: naive and global over all N ranks, GBA-ITC for every k < N that
+    divides N (one image/text pair, one contrastive batch)."""
+    out = [("naive", LossCase("naive", nproc, batch, dim)),
+           ("global", LossCase("local", nproc, batch, dim))]
+    return out + [("gba", LossCase("local", k, batch, dim)) for k in divisors(nproc) if k < nproc]
 
 
-def _worker(rank, world, port, args, q):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from megatron_m2.loss import count_communication, local_contrastive_loss, naive_global_loss
-    from megatron_m2.parallel.distributed import init_distributed
-    from megatron_m2.utils.memory import PeakTensorMemory
-
-    init_distributed(timeout_s=300)
-    # ITC groups of k consecutive ranks (the bench has no TP/PP: DP = the world).
-    groups = {}
-    for k in _divisors(world):
-        for start in range(0, world, k):
-            g = dist.new_group(list(range(start, start + k))) if k > 1 else None
-            if start <= rank < start + k:
-                groups[k] = g
-    methods = [("naive", world), ("global", world)] + [("gba", k) for k in _divisors(world)
-                                                      if k < world]
-    g = torch.Generator().manual_seed(rank)
-    image = torch.nn.functional.normalize(torch.randn(args.batch, args.dim, generator=g), dim=-1)
-    text = torch.nn.functional.normalize(torch.randn(args.batch, args.dim, generator=g), dim=-1)
-    rows = []
-    for method, k in methods:
-        fn = naive_global_loss if method == "naive" else local_contrastive_loss
-
-        def step():
-            img = image.clone().requires_grad_(True)
-            txt = text.clone().requires_grad_(True)
-            scale = torch.tensor(2.659, requires_grad=True)
-            loss, _ = fn(img, txt, scale, groups[k])
-            loss.backward()
-
-        step()  # warm-up
-        with count_communication() as comm, PeakTensorMemory() as mem:
-            step()
-        times = []
-        for _ in range(args.iters):
-            dist.barrier()
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        ms = torch.tensor(statistics.median(times))
-        dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-        rows.append({"method": method, "k": k, "nproc": world, "bytes_per_rank": comm.sent,
-                     "peak_loss_bytes": mem.peak_bytes, "ms": round(float(ms), 3)})
-    dist.destroy_process_group()
-    if rank == 0:
-        q.put(rows)
+def measure(nproc, batch, dim, iters):
+    """The measured rows (``method``, ``k``, ``nproc``, ``bytes_per_rank``,
+    ``peak_loss_bytes``, ``ms``), by :func:`megatron_m2.loss_measure.measure_loss_cases`."""
+    named = cases(nproc, batch, dim)
+    rows = measure_loss_cases(nproc, [c for _, c in named], iters)
+    keys = ("k", "nproc", "bytes_per_rank", "peak_loss_bytes", "ms")
+    return [{"method": name, **{key: row[key] for key in keys}}
+            for (name, _), row in zip(named, rows)]
 
 
 def analytic(nodes, gpus_per_node, batch, dim, bytes_per_el=2):
@@ -126,17 +86,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the measured rows as JSON only")
     args = p.parse_args(argv)
 
-    from megatron_m2.parallel.launch_env import _free_port as free_port
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.nproc, port, args, q))
-             for r in range(args.nproc)]
-    for proc in procs:
-        proc.start()
-    rows = q.get(timeout=900)
-    for proc in procs:
-        proc.join()
+    rows = measure(args.nproc, args.batch, args.dim, args.iters)
     if args.json:
         print(json.dumps(rows))
         return 0
