@@ -322,9 +322,19 @@ def _table(results: Dict[str, Dict[str, float]], task: str) -> str:
     if task == "probe":
         return _probe_table(results)
     if task == "retrieval":
-        return format_table({lang: {k: v for k, v in m.items() if k not in ("images",
-                                                                            "captions")}
-                             for lang, m in results.items()})
+        from ..eval.retrieval import chance_recall
+
+        rows = {lang: {k: v for k, v in m.items() if k not in ("images", "captions")}
+                for lang, m in results.items()}
+        sizes = {(m.get("images"), m.get("captions")) for m in results.values()}
+        if len(sizes) == 1:
+            images, captions = sizes.pop()
+            if images and images == captions:  # one caption per image: R@k of chance is k / N
+                rows["chance"] = chance_recall(images)
+                return (format_table(rows) + "\nmean recall / chance: " + ", ".join(
+                    f"{lang} {m['mean_recall'] / rows['chance']['mean_recall']:.1f}x"
+                    for lang, m in results.items()))
+        return format_table(rows)
     keys = sorted({k for m in results.values() for k in m if k.startswith("top")},
                   key=lambda k: int(k[3:]))
     lines = ["      " + "".join(f"{k:>9}" for k in keys) + "   images  templates"]

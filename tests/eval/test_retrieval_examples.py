@@ -373,3 +373,18 @@ def test_distributed_report_equals_single_process(dataset, tok):
     for results, cross, examples in got:
         assert results == single.results and cross == single.cross_lingual
         assert examples == single.examples
+
+
+def test_retrieval_table_has_the_chance_row_and_ratio():
+    """One caption per image in every language: the chance row (R@k = k/N) and MR/chance; a
+    gallery that differs between languages has no single chance row."""
+    from megatron_m2.cli.evaluate import _table
+
+    row = {"i2t_r1": 2.0, "i2t_r5": 10.0, "i2t_r10": 20.0, "t2i_r1": 4.0, "t2i_r5": 12.0,
+           "t2i_r10": 24.0, "mean_recall": 12.0, "images": 100, "captions": 100}
+    text = _table({"en": row, "zh": dict(row, mean_recall=6.0)}, "retrieval")
+    chance = next(line for line in text.splitlines() if line.startswith("chance"))
+    assert chance.split()[1:] == ["1.00", "5.00", "10.00", "1.00", "5.00", "10.00", "5.33"]
+    assert text.splitlines()[-1] == "mean recall / chance: en 2.2x, zh 1.1x"
+    text = _table({"en": row, "zh": dict(row, images=50, captions=50)}, "retrieval")
+    assert "chance" not in text
