@@ -267,3 +267,31 @@ def test_recipes_save_and_exit_on_slurms_warning_signal(recipe, data_root):
     assert "--exit-signal-handler" in m2
     exports = [ln for ln in out.splitlines() if ln.startswith("export TORCH_ELASTIC_SHUTDOWN_")]
     assert len(exports) == 1 and 0 < int(exports[0].split("=")[1]) < lead
+
+
+@pytest.mark.slow
+def test_demo_script_end_to_end(tmp_path):
+    """The README's main job, shortened to 4 steps: training on the bundled set (2 gloo ranks),
+    then the test split's table, JSON (recalls, cross-lingual agreement) and top-5 picture."""
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    env = dict(os.environ, ITERS="4", OUT=str(out), PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(ROOT / "examples" / "local" / "demo_cpu.sh"),
+                          "--eval-interval", "4", "--log-interval", "2"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    record = json.loads((out / "test_retrieval.json").read_text())
+    assert record["data"].endswith("emoji_demo/test")
+    assert {lang: m["images"] for lang, m in record["results"].items()} == {"en": 174, "zh": 174}
+    assert record["cross_lingual"]["samples"] == 174
+    assert "chance " in res.stdout and "mean recall / chance" in res.stdout
+    with Image.open(out / "test_retrieval_examples.png") as im:
+        assert (im.width, im.height) == (record["retrieval_examples"]["width"],
+                                         record["retrieval_examples"]["height"])
+    assert record["retrieval_examples"]["samples"]["en"] == \
+        record["retrieval_examples"]["samples"]["zh"]
+    assert len(record["retrieval_examples"]["samples"]["en"]) == 5
