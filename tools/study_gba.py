@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 # -- the recipe ------------------------------------------------------------------------------------
 RECIPE = [
     # The demo's recipe (examples/local/demo_cpu.sh: model, data and optimizer flags) for runs a
-    # third its length: the batch sizes and iterations are the study's, and the warm-up is 50
+    # fifth its length: the batch sizes and iterations are the study's, and the warm-up is 50
     # steps instead of the demo's 100. --extra-args adds to it.
     "--flavor", "tiny",
     "--caption-lang", "balanced", "--randaugment", "none", "--num-workers", "1",

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 NPROC=${NPROC:-2}
 TP=${TP:-1}
 PP=${PP:-1}
-ITERS=${ITERS:-600}
+ITERS=${ITERS:-1000}
 OUT=${OUT:-runs/demo}
 PYTHON=${PYTHON:-python}
 DATA=${DATA:-data/emoji_demo}
@@ -27,10 +27,10 @@ data_args=(
 )
 train_args=(
   --micro-batch-size 32 --global-batch-size 64 --train-iters "$ITERS"
-  --lr 3e-3 --lr-warmup-iters 50 --lr-decay-style cosine --weight-decay 0.05 --clip-grad 1.0
+  --lr 1e-3 --lr-warmup-iters 100 --lr-decay-style cosine --weight-decay 0.05 --clip-grad 1.0
 )
 log_args=(
-  --eval-interval 200 --log-interval 20 --save "$OUT" --log-json "$OUT/log.jsonl"
+  --eval-interval 250 --log-interval 20 --save "$OUT" --log-json "$OUT/log.jsonl"
   --tensorboard-dir "$OUT/tb"
 )
 
