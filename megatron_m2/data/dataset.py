@@ -71,6 +71,10 @@ def _mix(*xs: int) -> int:
     return h & (2**63 - 1)
 
 
+_WORDS = 0x776F7264
+"""Salt of the caption-token-dropout random stream (apart from the augmentation's)."""
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Samples ``[start, end)`` of one indexed dataset as model inputs.
 
@@ -89,14 +93,24 @@ class ImageTextDataset(torch.utils.data.Dataset):
             one (deterministically) instead of raising :class:`BadSampleError`; each returned
             item counts the samples it replaced in ``"bad_samples"`` (the trainer sums them
             and enforces ``--skip-bad-samples``).
+        token_dropout: training only: each caption token between ``[CLS]`` and the end token
+            is replaced by ``[MASK]`` with this probability (drawn from the sample's seeded
+            RNG, so the same in every layout and after a resume; at least one token is kept),
+            so the text tower learns to match on the words it knows when others are unknown
+            (word dropout). 0 leaves captions and the random stream untouched.
     """
 
     def __init__(self, prefix: str, tokenizer, transform, text_length: int,
                  caption_policy: str = "any", seed: int = 0,
                  sample_range: Optional[Tuple[int, int]] = None, train: bool = True,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, token_dropout: float = 0.0):
         if caption_policy not in CAPTION_POLICIES:
             raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}")
+        if not 0.0 <= token_dropout < 1.0:
+            raise ValueError(f"token_dropout must be in [0, 1), got {token_dropout}")
+        if token_dropout and tokenizer.mask_id is None:
+            raise ValueError("token_dropout needs a tokenizer with a [MASK] token")
+        self.token_dropout = float(token_dropout) if train else 0.0
         self.prefix = prefix
         self.tokenizer, self.transform = tokenizer, transform
         self.text_length, self.caption_policy, self.seed = text_length, caption_policy, seed
@@ -121,6 +135,18 @@ class ImageTextDataset(torch.utils.data.Dataset):
             lang = langs[rng.randrange(len(langs))]
             pool = [c for c in captions if c[0] == lang]
         return pool[rng.randrange(len(pool))] if self.train else pool[0]
+
+    def _drop_tokens(self, ids: List[int], rng: random.Random) -> List[int]:
+        """``ids`` (framed: ``[CLS] ... end``) with inner tokens replaced by ``[MASK]`` with
+        probability ``token_dropout``; one inner token is always kept."""
+        inner = range(1, len(ids) - 1)
+        drop = [i for i in inner if rng.random() < self.token_dropout]
+        if len(drop) == len(inner) and drop:
+            drop.pop(rng.randrange(len(drop)))
+        out = list(ids)
+        for i in drop:
+            out[i] = self.tokenizer.mask_id
+        return out
 
     def get(self, i: int, epoch: int = 0) -> Dict[str, torch.Tensor]:
         """Sample ``i`` of the slice, transformed; a bad one raises :class:`BadSampleError`
@@ -149,7 +175,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
             sample = self.reader[idx]
             rng = random.Random(_mix(self.seed, epoch, idx))
             lang, ids = self._choose_caption(sample.captions, rng)
-            text_ids, pad = self.tokenizer.pad([ids.tolist()], max_length=self.text_length)
+            ids = ids.tolist()
+            if self.token_dropout:  # its own stream: the image augmentation stays the same
+                ids = self._drop_tokens(ids, random.Random(_mix(self.seed, epoch, idx, _WORDS)))
+            text_ids, pad = self.tokenizer.pad([ids], max_length=self.text_length)
             if self.train and getattr(self.transform, "encoded", False):
                 # GPU decode path (gpu_decode.EncodedTrainTransform): the encoded bytes and the
                 # augmentation parameters; the main process decodes and transforms on the GPU.

@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption-lang", default="balanced",
                    choices=["any", "en", "zh", "balanced"],
                    help="which caption of a sample to train on")
+    g.add_argument("--caption-token-dropout", type=float, default=0.0, metavar="P",
+                   help="replace each caption token by [MASK] with probability P while "
+                        "training (word dropout: the text tower learns to match on the words "
+                        "it knows when others are new; needs a tokenizer with [MASK])")
     g.add_argument("--crop-scale", default="0.8,1.0", metavar="MIN,MAX",
                    help="RandomResizedCrop area-fraction bounds of the train transform "
                         "(1,1: no crop; the image is only resized)")

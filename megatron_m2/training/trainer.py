@@ -317,7 +317,8 @@ class Trainer:
             parts.append(ImageTextDataset(prefix, self.tokenizer, transform, cfg.max_text_len,
                                           caption_policy=a.caption_lang, seed=a.seed,
                                           sample_range=split_ranges(n, split)[0],
-                                          skip_bad=a.skip_bad_samples > 0))
+                                          skip_bad=a.skip_bad_samples > 0,
+                                          token_dropout=a.caption_token_dropout))
             weights.append(w)
         blend = BlendedDataset(parts, weights)
         logger.info("training data: %d samples from %d dataset(s) (%s)", len(blend), len(parts),

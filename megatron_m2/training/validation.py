@@ -409,6 +409,9 @@ def validate_args(args: argparse.Namespace, world_size: int,
         parse_crop_scale(getattr(args, "crop_scale", "0.8,1.0"))
         if not 0.0 <= getattr(args, "hflip", 0.5) <= 1.0:
             raise ConfigError(f"--hflip {args.hflip}: a probability in [0, 1]")
+        if not 0.0 <= getattr(args, "caption_token_dropout", 0.0) < 1.0:
+            raise ConfigError(f"--caption-token-dropout {args.caption_token_dropout}: a "
+                              "probability in [0, 1)")
     if args.tokenizer_model:
         if not os.path.exists(args.tokenizer_model):
             raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")

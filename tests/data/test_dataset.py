@@ -79,6 +79,36 @@ def test_eval_mode_is_fixed(dataset_prefix, tokenizer_model):
     assert all(torch.equal(ds[(2, 0)][k], ds[(2, 7)][k]) for k in ("images", "text_ids"))
 
 
+def test_caption_token_dropout(dataset_prefix, tokenizer_model):
+    """Word dropout: inner tokens become [MASK] at about the asked rate, [CLS], the end token
+    and the padding never do, one inner token always stays, the image and the caption choice
+    are the ones without dropout, and the draw is the same on every call."""
+    tok = M2Tokenizer(tokenizer_model)
+    plain = _ds(dataset_prefix, tokenizer_model)
+    dropped = _ds(dataset_prefix, tokenizer_model, token_dropout=0.5)
+    masked = total = 0
+    for i in range(12):
+        for epoch in range(10):
+            a, b = plain[(i, epoch)], dropped[(i, epoch)]
+            assert torch.equal(a["images"], b["images"]) and a["lang"] == b["lang"]
+            assert torch.equal(b["text_ids"], dropped[(i, epoch)]["text_ids"])
+            n = int((~a["text_pad_mask"]).sum())
+            assert b["text_ids"][0] == tok.cls_id and b["text_ids"][n - 1] == a["text_ids"][n - 1]
+            assert torch.equal(a["text_pad_mask"], b["text_pad_mask"])
+            assert torch.equal(a["text_ids"][n:], b["text_ids"][n:])
+            inner_a, inner_b = a["text_ids"][1:n - 1], b["text_ids"][1:n - 1]
+            changed = inner_a != inner_b
+            assert (inner_b[changed] == tok.mask_id).all() and not changed.all()
+            masked, total = masked + int(changed.sum()), total + len(inner_a)
+    assert 0.35 < masked / total < 0.6, masked / total
+    # Evaluation data is never dropped; bad rates fail.
+    ev = ImageTextDataset(dataset_prefix, tok, eval_transform(32), text_length=16, train=False,
+                          token_dropout=0.5)
+    assert (ev[(1, 0)]["text_ids"] != tok.mask_id).all()
+    with pytest.raises(ValueError, match="token_dropout"):
+        _ds(dataset_prefix, tokenizer_model, token_dropout=1.0)
+
+
 def test_split_ranges():
     assert split_ranges(100, [98, 1, 1]) == [(0, 98), (98, 99), (99, 100)]
     assert split_ranges(10, [1]) == [(0, 10), (10, 10), (10, 10)]

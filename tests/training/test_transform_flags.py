@@ -1,4 +1,4 @@
-"""``--crop-scale`` and ``--hflip``: the train transform's crop bounds and flip probability."""
+"""``--crop-scale``, ``--hflip`` and ``--caption-token-dropout``: the train augmentations."""
 
 from pathlib import Path
 
@@ -30,7 +30,9 @@ def test_defaults_are_the_previous_transform():
 
 @pytest.mark.parametrize("flags,match", [(["--crop-scale", "1.2,1.3"], "--crop-scale"),
                                          (["--hflip", "1.5"], "--hflip 1.5"),
-                                         (["--hflip", "-0.1"], "--hflip -0.1")])
+                                         (["--hflip", "-0.1"], "--hflip -0.1"),
+                                         (["--caption-token-dropout", "1"],
+                                          "--caption-token-dropout 1.0")])
 def test_validation_names_the_bad_flag(flags, match):
     with pytest.raises(ConfigError, match=match):
         validate_args(parse_args(BASE + flags), 1)
