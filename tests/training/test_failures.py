@@ -107,7 +107,8 @@ def test_nonfinite_loss_skip_continues(tmp_path):
 def test_dead_rank_ends_the_job():
     """SIGKILL one rank mid-training: the job exits (non-zero) instead of hanging, and the
     surviving rank does not bury the real cause under a traceback: it says in one line that a
-    peer failed (unless torchrun stopped it first), and torchrun names the killed rank."""
+    peer failed (unless torchrun stopped it first), and torchrun's failure list names the
+    killed rank."""
     proc, workers = _start_training(["--distributed-timeout-minutes", "1"])
     os.kill(max(workers), signal.SIGKILL)
     t0 = time.time()
@@ -122,7 +123,10 @@ def test_dead_rank_ends_the_job():
     rest = proc.stderr.read()
     ours = _our_errors(rest)
     assert all("a collective failed or timed out during" in ln for ln in ours), ours
-    assert "Signal 9 (SIGKILL)" in rest.split("Root Cause")[-1], rest[-3000:]
+    # torchrun lists every failed rank; which one it calls the root cause is a race between the
+    # survivor's error file and torchrun's next poll of the killed process, so read the whole list
+    summary = rest.split("megatron_m2.pretrain FAILED")[-1]
+    assert "Signal 9 (SIGKILL)" in summary, rest[-3000:]
 
 
 @pytest.mark.slow
