@@ -17,6 +17,10 @@ Examples::
     m2-eval --load model.safetensors --task zeroshot --image-folder photos/ \\
         --classnames en=names_en.txt zh=names_zh.txt
 
+    # retrieval results as LAION clip_benchmark files, one per language, in results/
+    m2-eval --load runs/demo --task retrieval --data data/emoji_demo/test \\
+        --format clip_benchmark --output results/
+
     # fine-grained probe (counting, left/right/above/below) drawn from the bundled emoji
     m2-eval --load runs/demo --task probe --data data/emoji_demo/test --probe-items 200
 
@@ -26,6 +30,11 @@ their captions) and the figures are computed jointly (``retrieval_metrics`` and
 stdout (rank 0) instead of the table. Retrieval on a dataset with English and Chinese captions
 also reports their cross-lingual agreement (``cross_lingual`` in the JSON object);
 ``--retrieval-examples`` is drawn by rank 0.
+
+``--format clip_benchmark`` makes ``--json`` and ``--output`` write LAION clip_benchmark's
+result objects instead (retrieval and zero-shot): one per language, metrics as fractions,
+``--json`` one per line, ``--output`` one file each (a directory: clip_benchmark's file names;
+see :mod:`megatron_m2.eval.clip_benchmark`).
 
 Text is tokenized in the text style recorded with the checkpoint's tokenizer (the release's exact
 tokenisation for converted official models; ``--text-style`` overrides). Retrieval checks the
@@ -132,7 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    g.add_argument("--output", default=None, help="also write the JSON object to this file")
+    g.add_argument("--output", default=None,
+                   help="also write the JSON object to this file (--format clip_benchmark: "
+                        "one file per language: a directory gets clip_benchmark's file names, "
+                        "a template names them with {dataset} {pretrained} {model} {language} "
+                        "{task}, a file name gets _LANG before its extension when there are "
+                        "several languages)")
+    g.add_argument("--format", default="m2", choices=["m2", "clip_benchmark"],
+                   help="JSON of --json and --output: m2 (one object, every language, "
+                        "percent) or clip_benchmark (LAION clip_benchmark's result object per "
+                        "language, fractions; retrieval and zero-shot)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -157,6 +175,16 @@ def _validate(args) -> Optional[str]:
             return "--task zeroshot needs exactly one of --fashion-mnist [DIR], --image-folder DIR"
         if args.image_folder and not args.classnames:
             return "--image-folder needs --classnames LANG=FILE [LANG=FILE ...]"
+    if args.format == "clip_benchmark":
+        from ..eval.clip_benchmark import TASKS, check_output
+
+        if args.task not in TASKS:
+            return (f"--format clip_benchmark covers --task {' and '.join(TASKS)}, not "
+                    f"--task {args.task}")
+        if args.output:
+            error = check_output(args.output)
+            if error:
+                return error
     if args.classnames:
         for item in args.classnames:
             if "=" not in item:
@@ -273,7 +301,24 @@ def run_zeroshot(enc, args, rank: int, world: int, group) -> Dict[str, Dict[str,
     return evaluate_zero_shot_dataset(enc, data, names, templates, shard=(rank, world),
                                       group=group, batch_size=args.batch_size,
                                       chunk_size=args.chunk_size,
-                                      progress=rank == 0 and not args.no_progress)
+                                      progress=rank == 0 and not args.no_progress,
+                                      per_class=args.format == "clip_benchmark")
+
+
+def clip_benchmark_records(enc, args, results) -> List[dict]:
+    """``results`` as clip_benchmark result objects, one per language
+    (:func:`megatron_m2.eval.clip_benchmark.make_records`)."""
+    from ..eval import clip_benchmark
+
+    if args.task == "retrieval":
+        dataset = clip_benchmark.dataset_name(args.data)
+    elif args.fashion_mnist:
+        dataset = "fashion_mnist"
+    else:
+        dataset = clip_benchmark.dataset_name(args.image_folder)
+    return clip_benchmark.make_records(args.task, results, dataset=dataset,
+                                       model=clip_benchmark.model_name(enc.cfg),
+                                       pretrained=clip_benchmark.pretrained_name(args.load))
 
 
 # -- probe --------------------------------------------------------------------------------------
@@ -360,6 +405,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    if args.format != "m2" and not (args.json or args.output):
+        logger.warning("--format %s applies to --json and --output; without either, the "
+                       "table is printed as usual", args.format)
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
@@ -393,8 +441,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if args.task == "probe":
         record["probe"] = {"items": args.probe_items, "seed": args.seed,
                            "canvas": args.probe_canvas}
+    records = (clip_benchmark_records(enc, args, results) if args.format == "clip_benchmark"
+               else None)
     if rank == 0:
-        if args.json:
+        if args.json and records is not None:
+            from ..eval.clip_benchmark import dumps
+
+            sys.stdout.write("".join(dumps(r) + "\n" for r in records))
+        elif args.json:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
             unit = "%" if args.task == "retrieval" else "% accuracy"
@@ -410,7 +464,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                 pic = record["retrieval_examples"]
                 sys.stdout.write(f"\nretrieval examples: {pic['path']} ({pic['width']}x"
                                  f"{pic['height']} px)\n")
-        if args.output:
+        if args.output and records is not None:
+            from ..eval.clip_benchmark import write_records
+
+            paths = write_records(args.output, records, load=args.load)
+            logger.info("clip_benchmark results: %s", ", ".join(paths))
+        elif args.output:
             with open(args.output, "w") as f:
                 json.dump(record, f, ensure_ascii=False, indent=1)
     return 0

@@ -262,13 +262,18 @@ def _examples(reader, lang: str, keep: List[int], chosen: List[int],
 def evaluate_zero_shot_dataset(encoder, data, classnames: Dict[str, Sequence[str]],
                                templates: Dict[str, Sequence[str]], shard: Tuple[int, int] = (0, 1),
                                group=None, batch_size: int = 64, chunk_size: int = 4096,
-                               progress: bool = False) -> Dict[str, Dict[str, float]]:
+                               progress: bool = False,
+                               per_class: bool = False) -> Dict[str, Dict[str, float]]:
     """Zero-shot top-1/top-5 accuracy per language of ``data`` (``len``, ``data[i] -> (PIL
     image, label)``, ``num_classes``; e.g. :mod:`megatron_m2.eval.datasets`) with
     prompt-ensembled class embeddings (``classnames[lang]`` × ``templates[lang]``). The images
-    are embedded once, split over ``shard``; accuracies are summed over ``group``."""
+    are embedded once, split over ``shard``; accuracies are summed over ``group``.
+
+    ``{lang: {"top1", "top{min(5, C)}", "images", "templates"}}``, accuracies in %; with
+    ``per_class`` also ``mean_per_class_recall`` (%,
+    :func:`~megatron_m2.eval.zeroshot.mean_per_class_recall`)."""
     from .retrieval import zero_shot_accuracy
-    from .zeroshot import build_classifier
+    from .zeroshot import build_classifier, mean_per_class_recall
 
     mine = shard_range(len(data), *shard)
     feats, labels = [], []
@@ -291,6 +296,9 @@ def evaluate_zero_shot_dataset(encoder, data, classnames: Dict[str, Sequence[str
                                    batch_size=batch_size, progress=progress)
         acc = zero_shot_accuracy(images, weights, labels_t, ks=(1, k5), group=group,
                                  chunk_size=chunk_size)
+        if per_class:
+            acc["mean_per_class_recall"] = mean_per_class_recall(
+                images, weights, labels_t, chunk_size=chunk_size, group=group)
         acc["images"] = len(data)
         acc["templates"] = len(templates[lang])
         results[lang] = acc

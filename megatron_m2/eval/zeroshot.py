@@ -21,6 +21,13 @@ set; top-k counts follow :func:`megatron_m2.eval.retrieval.zero_shot_accuracy` e
 tie goes to the lower class index), and with ``group`` the counts are summed over the ranks of a
 process group that each hold a shard of the images.
 
+Mean per-class recall (:func:`mean_per_class_recall`): the balanced accuracy of the top-1
+predictions, i.e. for every class that has at least one image, the fraction of its images whose
+top-1 class is right, averaged over those classes with equal weight (scikit-learn's
+``balanced_accuracy_score`` and LAION clip_benchmark's ``mean_per_class_recall``). The top-1
+class is the one :func:`~megatron_m2.eval.retrieval.zero_shot_accuracy` ranks first, ties
+included, so on a balanced test set it equals the top-1 accuracy.
+
 Class names and templates (:func:`load_classnames`, :func:`load_templates`) ship with the
 package in ``megatron_m2/eval/data/`` (ImageNet-1k and Fashion-MNIST names, OpenAI's 80 English
 and Chinese-CLIP's 80 Chinese ImageNet templates; provenance in ``data/README.md``), or come
@@ -47,6 +54,8 @@ __all__ = [
     "build_classifier",
     "evaluate_with_classifier",
     "evaluate_zero_shot",
+    "class_recall_counts",
+    "mean_per_class_recall",
 ]
 
 LANGUAGES = ("en", "zh")
@@ -382,3 +391,63 @@ def evaluate_zero_shot(encode_image: ImageEncoder, encode_text: TextEncoder,
                                  progress=progress)
     return evaluate_with_classifier(encode_image, images, class_emb, ks=ks,
                                     chunk_size=chunk_size, progress=progress, group=group)
+
+
+def class_recall_counts(image_emb: Tensor, class_emb: Tensor, labels: Tensor,
+                        chunk_size: int = 4096, group=None) -> Tuple[Tensor, Tensor]:
+    """Per class, the images whose top-1 class is right and the images of that class.
+
+    Args:
+        image_emb: ``[N, D]`` image embeddings (this rank's shard with ``group``).
+        class_emb: ``[C, D]`` class embeddings, the same on every rank.
+        labels: ``[N]`` class index of each image, in ``[0, C)``.
+        chunk_size: rows per image chunk and per class chunk when ranking.
+        group: ``None`` for a single process, or the process group over which the images are
+            sharded; the counts are summed over it (a collective: every rank must call).
+
+    Returns:
+        ``(hits, totals)``: two ``[C]`` int64 CPU tensors. The top-1 class is ranked exactly as
+        in :func:`~megatron_m2.eval.retrieval.zero_shot_accuracy` (an exact tie goes to the
+        lower class index), so ``hits.sum() / totals.sum()`` is its top-1 accuracy.
+    """
+    from .retrieval import _check_chunk, _Comm, _gallery_chunks, _ranked_labels
+
+    chunk_size = _check_chunk(chunk_size)
+    if image_emb.dim() != 2 or class_emb.dim() != 2 or image_emb.shape[1] != class_emb.shape[1]:
+        raise ValueError(f"need [N, D] images and [C, D] classes, got {tuple(image_emb.shape)} "
+                         f"and {tuple(class_emb.shape)}")
+    if labels.shape != (image_emb.shape[0],):
+        raise ValueError(f"labels must be [N] = [{image_emb.shape[0]}], got "
+                         f"{tuple(labels.shape)}")
+    device = image_emb.device
+    n_classes = class_emb.shape[0]
+    targets = labels.to(device=device, dtype=torch.int64)
+    outside = targets[(targets < 0) | (targets >= n_classes)]
+    if outside.numel():
+        raise ValueError(f"labels outside [0, {n_classes}): {sorted(set(outside.tolist()))[:10]}")
+    comm = _Comm(None, device)  # the class gallery is replicated: nothing to broadcast
+    top1 = _ranked_labels(image_emb, _gallery_chunks(comm, class_emb, None, [n_classes], [0],
+                                                     chunk_size), 1, chunk_size)
+    right = top1[:, 0] == targets if top1.numel() else torch.zeros_like(targets, dtype=torch.bool)
+    counts = torch.stack([torch.bincount(targets[right], minlength=n_classes),
+                          torch.bincount(targets, minlength=n_classes)])
+    counts = _Comm(group, device).all_reduce(counts).cpu()
+    return counts[0], counts[1]
+
+
+def mean_per_class_recall(image_emb: Tensor, class_emb: Tensor, labels: Tensor,
+                          chunk_size: int = 4096, group=None) -> float:
+    """Mean per-class recall (balanced accuracy) of the top-1 predictions, in percent.
+
+    The mean, over the classes with at least one image (summed over ``group``), of the
+    fraction of that class's images whose top-1 class (:func:`class_recall_counts`) is the
+    right one; classes without images do not count, as in scikit-learn's
+    ``balanced_accuracy_score``. Arguments as in :func:`class_recall_counts`.
+    """
+    hits, totals = class_recall_counts(image_emb, class_emb, labels, chunk_size=chunk_size,
+                                       group=group)
+    present = totals > 0
+    if not bool(present.any()):
+        raise ValueError("mean_per_class_recall needs at least one image")
+    recalls = hits[present].double() / totals[present].double()
+    return 100.0 * float(recalls.mean())
