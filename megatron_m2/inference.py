@@ -178,7 +178,7 @@ class M2Encoder:
         log-scale), to turn cosine similarities into logits."""
         from .loss import LOGIT_SCALE_MAX
 
-        log_scale = float(getattr(self.model, HEADS[self.head][2]))
+        log_scale = float(getattr(self.model, HEADS[self.head][2]).detach())
         return math.exp(min(log_scale, LOGIT_SCALE_MAX))
 
     # -- encoding ----------------------------------------------------------------------------
