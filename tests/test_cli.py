@@ -46,6 +46,9 @@ MISSING_INPUT = {
                    "--output", "/tmp/m2-x.safetensors"],
     "m2-eval": ["--load", f"{MISSING}/ckpt", "--task", "retrieval", "--data", f"{MISSING}/d"],
     "m2-plan": ["--model-config", f"{MISSING}/model.json"],
+    "m2-embed": ["--load", f"{MISSING}/ckpt", "--images", f"{MISSING}/photos", "--output",
+                 "/tmp/m2-x"],
+    "m2-serve": ["--load", f"{MISSING}/model.safetensors", "--store", f"{MISSING}/store"],
 }
 USAGE_ERROR = {  # a flag value or combination the tool refuses before doing anything
     "m2-pretrain": ["--synthetic", "--lr", "-1"],
@@ -57,6 +60,8 @@ USAGE_ERROR = {  # a flag value or combination the tool refuses before doing any
     "m2-convert": ["--from", "official", "--to", "single", "--input", "x", "--output", "y"],
     "m2-eval": ["--load", "x", "--task", "zeroshot"],
     "m2-plan": ["--flavor", "tiny", "--build-groups", "--ranks", "0,x"],
+    "m2-embed": ["--load", "x", "--output", "y", "--texts", "t", "--chunk-size", "0"],
+    "m2-serve": ["--load", "x", "--max-batch", "0"],
 }
 
 
