@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn, Optional, Tuple
 
 from ..errors import error_line, run_cli
 
-__all__ = ["ArgumentParser", "HelpFormatter", "run_cli", "shows_default"]
+__all__ = ["ArgumentParser", "HelpFormatter", "run_cli", "shows_default",
+           "add_model_arguments", "load_encoder", "init_world", "DTYPES"]
+
+DTYPES = ("fp32", "bf16", "fp16")
+"""Compute dtypes of ``--dtype`` (the tools that run an :class:`~megatron_m2.M2Encoder`)."""
 
 
 def shows_default(action: argparse.Action) -> bool:
@@ -52,3 +56,66 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(error_line(self.prog, f"{message} (see {self.prog} --help)") + "\n")
         sys.exit(2)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, purpose: str):
+    """The ``model`` argument group of every tool that runs an
+    :class:`~megatron_m2.inference.M2Encoder` (m2-eval, m2-embed, m2-serve): ``--load``,
+    ``--head``, ``--device``, ``--dtype``, ``--text-style``, ``--tokenizer-model``,
+    ``--no-verify-checksums``. ``purpose`` ends the ``--head`` help ("which ITC head's
+    embeddings to <purpose>"). Returns the group, for the tool's own model flags."""
+    from ..data.tokenizer import TEXT_STYLES
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--load", required=True,
+                   help="checkpoint: a --save directory, an iter_N directory or a single "
+                        ".safetensors export")
+    g.add_argument("--head", default="vl", choices=["vl", "backbone"],
+                   help=f"which ITC head's embeddings to {purpose}")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
+    g.add_argument("--dtype", default="fp32", choices=DTYPES, help="compute dtype of the weights")
+    g.add_argument("--text-style", default=None, choices=TEXT_STYLES,
+                   help="tokenisation of raw text (default: the one recorded with the "
+                        "checkpoint's tokenizer)")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece model overriding the one stored with the checkpoint")
+    g.add_argument("--no-verify-checksums", action="store_true",
+                   help="load --load without checking its tensors against their recorded "
+                        "checksums (faster; corruption goes unnoticed)")
+    return g
+
+
+def load_encoder(args: argparse.Namespace, batch_size: int):
+    """The :class:`~megatron_m2.inference.M2Encoder` that :func:`add_model_arguments`' flags
+    describe, running ``batch_size`` items per forward pass."""
+    import torch
+
+    from ..inference import M2Encoder
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    return M2Encoder.from_pretrained(args.load, device=args.device, dtype=dtype, head=args.head,
+                                     batch_size=batch_size,
+                                     tokenizer_model=args.tokenizer_model,
+                                     text_style=args.text_style,
+                                     verify_checksums=not args.no_verify_checksums)
+
+
+def init_world(timeout_s: Optional[float] = None) -> Tuple[int, int, Any]:
+    """``(rank, world size, group or None)`` of a tool that shards its work over ranks
+    (m2-eval, m2-embed): under a launcher (``WORLD_SIZE`` > 1) ``torch.distributed`` is
+    initialised first (``timeout_s``: the collectives' timeout, default the project's); a
+    single process gets ``(0, 1, None)``."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from ..parallel.distributed import init_distributed
+
+        if timeout_s is None:
+            init_distributed()
+        else:
+            init_distributed(timeout_s=timeout_s)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    return 0, 1, None

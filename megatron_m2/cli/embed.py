@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .common import ArgumentParser, run_cli
+from .common import ArgumentParser, add_model_arguments, init_world, load_encoder, run_cli
 
 logger = logging.getLogger("m2-embed")
 
@@ -67,14 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lang", default=None, choices=["en", "zh"],
                    help="with --dataset --field text: the caption language")
 
-    g = p.add_argument_group("model")
-    g.add_argument("--load", required=True,
-                   help="checkpoint: a --save directory, an iter_N directory or a single "
-                        ".safetensors export")
-    g.add_argument("--head", default="vl", choices=["vl", "backbone"],
-                   help="which ITC head's embeddings to store")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g = add_model_arguments(p, "store")
     g.add_argument("--batch-size", type=int, default=64, help="items per forward pass")
 
     g = p.add_argument_group("output")
@@ -146,19 +139,6 @@ def _check_inputs(args) -> None:
                              "megatron_m2[serve])") from None
 
 
-def _world():
-    """(rank, world size, group or None); initialises torch.distributed under a launcher."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from ..parallel.distributed import init_distributed
-
-        init_distributed(timeout_s=COLLECTIVE_TIMEOUT_S)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
-    return 0, 1, None
-
-
 def _source(args, tokenizer):
     from ..serving.embed import DatasetSource, ImageFolderSource, TextFileSource
 
@@ -183,16 +163,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
-    import torch
 
-    from ..inference import M2Encoder
     from ..serving.embed import embed_corpus
 
-    rank, world, group = _world()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    enc = M2Encoder.from_pretrained(args.load, device=args.device, dtype=dtype, head=args.head,
-                                    batch_size=args.batch_size)
+    rank, world, group = init_world(COLLECTIVE_TIMEOUT_S)
+    enc = load_encoder(args, args.batch_size)
     source = _source(args, enc.tokenizer)
     try:
         summary = embed_corpus(enc, source, args.output, load=args.load,

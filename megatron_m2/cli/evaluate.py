@@ -55,7 +55,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..data.indexed import DatasetError
 from ..errors import UserError
-from .common import ArgumentParser, run_cli
+from .common import ArgumentParser, add_model_arguments, init_world, load_encoder, run_cli
 
 logger = logging.getLogger("m2-eval")
 
@@ -65,27 +65,11 @@ DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.tokenizer import TEXT_STYLES
 
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    g = p.add_argument_group("model")
-    g.add_argument("--load", required=True,
-                   help="checkpoint: a --save directory, an iter_N directory or a single "
-                        ".safetensors export")
-    g.add_argument("--head", default="vl", choices=["vl", "backbone"],
-                   help="which ITC head's embeddings to use")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
-    g.add_argument("--text-style", default=None, choices=TEXT_STYLES,
-                   help="tokenisation of raw text (default: the one recorded with the "
-                        "checkpoint's tokenizer)")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece model overriding the one stored with the checkpoint")
-    g.add_argument("--no-verify-checksums", action="store_true",
-                   help="load --load without checking its tensors against their recorded "
-                        "checksums (faster; corruption goes unnoticed)")
+    g = add_model_arguments(p, "use")
+    g.add_argument("--batch-size", type=int, default=64, help="items per forward pass")
 
     g = p.add_argument_group("task")
     g.add_argument("--task", required=True, choices=["retrieval", "zeroshot", "probe"])
@@ -206,19 +190,6 @@ def _check_inputs(args) -> None:
                                                   for i in args.classnames or []]:
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or directory")
-
-
-def _world():
-    """(rank, world size, group or None); initialises torch.distributed under a launcher."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from ..parallel.distributed import init_distributed
-
-        init_distributed()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
-    return 0, 1, None
 
 
 # -- retrieval ----------------------------------------------------------------------------------
@@ -411,18 +382,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
-    import torch
 
-    from ..inference import M2Encoder
 
-    rank, world, group = _world()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    rank, world, group = init_world()
     t0 = time.perf_counter()
-    enc = M2Encoder.from_pretrained(args.load, device=args.device, dtype=dtype, head=args.head,
-                                    batch_size=args.batch_size,
-                                    tokenizer_model=args.tokenizer_model,
-                                    text_style=args.text_style,
-                                    verify_checksums=not args.no_verify_checksums)
+    enc = load_encoder(args, args.batch_size)
     report = None
     if args.task == "retrieval":
         report = run_retrieval(enc, args, rank, world, group)

@@ -36,7 +36,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import UserError
-from .common import ArgumentParser, run_cli
+from .common import ArgumentParser, add_model_arguments, load_encoder, run_cli
 
 logger = logging.getLogger("m2-serve")
 
@@ -48,26 +48,10 @@ class ServeError(UserError, ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.tokenizer import TEXT_STYLES
 
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    g = p.add_argument_group("model")
-    g.add_argument("--load", required=True,
-                   help="checkpoint: a --save directory, an iter_N directory or a single "
-                        ".safetensors export")
-    g.add_argument("--head", default="vl", choices=["vl", "backbone"],
-                   help="which ITC head's embeddings to serve")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--text-style", default=None, choices=TEXT_STYLES,
-                   help="tokenisation of raw text (default: the one recorded with the "
-                        "checkpoint's tokenizer)")
-    g.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece model overriding the one stored with the checkpoint")
-    g.add_argument("--no-verify-checksums", action="store_true",
-                   help="load --load without checking its tensors against their recorded "
-                        "checksums")
+    g = add_model_arguments(p, "serve")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads of a forward pass (default: torch's choice)")
 
@@ -228,18 +212,12 @@ def _serve(args, store, sock: socket.socket) -> int:
     import torch
     import uvicorn
 
-    from ..inference import M2Encoder
     from ..serving.app import Limits, create_app
     from ..serving.store import StoreError, model_identity
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    enc = M2Encoder.from_pretrained(args.load, device=args.device, dtype=dtype, head=args.head,
-                                    batch_size=args.max_batch,
-                                    tokenizer_model=args.tokenizer_model,
-                                    text_style=args.text_style,
-                                    verify_checksums=not args.no_verify_checksums)
+    enc = load_encoder(args, args.max_batch)
     identity = model_identity(enc, args.load)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_images_per_request=args.max_images_per_request,
