@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON of --json and --output: m2 (one object, every language, "
                         "percent) or clip_benchmark (LAION clip_benchmark's result object per "
                         "language, fractions; retrieval and zero-shot)")
+    g.add_argument("--dataset-name", default=None, metavar="NAME",
+                   help="--format clip_benchmark: the records' dataset name (default: the "
+                        "basename of --data or --image-folder; fashion_mnist)")
+    g.add_argument("--pretrained-name", default=None, metavar="NAME",
+                   help="--format clip_benchmark: the records' pretrained name (default: the "
+                        "basename of --load)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -159,6 +165,9 @@ def _validate(args) -> Optional[str]:
             return "--task zeroshot needs exactly one of --fashion-mnist [DIR], --image-folder DIR"
         if args.image_folder and not args.classnames:
             return "--image-folder needs --classnames LANG=FILE [LANG=FILE ...]"
+    if (args.dataset_name or args.pretrained_name) and args.format != "clip_benchmark":
+        return ("--dataset-name and --pretrained-name name clip_benchmark records: add "
+                "--format clip_benchmark")
     if args.format == "clip_benchmark":
         from ..eval.clip_benchmark import TASKS, check_output
 
@@ -281,7 +290,9 @@ def clip_benchmark_records(enc, args, results) -> List[dict]:
     (:func:`megatron_m2.eval.clip_benchmark.make_records`)."""
     from ..eval import clip_benchmark
 
-    if args.task == "retrieval":
+    if args.dataset_name:
+        dataset = args.dataset_name
+    elif args.task == "retrieval":
         dataset = clip_benchmark.dataset_name(args.data)
     elif args.fashion_mnist:
         dataset = "fashion_mnist"
@@ -289,7 +300,8 @@ def clip_benchmark_records(enc, args, results) -> List[dict]:
         dataset = clip_benchmark.dataset_name(args.image_folder)
     return clip_benchmark.make_records(args.task, results, dataset=dataset,
                                        model=clip_benchmark.model_name(enc.cfg),
-                                       pretrained=clip_benchmark.pretrained_name(args.load))
+                                       pretrained=(args.pretrained_name or
+                                                   clip_benchmark.pretrained_name(args.load)))
 
 
 # -- probe --------------------------------------------------------------------------------------

@@ -286,6 +286,8 @@ def test_written_files_are_what_clip_benchmark_build_reads(tmp_path):
     (["--task", "probe", "--data", "x"], "--format clip_benchmark covers --task retrieval and "
                                          "zeroshot, not --task probe"),
     (["--task", "retrieval", "--data", "x", "--output", "{name}.json"], "unknown field {name}"),
+    (["--format", "m2", "--task", "retrieval", "--data", "x", "--dataset-name", "d"],
+     "--dataset-name and --pretrained-name name clip_benchmark records"),
 ])
 def test_m2_eval_usage_errors(args, message, capsys):
     from megatron_m2.cli.evaluate import _main
@@ -346,13 +348,15 @@ def test_m2_eval_retrieval_clip_benchmark_matches_m2(exported, tmp_path):  # noq
     assert m2.returncode == 0, m2.stderr[-3000:]
     results = json.loads(m2.stdout.strip().splitlines()[-1])["results"]
     out = tmp_path / "r.json"
-    proc = _m2_eval(*args, "--format", "clip_benchmark", "--output", str(out))
+    proc = _m2_eval(*args, "--format", "clip_benchmark", "--output", str(out),
+                    "--dataset-name", "emoji_demo_validation", "--pretrained-name", "demo")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [r["language"] for r in records] == list(results) == ["en", "zh"]
     for r in records:
         m, ref = r["metrics"], results[r["language"]]
-        assert r["task"] == "zeroshot_retrieval" and r["dataset"] == "validation"
+        assert r["task"] == "zeroshot_retrieval"
+        assert (r["dataset"], r["pretrained"]) == ("emoji_demo_validation", "demo")
         for k in (1, 5, 10):
             assert m[f"image_retrieval_recall@{k}"] == pytest.approx(ref[f"t2i_r{k}"] / 100,
                                                                      abs=1e-12)
