@@ -464,6 +464,27 @@ def query_rankings(queries: Tensor, image_emb: Tensor, targets: Tensor, k: int =
     return top, above + 1
 
 
+def _ranked_classes(image_emb: Tensor, class_emb: Tensor, labels: Tensor, k: int,
+                    chunk_size: int) -> Tuple[Tensor, Tensor]:
+    """Zero-shot classification's ranking: ``(ranked, targets)``, the top-``k`` class indices of
+    each image ``[N, min(k, C)]`` (an exact tie ranks the lower class index first) and the
+    labels as int64 on the images' device. The class gallery is replicated on every rank, so
+    nothing is communicated."""
+    chunk_size = _check_chunk(chunk_size)
+    if image_emb.dim() != 2 or class_emb.dim() != 2 or image_emb.shape[1] != class_emb.shape[1]:
+        raise ValueError(f"need [N, D] images and [C, D] classes, got {tuple(image_emb.shape)} "
+                         f"and {tuple(class_emb.shape)}")
+    if labels.shape != (image_emb.shape[0],):
+        raise ValueError(f"labels must be [N] = [{image_emb.shape[0]}], got "
+                         f"{tuple(labels.shape)}")
+    device = image_emb.device
+    n_classes = class_emb.shape[0]
+    ranked = _ranked_labels(image_emb, _gallery_chunks(_Comm(None, device), class_emb, None,
+                                                       [n_classes], [0], chunk_size),
+                            k, chunk_size)
+    return ranked, labels.to(device=device, dtype=torch.int64)
+
+
 def zero_shot_accuracy(image_emb: Tensor, class_emb: Tensor, labels: Tensor,
                        ks: Sequence[int] = (1, 5), chunk_size: int = 4096,
                        group=None) -> Dict[str, float]:
@@ -482,19 +503,8 @@ def zero_shot_accuracy(image_emb: Tensor, class_emb: Tensor, labels: Tensor,
         ``{"top{k}": ... for k in ks}``. Ties rank the lower class index first.
     """
     ks = _check_ks(ks)
-    chunk_size = _check_chunk(chunk_size)
-    if image_emb.dim() != 2 or class_emb.dim() != 2 or image_emb.shape[1] != class_emb.shape[1]:
-        raise ValueError(f"need [N, D] images and [C, D] classes, got {tuple(image_emb.shape)} "
-                         f"and {tuple(class_emb.shape)}")
-    if labels.shape != (image_emb.shape[0],):
-        raise ValueError(f"labels must be [N] = [{image_emb.shape[0]}], got "
-                         f"{tuple(labels.shape)}")
+    ranked, targets = _ranked_classes(image_emb, class_emb, labels, max(ks), chunk_size)
     device = image_emb.device
-    comm = _Comm(None, device)  # the class gallery is replicated: nothing to broadcast
-    n_classes = class_emb.shape[0]
-    ranked = _ranked_labels(image_emb, _gallery_chunks(comm, class_emb, None, [n_classes], [0],
-                                                       chunk_size), max(ks), chunk_size)
-    targets = labels.to(device=device, dtype=torch.int64)
     n = torch.tensor(image_emb.shape[0], device=device)
     counts = torch.stack(_hits(ranked, targets, ks) + [n]).to(torch.int64)
     counts = _Comm(group, device).all_reduce(counts)

@@ -410,24 +410,13 @@ def class_recall_counts(image_emb: Tensor, class_emb: Tensor, labels: Tensor,
         in :func:`~megatron_m2.eval.retrieval.zero_shot_accuracy` (an exact tie goes to the
         lower class index), so ``hits.sum() / totals.sum()`` is its top-1 accuracy.
     """
-    from .retrieval import _check_chunk, _Comm, _gallery_chunks, _ranked_labels
+    from .retrieval import _Comm, _ranked_classes
 
-    chunk_size = _check_chunk(chunk_size)
-    if image_emb.dim() != 2 or class_emb.dim() != 2 or image_emb.shape[1] != class_emb.shape[1]:
-        raise ValueError(f"need [N, D] images and [C, D] classes, got {tuple(image_emb.shape)} "
-                         f"and {tuple(class_emb.shape)}")
-    if labels.shape != (image_emb.shape[0],):
-        raise ValueError(f"labels must be [N] = [{image_emb.shape[0]}], got "
-                         f"{tuple(labels.shape)}")
-    device = image_emb.device
-    n_classes = class_emb.shape[0]
-    targets = labels.to(device=device, dtype=torch.int64)
+    top1, targets = _ranked_classes(image_emb, class_emb, labels, 1, chunk_size)
+    n_classes, device = class_emb.shape[0], image_emb.device
     outside = targets[(targets < 0) | (targets >= n_classes)]
     if outside.numel():
         raise ValueError(f"labels outside [0, {n_classes}): {sorted(set(outside.tolist()))[:10]}")
-    comm = _Comm(None, device)  # the class gallery is replicated: nothing to broadcast
-    top1 = _ranked_labels(image_emb, _gallery_chunks(comm, class_emb, None, [n_classes], [0],
-                                                     chunk_size), 1, chunk_size)
     right = top1[:, 0] == targets if top1.numel() else torch.zeros_like(targets, dtype=torch.bool)
     counts = torch.stack([torch.bincount(targets[right], minlength=n_classes),
                           torch.bincount(targets, minlength=n_classes)])
