@@ -44,6 +44,7 @@ from .run_state import (
     warn_changed_args,
 )
 from .steps import _inject_step, _keep_step, _loss_step, from_last_stage, params_synced
+from .text_trim import fp8_align, trim_text_padding
 
 logger = logging.getLogger("megatron_m2.train")
 
@@ -362,8 +363,9 @@ class Trainer:
         """Each micro-batch with its samples' global positions in the run's sample stream
         (``sample_positions``: the sampler's rule, micro-batch m of DP rank r holds positions
         ``consumed + m·b·N + r·b + [0, b)``), as the objective prepares it."""
-        b = self.args.micro_batch_size
-        out = []
+        b, out = self.args.micro_batch_size, []
+        if self.args.trim_text_padding:  # a collective: every rank, once per step
+            batches = trim_text_padding(batches, b, fp8_align(self.args))
         for m, batch in enumerate(batches):
             lo = self.consumed_samples + m * b * self.dp + self.dp_rank * b
             batch["sample_positions"] = torch.arange(lo, lo + b)

@@ -24,6 +24,11 @@ LAYOUTS = {  # (TP, PP, DP, extra flags): micro-batch size (2 micro-batches per 
     # pipeline's messages are sequence shards, and the LayerNorm gradients are summed across
     # TP by megatron's finalize_model_grads.
     (2, 1, 1, ("--sequence-parallel",)): 4, (2, 2, 1, ("--sequence-parallel",)): 4,
+    # --trim-text-padding against the untrimmed reference: the pipeline's message shape
+    # changes from step to step, odd text lengths are padded for sequence parallelism, and DP
+    # ranks whose own longest captions differ agree on the step's length.
+    (2, 2, 1, ("--trim-text-padding", "--sequence-parallel")): 4,
+    (1, 1, 2, ("--trim-text-padding",)): 2,
 }
 
 
