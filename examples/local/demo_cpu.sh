@@ -23,7 +23,7 @@ model_args=(--flavor tiny --tensor-model-parallel-size "$TP" --pipeline-model-pa
 data_args=(
   --data-path "$DATA/train" --valid-data-path "$DATA/validation"
   --tokenizer-model "$DATA/tokenizer.model" --caption-lang balanced --randaugment none
-  --num-workers 1
+  --num-workers 1 --trim-text-padding
 )
 train_args=(
   --micro-batch-size 32 --global-batch-size 64 --train-iters "$ITERS"
