@@ -89,6 +89,7 @@ TEMPLATES = {
 # circles) would vanish into a white background, black ones (black circle, black heart)
 # into a dark one; a light grey keeps both visible.
 DEFAULT_BACKGROUND = "#e0e0e0"
+DEFAULT_VOCAB_SIZE = 2000
 
 
 @dataclass(frozen=True)
@@ -397,7 +398,7 @@ def rebuild_command(args) -> str:
     for flag, value, default in (("--image-size", args.image_size, 64),
                                  ("--seed", args.seed, 1234),
                                  ("--split", args.split_spec, "80,10,10"),
-                                 ("--vocab-size", args.vocab_size, 4000),
+                                 ("--vocab-size", args.vocab_size, DEFAULT_VOCAB_SIZE),
                                  ("--background", args.background, DEFAULT_BACKGROUND)):
         if value != default:
             parts.append(f"{flag} {value}")
@@ -493,7 +494,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--split", dest="split_spec", default="80,10,10",
                    help="train,validation,test weights")
-    p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help="SentencePiece pieces (a soft limit). 2,000 keeps English words in "
+                        "sub-word pieces that held-out names share; the specials, byte pieces and "
+                        "the captions' Chinese characters need about 1,570")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N emoji in code-point order (for tests)")
     p.add_argument("--skip-build", action="store_true",
