@@ -90,6 +90,7 @@ TEMPLATES = {
 # into a dark one; a light grey keeps both visible.
 DEFAULT_BACKGROUND = "#e0e0e0"
 DEFAULT_VOCAB_SIZE = 2000
+DEFAULT_HAN_AS_CHARACTERS = False
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,8 @@ def run_build(work_dir: Path, out_dir: Path, split_paths: dict[str, Path], args)
     # memorise their names as pieces and leak them into training.
     commands = [[sys.executable, str(train_tok), "--input", str(split_paths["train"]),
                  "--model-prefix", str(out_dir / "tokenizer"),
-                 "--vocab-size", str(args.vocab_size)]]
+                 "--vocab-size", str(args.vocab_size)]
+                + (["--han-as-characters"] if args.han_as_characters else [])]
     for name, path in split_paths.items():
         commands.append([sys.executable, str(preprocess), "--input", str(path),
                          "--output-prefix", str(out_dir / name),
@@ -402,6 +404,9 @@ def rebuild_command(args) -> str:
                                  ("--background", args.background, DEFAULT_BACKGROUND)):
         if value != default:
             parts.append(f"{flag} {value}")
+    if args.han_as_characters != DEFAULT_HAN_AS_CHARACTERS:
+        parts.append("--han-as-characters" if args.han_as_characters
+                     else "--no-han-as-characters")
     if args.limit is not None:
         parts.append(f"--limit {args.limit}")
     if args.skip_build:
@@ -498,6 +503,10 @@ def parse_args(argv=None):
                    help="SentencePiece pieces (a soft limit). 2,000 keeps English words in "
                         "sub-word pieces that held-out names share; the specials, byte pieces and "
                         "the captions' Chinese characters need about 1,570")
+    p.add_argument("--han-as-characters", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_HAN_AS_CHARACTERS,
+                   help="tokenizer: Chinese one character per token (m2-train-tokenizer "
+                        "--han-as-characters)")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N emoji in code-point order (for tests)")
     p.add_argument("--skip-build", action="store_true",
@@ -564,6 +573,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "split_weights": args.split_spec,
         "vocab_size": None if args.skip_build else args.vocab_size,
+        "han_as_characters": None if args.skip_build else args.han_as_characters,
         "limit": args.limit,
         "layout_engine": renderer.layout,
         "font": {"path": str(font_path), "sha256": _sha256(font_path),

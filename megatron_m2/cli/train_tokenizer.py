@@ -47,6 +47,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--han-as-characters", action="store_true",
+                   help="encode Chinese one character per token: no learned piece joins a Han "
+                        "character to anything else (other scripts get pieces as usual)")
     g = p.add_argument_group("reading inputs (as m2-preprocess)")
     g.add_argument("--input-format", default="auto", choices=INPUT_FORMATS)
     g.add_argument("--texts", default=None, help="Chinese-CLIP captions JSONL")
@@ -73,7 +76,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
     captions = [text for path in inputs for text in read_caption_file(path, reader)]
     model = train_tokenizer(captions, args.model_prefix, args.vocab_size,
                             max_sentences=args.max_sentences, model_type=args.model_type,
-                            character_coverage=args.character_coverage, seed=args.seed)
+                            character_coverage=args.character_coverage, seed=args.seed,
+                            han_as_characters=args.han_as_characters)
     tok = M2Tokenizer(model)
     sentences = len(captions) if args.max_sentences is None else min(len(captions),
                                                                         args.max_sentences)

@@ -475,10 +475,15 @@ def _sample(corpus: Iterator[str], max_sentences: Optional[int], seed: int) -> L
 # Training
 
 
+_HAN = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f])")
+"""One Han character (CJK Unified Ideographs, Extension A, compatibility, Extensions B-H)."""
+
+
 def train_tokenizer(texts_or_files: Iterable[Union[str, os.PathLike]], model_prefix: PathLike,
                     vocab_size: int, *, max_sentences: Optional[int] = None,
                     model_type: str = "unigram", character_coverage: float = 0.9995,
-                    seed: int = 0, extra_options: Optional[dict] = None) -> str:
+                    seed: int = 0, han_as_characters: bool = False,
+                    extra_options: Optional[dict] = None) -> str:
     """Train a bilingual SentencePiece model with the official model's special pieces.
 
     The model has ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then the user-defined pieces
@@ -498,6 +503,13 @@ def train_tokenizer(texts_or_files: Iterable[Union[str, os.PathLike]], model_pre
         character_coverage: share of characters covered by character pieces; 0.9995 keeps the
             common CJK characters as pieces and leaves the rarest to byte fallback.
         seed: seed for the sample and for SentencePiece's random generator.
+        han_as_characters: no piece joins a Han (Chinese) character to anything else, so Chinese
+            is encoded one character per token, while other scripts get learned pieces as usual.
+            Without it a small vocabulary on templated captions learns pieces such as
+            ``箭头的图`` (a name's characters fused with a template's), which an unseen name
+            made of known characters then shares nothing with. Training-time only (the training
+            sentences get whitespace around each Han character, which pieces never span): the
+            model encodes any text without preparation.
         extra_options: further ``SentencePieceTrainer.train`` options (override the defaults).
 
     Returns:
@@ -516,6 +528,8 @@ def train_tokenizer(texts_or_files: Iterable[Union[str, os.PathLike]], model_pre
     sentences = _sample(_iter_corpus(texts_or_files), max_sentences, seed)
     if not sentences:
         raise ValueError("train_tokenizer: the corpus has no non-empty caption")
+    if han_as_characters:  # whitespace around every Han character: no piece spans one
+        sentences = [_HAN.sub(r" \1 ", t) for t in sentences]
 
     options = dict(
         model_type=model_type,

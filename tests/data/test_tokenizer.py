@@ -296,6 +296,30 @@ def test_training_is_deterministic(tmp_path):
     assert Path(c).read_bytes() == Path(d).read_bytes()
 
 
+def _han_pieces(tok):
+    """Pieces holding a Han character, and those that hold it with anything else."""
+    pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    han = [p for p in pieces if any("\u4e00" <= c <= "\u9fff" for c in p)]
+    return han, [p for p in han if len(p.lstrip("\u2581")) > 1]
+
+
+def test_han_as_characters(tiny, tmp_path):
+    """The same corpus learns multi-character Chinese pieces by default and none with the flag;
+    English still gets learned pieces, and any text round-trips without preparation."""
+    _, fused = _han_pieces(tiny)
+    assert fused  # the default merges the corpus' two-character words
+    path = train_tokenizer(_corpus(), tmp_path / "han", vocab_size=400, han_as_characters=True)
+    tok = M2Tokenizer(path)
+    han, fused = _han_pieces(tok)
+    assert han and not fused
+    caption = "一只猫坐在红色的桌子上 a small dog"
+    ids = tok.encode(caption)
+    assert [tok.sp.id_to_piece(i) for i in ids if tok.sp.id_to_piece(i) != "\u2581"][:11] == \
+        list("一只猫坐在红色的桌子上")
+    assert any(len(tok.sp.id_to_piece(i).lstrip("\u2581")) > 2 for i in ids)  # English words
+    assert tok.decode(ids) == caption
+
+
 def test_training_errors(tmp_path):
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer(_corpus(50), tmp_path / "small", vocab_size=100)
