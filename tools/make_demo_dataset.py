@@ -91,6 +91,7 @@ TEMPLATES = {
 DEFAULT_BACKGROUND = "#e0e0e0"
 DEFAULT_VOCAB_SIZE = 2000
 DEFAULT_HAN_AS_CHARACTERS = False
+DEFAULT_TRAIN_CAPTIONS = "one"
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,14 @@ def captions_for(entry: Entry, seed: int) -> list[dict[str, str]]:
             for lang, name in (("en", entry.en), ("zh", entry.zh))]
 
 
+def all_captions_for(entry: Entry) -> list[dict[str, str]]:
+    """Every template in both languages (``--train-captions all``): the trainer draws one per
+    step, so the template varies between epochs and only the name stays tied to the image."""
+    return [{"text": template.format(name=name), "lang": lang}
+            for lang, name in (("en", entry.en), ("zh", entry.zh))
+            for template in TEMPLATES[lang]]
+
+
 def parse_split(spec: str) -> tuple[float, float, float]:
     """``'80,10,10'`` → fractions of train/validation/test (any positive total)."""
     try:
@@ -404,6 +413,8 @@ def rebuild_command(args) -> str:
                                  ("--background", args.background, DEFAULT_BACKGROUND)):
         if value != default:
             parts.append(f"{flag} {value}")
+    if args.train_captions != DEFAULT_TRAIN_CAPTIONS:
+        parts.append(f"--train-captions {args.train_captions}")
     if args.han_as_characters != DEFAULT_HAN_AS_CHARACTERS:
         parts.append("--han-as-characters" if args.han_as_characters
                      else "--no-han-as-characters")
@@ -507,6 +518,10 @@ def parse_args(argv=None):
                    default=DEFAULT_HAN_AS_CHARACTERS,
                    help="tokenizer: Chinese one character per token (m2-train-tokenizer "
                         "--han-as-characters)")
+    p.add_argument("--train-captions", choices=("one", "all"), default=DEFAULT_TRAIN_CAPTIONS,
+                   help="captions of a train image: one per language (a template drawn per "
+                        "emoji, as validation and test) or all of them (every template in both "
+                        "languages; training draws one per step)")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N emoji in code-point order (for tests)")
     p.add_argument("--skip-build", action="store_true",
@@ -553,6 +568,9 @@ def main(argv=None) -> int:
         raise SystemExit("no emoji rendered; is the font a colour emoji font?")
 
     splits = split_by_concept(kept, args.split, args.seed)
+    if args.train_captions == "all":
+        for e in splits["train"]:
+            records[e.id] = dict(records[e.id], captions=all_captions_for(e))
     split_paths = {name: write_split(work_dir, name, [records[e.id] for e in members])
                    for name, members in splits.items() if members}
 
@@ -574,6 +592,7 @@ def main(argv=None) -> int:
         "split_weights": args.split_spec,
         "vocab_size": None if args.skip_build else args.vocab_size,
         "han_as_characters": None if args.skip_build else args.han_as_characters,
+        "train_captions": args.train_captions,
         "limit": args.limit,
         "layout_engine": renderer.layout,
         "font": {"path": str(font_path), "sha256": _sha256(font_path),

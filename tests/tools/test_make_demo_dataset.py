@@ -77,6 +77,27 @@ def test_deterministic(requirements, tmp_path):
         assert (work_a / rel).read_bytes() == (work_b / rel).read_bytes(), rel
 
 
+def test_train_captions_all(requirements, tmp_path):
+    """--train-captions all: every template in both languages on train images only; images,
+    splits and the held-out splits' captions stay as with one caption per language."""
+    work_one, _ = _run(tmp_path, "one", "--train-captions", "one")
+    work_all, out_all = _run(tmp_path, "all", "--train-captions", "all")
+    one, every = _manifests(work_one), _manifests(work_all)
+    for split in ("validation", "test"):
+        name = f"{split}.jsonl"
+        assert (work_one / name).read_bytes() == (work_all / name).read_bytes()
+    assert [r["id"] for r in one["train"]] == [r["id"] for r in every["train"]]
+    n_en, n_zh = len(tool.TEMPLATES["en"]), len(tool.TEMPLATES["zh"])
+    for a, b in zip(one["train"], every["train"]):
+        assert a["image"] == b["image"]
+        assert [c["lang"] for c in b["captions"]] == ["en"] * n_en + ["zh"] * n_zh
+        texts = [c["text"] for c in b["captions"]]
+        assert len(set(texts)) == len(texts)
+        assert all(c in b["captions"] for c in a["captions"])  # the drawn one is among them
+    stats = json.loads((out_all / "stats.json").read_text("utf-8"))
+    assert stats["train_captions"] == "all"
+
+
 def test_build_guard_names_missing_tools(requirements, tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "TOOLS_DIR", tmp_path / "no_tools")
     with pytest.raises(SystemExit, match="train_tokenizer.py"):
