@@ -27,7 +27,7 @@ data_args=(
 )
 train_args=(
   --micro-batch-size 32 --global-batch-size 64 --train-iters "$ITERS"
-  --lr 1e-3 --lr-warmup-iters 100 --lr-decay-style cosine --weight-decay 0.2 --clip-grad 1.0
+  --lr 3e-4 --lr-warmup-iters 100 --lr-decay-style cosine --weight-decay 0.2 --clip-grad 1.0
 )
 log_args=(
   --eval-interval 250 --log-interval 20 --save "$OUT" --log-json "$OUT/log.jsonl"
